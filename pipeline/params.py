@@ -1,0 +1,117 @@
+"""The params.yaml schema: one pydantic model per stage section, validated in one place.
+
+A bad key is reported as one line naming params.yaml and the dotted key; the stage exits
+with status 2 and no traceback, so a typo in a sweep fails before any work is done.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyntheticSource(Section):
+    num_images: int = Field(12000, ge=16)
+    holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    max_objects: int = Field(3, ge=1, le=3)
+
+
+class CsvSource(Section):
+    path: str | None = None
+    image_column: str = "filepath"
+    caption_column: str = "title"
+    sep: str = "\t"
+
+
+class CocoSource(Section):
+    annotations: str | None = None
+    images: str | None = None
+
+
+class WebDatasetSource(Section):
+    shards: str | None = None
+
+
+class FolderSource(Section):
+    path: str | None = None
+
+
+class DataParams(Section):
+    source: Literal["synthetic", "csv", "coco", "webdataset", "folder"] = "synthetic"
+    seed: int = 0
+    image_size: int = Field(64, ge=8, le=1024)
+    background: tuple[int, int, int] = (255, 255, 255)
+    max_pixels: int = Field(89_478_485, ge=1)
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    workers: int = Field(2, ge=1)
+    shard_images: int = Field(4096, ge=1)
+    synthetic: SyntheticSource = SyntheticSource()
+    csv: CsvSource = CsvSource()
+    coco: CocoSource = CocoSource()
+    webdataset: WebDatasetSource = WebDatasetSource()
+    folder: FolderSource = FolderSource()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DataParams":
+        if any(not 0 <= c <= 255 for c in self.background):
+            raise ValueError("background: each channel must be in 0..255")
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        required = {"csv": ("csv", "path"), "coco": ("coco", "annotations"),
+                    "webdataset": ("webdataset", "shards"), "folder": ("folder", "path")}
+        if self.source in required:
+            section, key = required[self.source]
+            if getattr(getattr(self, section), key) is None:
+                raise ValueError(f"source is {self.source!r} but {section}.{key} is not set")
+        return self
+
+
+class TokenizeParams(Section):
+    vocab_size: int = Field(1024, ge=300, le=262_144)
+    context_length: int = Field(32, ge=4, le=512)
+
+
+class Params(Section):
+    data: DataParams = DataParams()
+    tokenize: TokenizeParams = TokenizeParams()
+
+
+class ParamsError(SystemExit):
+    """Raised (as a clean exit with status 2) when params.yaml does not validate."""
+
+
+def _format(err: ValidationError, path: Path) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"{path}: {key}: {msg}{more}"
+
+
+def _fail(message: str) -> ParamsError:
+    print(message, file=sys.stderr)
+    return ParamsError(2)
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise _fail(f"{path}: not found") from None
+    except yaml.YAMLError as e:
+        raise _fail(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise _fail(_format(e, path)) from None
