@@ -1,0 +1,318 @@
+"""CLIP: an image encoder (ViT or modified ResNet) and a causal text Transformer, each with a linear
+projection into one embedding space, trained so matching pairs have the highest cosine similarity.
+
+Parameter names follow OpenAI's release (and open_clip, which kept them), so their state dicts load
+with strict=True and ours load into theirs. Attention runs through scaled_dot_product_attention so
+fused kernels are used where available; the text tower needs no mask tensor (is_causal).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(kw_only=True)
+class CLIPConfig:
+    """Everything that fixes the architecture; `to_dict()` goes into models/config.json."""
+
+    embed_dim: int
+    image_size: int
+    vision: Literal["vit", "resnet"]
+    vision_width: int  # ViT width; for ResNet the stem width (stage i has width * 2**i * 4 channels)
+    vision_layers: int | tuple[int, int, int, int]  # ViT depth, or the four ResNet stage depths
+    vision_heads: int  # ViT heads; for ResNet the attention-pool heads (OpenAI: vision_width * 32 // 64)
+    vision_patch_size: int | None = None  # ViT only
+    context_length: int
+    vocab_size: int
+    text_width: int
+    text_heads: int
+    text_layers: int
+    pad_id: int = 0  # the tokenizer pads after EOT with this id; the text feature is read at the last non-pad token
+    quick_gelu: bool = False  # True only to reproduce OpenAI's checkpoints, which were trained with x*sigmoid(1.702x)
+    init_logit_scale: float = math.log(1 / 0.07)  # SigLIP starts at log(10)
+    init_logit_bias: float | None = None  # None: no bias parameter at all (softmax loss); SigLIP starts at -10
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision_layers, list):  # JSON has no tuples
+            self.vision_layers = tuple(self.vision_layers)
+        if self.vision == "vit" and not (isinstance(self.vision_layers, int) and self.vision_patch_size):
+            raise ValueError("a ViT needs an int vision_layers and a vision_patch_size")
+        if self.vision == "resnet" and not (isinstance(self.vision_layers, tuple) and len(self.vision_layers) == 4):
+            raise ValueError("a ResNet needs vision_layers as four stage depths")
+        if self.vision not in ("vit", "resnet"):
+            raise ValueError(f"vision must be 'vit' or 'resnet', not {self.vision!r}")
+        vision_dim = self.vision_width * (32 if self.vision == "resnet" else 1)  # ResNet: the attention pool's width
+        for name, width, heads in (("vision", vision_dim, self.vision_heads),
+                                   ("text", self.text_width, self.text_heads)):
+            if heads < 1 or width % heads:
+                raise ValueError(f"{name}_heads={heads} must be >= 1 and divide the width {width}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        return cls(**d)
+
+
+class LayerNorm(nn.LayerNorm):
+    """Normalises in fp32 and casts back: CPU autocast would otherwise run it in bf16."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    """The sigmoid approximation of GELU that OpenAI's checkpoints were trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter layout (packed q/k/v)."""
+
+    def __init__(self, width: int, heads: int, causal: bool):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out_proj(x.transpose(1, 2).reshape(B, L, D))
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width: int, heads: int, causal: bool, quick_gelu: bool):
+        super().__init__()
+        self.ln_1 = LayerNorm(width)
+        self.attn = Attention(width, heads, causal)
+        self.ln_2 = LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict([
+            ("c_fc", nn.Linear(width, 4 * width)),
+            ("gelu", QuickGELU() if quick_gelu else nn.GELU()),
+            ("c_proj", nn.Linear(4 * width, width)),
+        ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    """Pre-norm blocks, initialised as in CLIP: the residual-branch outputs shrink with depth so the
+    residual stream's variance stays bounded however many layers there are."""
+
+    def __init__(self, width: int, layers: int, heads: int, causal: bool, quick_gelu: bool):
+        super().__init__()
+        self.grad_checkpointing = False  # recompute block activations in backward: memory for compute
+        self.resblocks = nn.ModuleList(ResidualAttentionBlock(width, heads, causal, quick_gelu) for _ in range(layers))
+        proj_std = width ** -0.5 * (2 * layers) ** -0.5
+        for block in self.resblocks:
+            nn.init.normal_(block.attn.in_proj_weight, std=width ** -0.5)
+            nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+            nn.init.zeros_(block.attn.out_proj.bias)
+            nn.init.normal_(block.mlp.c_fc.weight, std=(2 * width) ** -0.5)
+            nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.resblocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
+                 quick_gelu: bool):
+        super().__init__()
+        scale = width ** -0.5
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn((image_size // patch_size) ** 2 + 1, width))
+        self.ln_pre = LayerNorm(width)
+        self.transformer = Transformer(width, layers, heads, causal=False, quick_gelu=quick_gelu)
+        self.ln_post = LayerNorm(width)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
+        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj
+
+
+class Bottleneck(nn.Module):
+    """ResNet bottleneck that downsamples by average pooling before a stride-1 convolution:
+    strided convolutions alias, pooling first is a cheap low-pass filter."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        out = planes * self.expansion
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        nn.init.zeros_(self.bn3.weight)  # each block starts as the identity
+        self.downsample = None
+        if stride > 1 or inplanes != out:
+            # "-1" holds no parameters, so the conv and BN keep the reference's names downsample.0 / .1
+            self.downsample = nn.Sequential(OrderedDict([
+                ("-1", nn.AvgPool2d(stride)),
+                ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
+                ("1", nn.BatchNorm2d(out)),
+            ]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class AttentionPool2d(nn.Module):
+    """Pools the final feature map with one attention layer whose query is the mean feature:
+    only that query's output is used, so only it is computed."""
+
+    def __init__(self, grid: int, width: int, heads: int, output_dim: int):
+        super().__init__()
+        self.heads = heads
+        self.positional_embedding = nn.Parameter(torch.randn(grid ** 2 + 1, width) / width ** 0.5)
+        self.k_proj = nn.Linear(width, width)
+        self.q_proj = nn.Linear(width, width)
+        self.v_proj = nn.Linear(width, width)
+        self.c_proj = nn.Linear(width, output_dim)
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.c_proj):
+            nn.init.normal_(proj.weight, std=width ** -0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
+        x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
+        B, L, C = x.shape
+        q = self.q_proj(x[:, :1]).view(B, 1, self.heads, -1).transpose(1, 2)
+        k = self.k_proj(x).view(B, L, self.heads, -1).transpose(1, 2)
+        v = self.v_proj(x).view(B, L, self.heads, -1).transpose(1, 2)
+        x = F.scaled_dot_product_attention(q, k, v)  # [B, heads, 1, head_dim]
+        return self.c_proj(x.reshape(B, C))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet: a 3-convolution stem with average pooling, anti-aliased bottlenecks and an
+    attention pool instead of global average pooling. Total stride 32."""
+
+    def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: int, width: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = width
+        for i, depth in enumerate(layers):
+            planes = width * 2 ** i
+            blocks = [Bottleneck(inplanes, planes, stride=1 if i == 0 else 2)]
+            blocks += [Bottleneck(planes * Bottleneck.expansion, planes) for _ in range(1, depth)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+            inplanes = planes * Bottleneck.expansion
+        self.attnpool = AttentionPool2d(image_size // 32, inplanes, heads, output_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.attnpool(x)
+
+
+class CLIP(nn.Module):
+    """The two towers plus the learned temperature (and SigLIP's bias, when configured).
+
+    The text tower lives at the top level rather than in a submodule only so that state-dict keys
+    match OpenAI's (`token_embedding`, `transformer.resblocks.N`, `ln_final`, `text_projection`).
+    """
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.vision == "vit":
+            self.visual = VisionTransformer(cfg.image_size, cfg.vision_patch_size, cfg.vision_width, cfg.vision_layers,
+                                            cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+        else:
+            self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size,
+                                         cfg.vision_width)
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
+        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
+        self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, causal=True,
+                                       quick_gelu=cfg.quick_gelu)
+        self.ln_final = LayerNorm(cfg.text_width)
+        self.text_projection = nn.Parameter(torch.empty(cfg.text_width, cfg.embed_dim))
+        self.logit_scale = nn.Parameter(torch.tensor(cfg.init_logit_scale))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(cfg.init_logit_bias))
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] normalised pixels -> [B, embed_dim] projected, un-normalised features."""
+        return self.visual(images)
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, L] token ids (L <= context_length) -> [B, embed_dim] projected, un-normalised features.
+
+        The feature is read at EOT, the last non-pad token. Counting non-pad tokens (in int32) rather
+        than taking argmax over ids works for any tokenizer that pads after EOT and exports to ONNX,
+        where onnxruntime has no ArgMax over int64; for OpenAI's tokens it picks the same position.
+        """
+        x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
+        x = self.ln_final(self.transformer(x))
+        eot = ((tokens != self.cfg.pad_id).sum(dim=-1, dtype=torch.int32) - 1).long()  # ONNX GatherND: int64 only
+        return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(image features, text features) L2-normalised, and exp(logit_scale): open_clip's contract."""
+        image = F.normalize(self.encode_image(images), dim=-1)
+        text = F.normalize(self.encode_text(tokens), dim=-1)
+        return image, text, self.logit_scale.exp()
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        """Keep the temperature in [1, 100] (the paper's cap); call after every optimiser step."""
+        self.logit_scale.clamp_(0, math.log(100))
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.grad_checkpointing = enable
+        if isinstance(self.visual, VisionTransformer):
+            self.visual.transformer.grad_checkpointing = enable
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups. Decay only on matrices and kernels: decaying gains, biases, embeddings or the
+        temperature just pulls them toward zero with no regularising benefit."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -1,0 +1,69 @@
+"""Byte-level BPE for captions, trained from scratch with HF `tokenizers`.
+
+Everything needed to encode (normalisation, SOT/EOT template, truncation that keeps EOT
+as the last real token, padding to the context length) lives inside tokenizer.json, so a
+downstream app that loads that one file with `tokenizers` encodes exactly as training did.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+PAD, SOT, EOT = "<pad>", "<start_of_text>", "<end_of_text>"
+PAD_ID, SOT_ID, EOT_ID = 0, 1, 2  # trainer assigns ids in this order; the model relies on pad == 0
+
+
+def _normalizer() -> normalizers.Normalizer:
+    return normalizers.Sequence([
+        normalizers.NFC(),
+        normalizers.Lowercase(),
+        normalizers.Replace(Regex(r"\s+"), " "),
+        normalizers.Strip(),
+    ])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = _normalizer()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, SOT, EOT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable: no <unk>
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    assert (tok.token_to_id(PAD), tok.token_to_id(SOT), tok.token_to_id(EOT)) == (PAD_ID, SOT_ID, EOT_ID)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{SOT} $A {EOT}", special_tokens=[(SOT, SOT_ID), (EOT, EOT_ID)])
+    tok.enable_truncation(max_length=context_length)  # room for SOT/EOT is reserved by the template
+    tok.enable_padding(pad_id=PAD_ID, pad_token=PAD, length=context_length)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.from_file(str(path))
+
+
+def context_length(tok: Tokenizer) -> int:
+    return tok.padding["length"]
+
+
+def normalize(tok: Tokenizer, text: str) -> str:
+    return tok.normalizer.normalize_str(text)
+
+
+def encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids int32 [N, context_length] and, per text, whether it was truncated."""
+    encodings = tok.encode_batch(texts)
+    ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(texts), context_length(tok))
+    truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
+    return ids, truncated
+
+
+def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+    return tok.decode(list(ids), skip_special_tokens=True)

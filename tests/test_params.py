@@ -1,0 +1,48 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.params import ParamsError, load_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, mutate):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repo_params_validate():
+    load_params(ROOT / "params.yaml")
+
+
+@pytest.mark.parametrize("mutate, key", [
+    (lambda r: r["data"].update(sourse="csv"), "data.sourse"),
+    (lambda r: r["tokenize"].update(vocab_size="big"), "tokenize.vocab_size"),
+    (lambda r: r["tokenize"].update(context_length=-1), "tokenize.context_length"),
+    (lambda r: r["data"].update(source="csv"), "data"),
+    (lambda r: r.update(trian={}), "trian"),
+])
+def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
+    path = _write(tmp_path, mutate)
+    with pytest.raises(ParamsError) as exc:
+        load_params(path)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"{path}: {key}")
+
+
+def test_stage_exits_cleanly_on_bad_params(tmp_path):
+    _write(tmp_path, lambda r: r["tokenize"].update(vocab_size=0))
+    proc = subprocess.run([sys.executable, "-m", "pipeline.tokenize"], cwd=tmp_path,
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == "params.yaml: tokenize.vocab_size: Input should be greater than or equal to 300"

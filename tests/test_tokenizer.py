@@ -1,0 +1,52 @@
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+from clipmodel.tokenizer import EOT_ID, PAD_ID, SOT_ID, decode, encode, load_tokenizer, normalize, train_tokenizer
+
+CORPUS = ["a large red circle on the left", "two blue squares and a yellow star",
+          "there is a small green triangle near the top", "Café crème, naïve façade!"] * 20
+CONTEXT = 24
+
+
+def _tok():
+    return train_tokenizer(CORPUS, vocab_size=400, context_length=CONTEXT)
+
+
+TOK = _tok()
+
+
+def test_layout_sot_tokens_eot_padding():
+    ids, truncated = encode(TOK, ["a red circle", ""])
+    assert ids.dtype == np.int32 and ids.shape == (2, CONTEXT)
+    row = ids[0]
+    n = int((row != PAD_ID).sum())
+    assert row[0] == SOT_ID and row[n - 1] == EOT_ID and (row[n:] == PAD_ID).all()
+    assert list(ids[1, :3]) == [SOT_ID, EOT_ID, PAD_ID]
+    assert not truncated.any()
+
+
+def test_overlong_caption_keeps_eot_last():
+    ids, truncated = encode(TOK, ["red " * 100])
+    assert truncated.tolist() == [True]
+    assert ids[0, 0] == SOT_ID and ids[0, -1] == EOT_ID and (ids[0] != PAD_ID).all()
+
+
+def test_normalisation_is_nfc_lowercase_collapsed():
+    assert normalize(TOK, "  A  Large\tRED\n circle ") == "a large red circle"
+    assert normalize(TOK, "Cafe\u0301") == "caf\u00e9"
+
+
+def test_save_and_load_encode_identically(tmp_path):
+    TOK.save(str(tmp_path / "tokenizer.json"))
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    texts = ["a large red circle", "red " * 100]
+    assert (encode(again, texts)[0] == encode(TOK, texts)[0]).all()
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=60))
+def test_decode_inverts_encode_for_captions_that_fit(text):
+    ids, truncated = encode(TOK, [text])
+    if truncated[0]:
+        return
+    assert decode(TOK, ids[0]) == normalize(TOK, text)
