@@ -81,9 +81,81 @@ class TokenizeParams(Section):
     context_length: int = Field(32, ge=4, le=512)
 
 
+class ModelParams(Section):
+    vision: Literal["vit", "resnet"] = "vit"
+    embed_dim: int = Field(128, ge=1)
+    vision_width: int = Field(128, ge=8)
+    vision_layers: int | tuple[int, int, int, int] = 4  # an int for ViT, four stage depths for ResNet
+    vision_heads: int = Field(4, ge=1)
+    vision_patch_size: int = Field(8, ge=1)
+    text_width: int = Field(128, ge=8)
+    text_layers: int = Field(3, ge=1)
+    text_heads: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "ModelParams":
+        if self.vision == "vit" and not isinstance(self.vision_layers, int):
+            raise ValueError("vision_layers: a ViT takes one int")
+        if self.vision == "resnet" and isinstance(self.vision_layers, int):
+            raise ValueError("vision_layers: a ResNet takes four stage depths, e.g. [1, 1, 1, 1]")
+        for width, heads, name in ((self.vision_width, self.vision_heads, "vision"),
+                                   (self.text_width, self.text_heads, "text")):
+            if width % heads:
+                raise ValueError(f"{name}_width must be divisible by {name}_heads")
+        return self
+
+
+class TrainParams(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    epochs: int = Field(10, ge=1)
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.2, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = Field(1e-6, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss: Literal["contrastive", "sigmoid"] = "contrastive"
+    multi_positive: bool = False  # identical normalised captions count as positives of each other
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    checkpoint_every: int = Field(200, ge=1)
+    resume: bool = True  # continue from checkpoints/ when its fingerprint matches these params and data
+    max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
+    log_every: int = Field(10, ge=1)
+    workers: int = Field(0, ge=0)  # DataLoader processes; 0 assembles batches in the training process
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainParams":
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError("crop_scale must be 0 < low <= high <= 1")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError("betas must be in [0, 1)")
+        return self
+
+
+class EvaluateParams(Section):
+    templates: str = "templates/synthetic.yaml"  # task -> templates; the first is the single-template baseline
+    labels_csv: str | None = None  # user data: a CSV of image,label for zero-shot classification
+    classnames: list[str] | None = None
+    batch_size: int = Field(256, ge=1)
+    retrieval_chunk: int = Field(2048, ge=1)
+    probe_grid: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0]  # logistic-regression C values tried on val
+
+    @model_validator(mode="after")
+    def _check(self) -> "EvaluateParams":
+        if (self.labels_csv is None) != (self.classnames is None):
+            raise ValueError("labels_csv and classnames go together")
+        return self
+
+
 class Params(Section):
     data: DataParams = DataParams()
     tokenize: TokenizeParams = TokenizeParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 class ParamsError(SystemExit):

@@ -1,0 +1,112 @@
+"""Training data read straight from the ingest and tokenize outputs: no image decoding per step.
+
+Every batch is a pure function of (seed, global step): which images, which of their captions and
+which crops. Resuming at step k therefore replays exactly what an uninterrupted run would have
+seen, with no sampler state to save.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+# CLIP's normalisation constants; kept for models trained from scratch so checkpoints stay interchangeable.
+MEAN = (0.48145466, 0.4578275, 0.40821073)
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class Corpus:
+    """Images (memory-mapped uint8 [N,S,S,3] shards), the manifest and the tokenized captions."""
+    shards: list[np.ndarray]
+    manifest: pd.DataFrame
+    tokens: np.ndarray          # int32 [C, context]
+    caption_start: np.ndarray   # int64 [N]: first caption row of each image
+    caption_count: np.ndarray   # int64 [N]
+
+    @classmethod
+    def load(cls, data_dir: str | Path = "data") -> "Corpus":
+        data_dir = Path(data_dir)
+        manifest = pd.read_parquet(data_dir / "manifest.parquet")
+        paths = sorted((data_dir / "images").glob("shard-*.npy"))
+        shards = [np.load(p, mmap_mode="r") for p in paths]
+        tokens = np.load(data_dir / "tokens.npy", mmap_mode="r")
+        owner = np.load(data_dir / "caption_image.npy")
+        count = np.bincount(owner, minlength=len(manifest)).astype(np.int64)
+        start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
+        return cls(shards, manifest, tokens, start, count)
+
+    def images(self, index: np.ndarray) -> np.ndarray:
+        """Gather uint8 [B,S,S,3] for global image indices, reading each shard once."""
+        shard = self.manifest.shard.to_numpy()[index]
+        row = self.manifest.row.to_numpy()[index]
+        out = np.empty((len(index), *self.shards[0].shape[1:]), dtype=np.uint8)
+        for s in np.unique(shard):
+            sel = np.flatnonzero(shard == s)
+            order = np.argsort(row[sel])  # sorted reads are sequential in the memory map
+            out[sel[order]] = self.shards[s][row[sel][order]]
+        return out
+
+    def split(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.manifest.split.to_numpy() == name)
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 [B,H,W,3] -> normalised float [B,3,H,W], the encoders' input."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+                        generator: torch.Generator) -> torch.Tensor:
+    """Batched random resized crop (bilinear), one affine grid per image, same output size."""
+    b = x.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_r = torch.empty(b).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
+    r = log_r.exp()
+    w = (area * r).sqrt().clamp(max=1.0)   # crop width and height as fractions of the image
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * (1 - w) + w / 2) * 2 - 1  # centres in [-1, 1]
+    cy = (torch.rand(b, generator=generator) * (1 - h) + h / 2) * 2 - 1
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0], theta[:, 0, 2] = w, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class ContrastiveBatches(torch.utils.data.Dataset):
+    """Item k is the whole k-th training batch: (images, tokens, caption ids)."""
+
+    def __init__(self, corpus: Corpus, index: np.ndarray, batch_size: int, seed: int,
+                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+        if len(index) < batch_size:
+            raise ValueError(f"{len(index)} training images is fewer than batch_size={batch_size}")
+        self.corpus, self.index, self.batch_size, self.seed = corpus, index, batch_size, seed
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.steps_per_epoch = len(index) // batch_size  # drop the ragged tail: the loss wants full batches
+        # Identical token rows are identical normalised captions: the multi-positive loss needs their ids.
+        _, self.caption_id = np.unique(np.asarray(corpus.tokens), axis=0, return_inverse=True)
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.index))
+        images = self.index[order[k * self.batch_size:(k + 1) * self.batch_size]]
+        rng = np.random.default_rng((self.seed, epoch, k))
+        c = self.corpus
+        caption = c.caption_start[images] + (rng.random(len(images)) * c.caption_count[images]).astype(np.int64)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        pixels = random_resized_crop(to_tensor(c.images(images)), self.crop_scale, self.crop_ratio, g)
+        return {"images": pixels, "tokens": torch.from_numpy(c.tokens[caption].astype(np.int64)),
+                "caption_ids": torch.from_numpy(self.caption_id[caption].reshape(-1))}
+
+    __getitem__ = batch

@@ -1,0 +1,105 @@
+"""Image decoding and preprocessing shared by ingest and the torch-free runtime.
+
+Both call the same two functions, `load_rgb` then `preprocess`, so a model served outside the
+pipeline sees exactly the pixels it was trained on. Only PIL and numpy: no torch import here.
+"""
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MAX_PIXELS = 89_478_485  # PIL's own default limit
+ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # "I": how older PIL opens 16-bit greyscale
+
+
+class ImageError(Exception):
+    """An image that cannot be used; `reason` is the short code written to rejected.csv."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)  # both in args, so the error survives pickling between processes
+        self.reason, self.detail = reason, detail
+
+    def __str__(self) -> str:
+        return f"{self.reason}: {self.detail}" if self.detail else self.reason
+
+
+def _open(source: bytes | str | Path) -> io.BytesIO | Path:
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError("empty_file")
+        return io.BytesIO(source)
+    try:
+        if os.path.getsize(source) == 0:
+            raise ImageError("empty_file", str(source))
+    except FileNotFoundError:
+        raise ImageError("missing_file", str(source)) from None
+    return Path(source)
+
+
+def decode(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Fully decoded image with its EXIF orientation applied, in whatever mode the file holds.
+
+    The pixel count is checked from the header, before any pixel is decoded, so a small file that
+    expands to gigabytes (a decompression bomb) costs nothing. PIL's own limit still applies on top.
+    """
+    fp = _open(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(fp)
+    except UnidentifiedImageError:
+        raise ImageError("not_an_image", "" if isinstance(source, bytes) else str(source)) from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageError("too_many_pixels", str(e)) from None
+    except OSError as e:  # a directory, no permission
+        raise ImageError("unreadable_file", f"{type(e).__name__}: {e}") from None
+    with img:
+        if img.width * img.height > max_pixels:
+            raise ImageError("too_many_pixels", f"{img.width}x{img.height} > {max_pixels}")
+        try:
+            img.load()
+            return ImageOps.exif_transpose(img)  # a new image, so it outlives the closed file
+        except Exception as e:  # PIL reports bad data as OSError, SyntaxError, ValueError, zlib.error, ...
+            raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
+    """RGB, with transparency composited onto `background`.
+
+    A plain convert("RGB") would drop alpha and reveal whatever colour sits under transparent
+    pixels (often black, sometimes garbage), and would clip 16-bit images instead of scaling them.
+    """
+    if img.mode in SIXTEEN_BIT_MODES:
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(np.rint(wide / 257).astype(np.uint8), "L")
+    if img.mode in ALPHA_MODES or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(source: bytes | str | Path, background: tuple[int, int, int] = (255, 255, 255),
+             max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 [H, W, 3] from encoded bytes or a path; raises ImageError with a reason code."""
+    return np.asarray(to_rgb(decode(source, max_pixels), background))
+
+
+def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side resized to `size` (bicubic, antialiased), then centre-cropped: uint8 [size, size, 3].
+
+    Sizes and crop offsets follow torchvision's Resize(size) + CenterCrop(size) on PIL images, so
+    the stored pixels equal CLIP's reference preprocessing before normalisation.
+    """
+    h, w = rgb.shape[:2]
+    short, long = min(h, w), max(h, w)
+    new_long = int(size * long / short)
+    new_w, new_h = (size, new_long) if w <= h else (new_long, size)
+    img = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
+    top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    return np.asarray(img.crop((left, top, left + size, top + size)))

@@ -1,0 +1,40 @@
+"""Zero-shot classification: class names go into prompts, prompt embeddings are averaged per class.
+
+Ensembling happens in embedding space (normalise each prompt, average, renormalise), so many
+templates cost nothing at inference: one text vector per class, exactly as in the paper.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_TEMPLATES = ("a photo of a {}.",)
+
+
+def load_templates(path: str) -> list[str]:
+    """One template per line with a `{}` for the class name; blank lines and `#` comments skipped."""
+    with open(path, encoding="utf-8") as f:
+        templates = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    bad = [t for t in templates if t.count("{}") != 1]
+    if bad or not templates:
+        raise ValueError(f"{path}: every template needs exactly one '{{}}' (bad: {bad[:3]})")
+    return templates
+
+
+def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
+                     templates: Sequence[str]) -> torch.Tensor:
+    """[C, D] unit vectors: the renormalised mean of each class's normalised prompt embeddings."""
+    prompts = [t.format(c) for c in classnames for t in templates]
+    emb = F.normalize(encode_text(prompts).float(), dim=-1).view(len(classnames), len(templates), -1)
+    return F.normalize(emb.mean(1), dim=-1)
+
+
+def classify(image_features: torch.Tensor, classes: torch.Tensor, logit_scale: float = 100.0,
+             k: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k class indices and their softmax probabilities for each image."""
+    logits = logit_scale * F.normalize(image_features.float(), dim=-1) @ classes.T
+    probs = logits.softmax(-1)
+    top = probs.topk(min(k, classes.shape[0]), dim=-1)
+    return top.indices, top.values

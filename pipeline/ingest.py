@@ -1,0 +1,224 @@
+"""Stage `ingest`: any source becomes the same memory-mappable image shards and manifest.
+
+Outputs: data/images/shard-NNNNN.npy (uint8 [n, S, S, 3], data.shard_images each),
+data/manifest.parquet (one row per unique image, in shard order: id, source, captions, split,
+shard, row, labels), data/rejected.csv (source, reason, detail) and reports/ingest.json.
+
+Images are decoded once, in worker processes. Everything else (dedup, splits, shard order) happens
+in source order in this process, so the outputs do not depend on data.workers. Each output is
+written beside its target and renamed over it (the manifest last): an interrupted run leaves the
+previous outputs, never half-written ones, and never touches the tokenize stage's files in data/.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, nullcontext
+from dataclasses import dataclass, field, replace
+from functools import partial
+from itertools import islice
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from clipmodel.images import ImageError, load_rgb, preprocess
+from clipmodel.io import atomic_path, write_json
+from clipmodel.synthetic import Scene, render
+from pipeline.params import DataParams, load_params
+from pipeline.sources import Item, Record, Rejection, SourceError, read, split_of
+
+BATCH = 512   # records per imap call; two calls in flight bound the memory held in queues
+CHUNK = 16    # records per worker task: amortises inter-process overhead
+
+MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("captions", pa.list_(pa.string())),
+                             ("split", pa.string()), ("shard", pa.int32()), ("row", pa.int32()),
+                             ("labels", pa.string())])
+
+Decoded = tuple[np.ndarray, bytes] | Rejection  # (pixels, pixel digest) or why not
+
+
+def decode(record: Record, size: int, background: tuple[int, int, int], max_pixels: int) -> Decoded:
+    """Runs in a worker: the record's pixels at the stored size, and a digest for exact dedup."""
+    try:
+        if isinstance(record.image, Scene):
+            pixels = render(record.image, size)
+        else:
+            pixels = preprocess(load_rgb(record.image, background, max_pixels), size)
+    except ImageError as e:
+        return Rejection(record.origin, e.reason, e.detail)
+    return pixels, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
+
+
+def decode_in_order(items: Iterable[Item], work: Callable[[Record], Decoded],
+                    imap: Callable = map) -> Iterator[tuple[Item, Decoded | None]]:
+    """Each item with its decoded image, in source order; None for rejections and for records whose
+    key was seen before (another caption of an image already on its way).
+
+    Items go to `imap` in batches with at most two batches in flight, so a fast reader never piles
+    a whole dataset of encoded bytes into the pool's queue.
+    """
+    seen: set[str] = set()
+    pending: deque = deque()
+    items = iter(items)
+    while batch := list(islice(items, BATCH)):
+        fresh = []
+        for it in batch:
+            fresh.append(isinstance(it, Record) and it.key not in seen)
+            if fresh[-1]:
+                seen.add(it.key)
+        pending.append((batch, fresh, imap(work, [it for it, new in zip(batch, fresh) if new])))
+        if len(pending) == 2:
+            yield from _merge(*pending.popleft())
+    while pending:
+        yield from _merge(*pending.popleft())
+
+
+def _merge(batch: list[Item], fresh: list[bool],
+           results: Iterator[Decoded]) -> Iterator[tuple[Item, Decoded | None]]:
+    results = iter(results)
+    for it, new in zip(batch, fresh):
+        yield it, next(results) if new else None
+
+
+class ShardWriter:
+    """Fills one shard-sized buffer at a time: only the current shard's pixels are ever in memory."""
+
+    def __init__(self, folder: Path, per_shard: int, size: int) -> None:
+        folder.mkdir(parents=True)
+        self.folder, self.per_shard, self.count = folder, per_shard, 0
+        self.buffer = np.empty((per_shard, size, size, 3), dtype=np.uint8)
+
+    def add(self, pixels: np.ndarray) -> None:
+        self.buffer[self.count % self.per_shard] = pixels
+        self.count += 1
+        if self.count % self.per_shard == 0:
+            self._flush(self.per_shard)
+
+    def close(self) -> None:
+        if self.count % self.per_shard:
+            self._flush(self.count % self.per_shard)
+
+    def _flush(self, n: int) -> None:
+        np.save(self.folder / f"shard-{(self.count - 1) // self.per_shard:05d}.npy", self.buffer[:n])
+
+
+@dataclass
+class Manifest:
+    """The per-image metadata, small enough to keep whole; shard and row follow from the position."""
+    per_shard: int
+    ids: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    captions: list[list[str]] = field(default_factory=list)
+    splits: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+    def add(self, record: Record, split: str) -> int:
+        self.ids.append(record.key)
+        self.sources.append(record.source)
+        self.captions.append(list(dict.fromkeys(record.captions)))
+        self.splits.append(split)
+        self.labels.append(record.labels)
+        return len(self.ids) - 1
+
+    def add_captions(self, index: int, captions: Iterable[str]) -> int:
+        """Appends the captions not already there; returns how many were new."""
+        new = [c for c in dict.fromkeys(captions) if c not in self.captions[index]]
+        self.captions[index] += new
+        return len(new)
+
+    def write(self, path: Path) -> None:
+        position = np.arange(len(self.ids))
+        pq.write_table(pa.table({
+            "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
+            "shard": position // self.per_shard, "row": position % self.per_shard, "labels": self.labels,
+        }, schema=MANIFEST_SCHEMA), path)
+
+
+def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_path: Path) -> dict:
+    """Reads, decodes, dedups and writes; returns the report. Raises SourceError when nothing is usable."""
+    start = time.perf_counter()
+    shards = ShardWriter(images_dir, data.shard_images, data.image_size)
+    manifest = Manifest(data.shard_images)
+    by_key: dict[str, int] = {}         # key -> manifest index (of the first copy, after dedup)
+    by_digest: dict[bytes, int] = {}    # pixel digest -> manifest index
+    failed: dict[str, Rejection] = {}   # key -> why its image was refused, for later rows of that key
+    rejected: list[Rejection] = []
+    duplicates = 0
+
+    work = partial(decode, size=data.image_size, background=data.background, max_pixels=data.max_pixels)
+    total = data.synthetic.num_images if data.source == "synthetic" else None
+    with Pool(data.workers) if data.workers > 1 else nullcontext() as pool:
+        stream = decode_in_order(read(data), work, pool.imap if pool else map)
+        for item, result in tqdm(stream, desc="ingest", unit="img", total=total, mininterval=1.0):
+            if isinstance(item, Rejection):
+                rejected.append(item)
+            elif isinstance(result, Rejection):
+                rejected.append(result)
+                failed[item.key] = result
+            elif result is None:  # another row naming an image already seen
+                if item.key in failed:
+                    rejected.append(replace(failed[item.key], source=item.origin))
+                elif not manifest.add_captions(by_key[item.key], item.captions):
+                    rejected.append(Rejection(item.origin, "duplicate_row", item.key))
+            else:
+                pixels, digest = result
+                if digest in by_digest:
+                    duplicates += 1
+                    manifest.add_captions(by_digest[digest], item.captions)
+                    by_key[item.key] = by_digest[digest]
+                else:
+                    by_key[item.key] = by_digest[digest] = manifest.add(
+                        item, split_of(item.key, data.val_fraction, data.test_fraction))
+                    shards.add(pixels)
+    shards.close()
+
+    reasons = Counter(r.reason for r in rejected)
+    if not manifest.ids:
+        raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
+                          f"{dict(reasons.most_common())})")
+    manifest.write(manifest_path)
+    pd.DataFrame(rejected, columns=["source", "reason", "detail"]).to_csv(
+        rejected_path, index=False, errors="backslashreplace")
+    seconds = time.perf_counter() - start
+    return {
+        "accepted": len(manifest.ids),
+        "rejected": len(rejected),
+        "reasons": dict(reasons.most_common()),
+        "duplicates": duplicates,
+        "splits": {s: manifest.splits.count(s) for s in ("train", "val", "test")},
+        "images_per_s": round(len(manifest.ids) / seconds, 1),
+        "seconds": round(seconds, 2),
+        "source": data.source,
+    }
+
+
+def run(data: DataParams, root: Path = Path(".")) -> dict:
+    """Ingest into root/data and root/reports, replacing only this stage's outputs."""
+    with ExitStack() as stack:  # contexts exit in reverse: images, then rejected.csv, then the manifest
+        manifest = stack.enter_context(atomic_path(root / "data/manifest.parquet"))
+        rejected = stack.enter_context(atomic_path(root / "data/rejected.csv"))
+        images = stack.enter_context(atomic_path(root / "data/images"))
+        report = ingest(data, images, manifest, rejected)
+    write_json(root / "reports/ingest.json", report)
+    return report
+
+
+def main() -> None:
+    data = load_params().data
+    try:
+        r = run(data)
+    except SourceError as e:
+        raise SystemExit(f"ingest: {e}") from None
+    print(f"ingest: {r['accepted']} images ({r['splits']}), {r['rejected']} rejected {r['reasons']}, "
+          f"{r['duplicates']} duplicates merged, {r['images_per_s']} img/s")
+
+
+if __name__ == "__main__":
+    main()

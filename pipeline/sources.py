@@ -1,0 +1,272 @@
+"""One reader per `data.source`: a lazy stream of records and rejections, never the dataset in RAM.
+
+A reader settles everything that is known without decoding an image (paths, captions, pairing,
+path safety); ingest does the decoding. A bad item becomes a Rejection with a reason code and the
+stream goes on; only a source that cannot be read at all raises SourceError.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+import pandas as pd
+
+from clipmodel import synthetic
+from pipeline.params import CocoSource, CsvSource, DataParams, FolderSource, WebDatasetSource
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+CSV_CHUNK_ROWS = 10_000
+
+
+class SourceError(Exception):
+    """The source as a whole is unusable: a missing file, a CSV without the named columns, no shards."""
+
+
+class BadItem(Exception):
+    """An item a reader refuses; the reader turns it into a Rejection and reads on."""
+
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Record:
+    key: str                                # stable id: names the item and decides its split
+    source: str                             # where the pixels are: a file path, shard:key, "synthetic"
+    origin: str                             # where the item was declared (a CSV row...), for rejected.csv
+    image: bytes | Path | synthetic.Scene   # encoded bytes, a file, or a scene to render
+    captions: tuple[str, ...]
+    labels: str = "{}"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A row of rejected.csv; `source` is the refused item's origin."""
+    source: str
+    reason: str
+    detail: str = ""
+
+
+Item = Record | Rejection
+
+
+def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
+    """The item's split, a pure function of its key: adding data never moves earlier items.
+
+    It lives with the readers because the synthetic one must know an item's split before drawing it.
+    """
+    digest = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    u = int.from_bytes(digest, "big") / 2**64
+    return "val" if u < val_fraction else "test" if u < val_fraction + test_fraction else "train"
+
+
+def clean_caption(raw: str | bytes) -> str:
+    """The caption stripped of surrounding whitespace; the tokenizer does any other normalisation."""
+    if isinstance(raw, str):
+        raw = raw.encode("utf-8", "surrogateescape")  # back to the file's bytes, see read_csv
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise BadItem("caption_not_utf8", repr(raw[:60])) from None
+    if not text:
+        raise BadItem("empty_caption")
+    return text
+
+
+def _inside(root: Path, path: Path) -> Path:
+    """`path`, refused when it (or a symlink on the way) leads out of the already-resolved `root`."""
+    if not path.resolve().is_relative_to(root):
+        raise BadItem("unsafe_path", f"{path} -> {path.resolve()}")
+    return path
+
+
+def read_synthetic(data: DataParams) -> Iterator[Item]:
+    p = data.synthetic
+    held_out = synthetic.holdout_pairs(data.seed, p.holdout_fraction)
+    for i in range(p.num_images):
+        key = f"synthetic-{i:06d}"
+        train = split_of(key, data.val_fraction, data.test_fraction) == "train"
+        scene, text = synthetic.sample(data.seed, i, p.max_objects, held_out if train else frozenset())
+        yield Record(key, "synthetic", key, scene, (text,), scene.labels())
+
+
+def read_csv(p: CsvSource) -> Iterator[Item]:
+    """open_clip's CSV/TSV layout: one (image path, caption) per row, paths relative to the CSV."""
+    path = Path(p.path)
+    # surrogateescape keeps undecodable bytes, so one bad caption is one rejected row, not a dead file
+    opts = dict(sep=p.sep, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
+    try:
+        columns = list(pd.read_csv(path, nrows=0, **opts).columns)
+    except FileNotFoundError:
+        raise SourceError(f"{path}: not found") from None
+    except (OSError, ValueError) as e:  # a directory, no header, unparseable
+        raise SourceError(f"{path}: cannot read: {e}") from None
+    missing = [c for c in (p.image_column, p.caption_column) if c not in columns]
+    if missing:
+        raise SourceError(f"{path}: no column {', '.join(map(repr, missing))}; it has {columns} "
+                          "(set data.csv.image_column / caption_column / sep)")
+    malformed: list[list[str]] = []  # rows with too many fields; pandas hands them over without a number
+    chunks = pd.read_csv(path, engine="python", index_col=False, on_bad_lines=malformed.append,
+                         chunksize=CSV_CHUNK_ROWS, **opts)
+    for chunk in chunks:
+        yield from (Rejection(str(path), "malformed_row", p.sep.join(fields)) for fields in malformed)
+        malformed.clear()
+        for i, image, text in zip(chunk.index, chunk[p.image_column], chunk[p.caption_column]):
+            where = f"{path}:row {i + 1}"  # counted from the header, malformed rows left out
+            image, text = image or "", text or ""  # None in short rows
+            if not image.strip():
+                yield Rejection(where, "missing_image", "empty image path")
+                continue
+            try:
+                captions = (clean_caption(text),)
+            except BadItem as e:
+                yield Rejection(where, e.reason, e.detail)
+                continue
+            yield Record(os.path.normpath(image), str(path.parent / image), where, path.parent / image, captions)
+
+
+def read_coco(p: CocoSource) -> Iterator[Item]:
+    """A COCO captions JSON: all captions of an image travel together as one record."""
+    path = Path(p.annotations)
+    root = Path(p.images) if p.images else path.parent
+    try:
+        coco = json.loads(path.read_bytes())
+        images, annotations = coco["images"], coco["annotations"]
+    except FileNotFoundError:
+        raise SourceError(f"{path}: not found") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise SourceError(f"{path}: not a COCO captions file: {type(e).__name__}: {e}") from None
+    if not root.is_dir():
+        raise SourceError(f"{root}: image folder not found")
+    real_root = root.resolve()
+
+    ids = {im["id"] for im in images}
+    captions: dict[int, list[str]] = defaultdict(list)
+    for ann in annotations:
+        where = f"{path}:annotation {ann.get('id')}"
+        try:
+            if ann.get("image_id") not in ids:
+                raise BadItem("missing_image", f"image_id {ann.get('image_id')}")
+            text = clean_caption(ann.get("caption") or "")
+            if text in captions[ann["image_id"]]:
+                raise BadItem("duplicate_row", text)
+            captions[ann["image_id"]].append(text)
+        except BadItem as e:
+            yield Rejection(where, e.reason, e.detail)
+
+    for im in images:
+        where = f"{path}:image {im['id']}"
+        try:
+            if not captions.get(im["id"]):
+                raise BadItem("missing_caption", im.get("file_name", ""))
+            file = _inside(real_root, root / im["file_name"])
+        except BadItem as e:
+            yield Rejection(where, e.reason, e.detail)
+            continue
+        yield Record(im["file_name"], str(file), where, file, tuple(captions.pop(im["id"])))
+
+
+def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:
+    """`.tar` shards streamed member by member (never extracted): key.{jpg,png,webp} + key.txt."""
+    shards = sorted(glob.glob(p.shards))
+    if not shards:
+        raise SourceError(f"no shards match {p.shards!r}")
+    for shard in map(Path, shards):
+        try:
+            with tarfile.open(shard, mode="r|*") as tar:
+                yield from _shard_samples(shard, tar)
+        except (tarfile.TarError, OSError, EOFError) as e:
+            yield Rejection(str(shard), "corrupt_shard", f"{type(e).__name__}: {e}")
+
+
+def _shard_samples(shard: Path, tar: tarfile.TarFile) -> Iterator[Item]:
+    """Adjacent members sharing a key (the name up to its first dot) form one sample."""
+    key, files = None, {}
+    for member in tar:
+        where = f"{shard}:{member.name}"
+        name = PurePosixPath(member.name)
+        if member.issym() or member.islnk():
+            yield Rejection(where, "unsafe_path", f"link to {member.linkname}")
+            continue
+        if name.is_absolute() or ".." in name.parts:
+            yield Rejection(where, "unsafe_path", "absolute or '..' member name")
+            continue
+        stem, _, ext = name.name.partition(".")
+        ext = ext.lower()
+        if not member.isfile() or ext not in ("txt", *(s[1:] for s in IMAGE_SUFFIXES)):
+            continue
+        if str(name.parent / stem) != key:
+            if key is not None:
+                yield _sample(shard, key, files)
+            key, files = str(name.parent / stem), {}
+        files[ext] = tar.extractfile(member).read()
+    if key is not None:
+        yield _sample(shard, key, files)
+
+
+def _sample(shard: Path, key: str, files: dict[str, bytes]) -> Item:
+    where = f"{shard}:{key}"
+    image = next((files[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in files), None)
+    try:
+        if image is None:
+            raise BadItem("missing_image", f"only {sorted(files)}")
+        if "txt" not in files:
+            raise BadItem("missing_caption", f"only {sorted(files)}")
+        captions = (clean_caption(files["txt"]),)
+    except BadItem as e:
+        return Rejection(where, e.reason, e.detail)
+    return Record(f"{shard.name}/{key}", where, where, image, captions)
+
+
+def read_folder(p: FolderSource) -> Iterator[Item]:
+    """Images anywhere under the root, each with a sidecar caption: photo.jpg + photo.txt."""
+    root = Path(p.path)
+    if not root.is_dir():
+        raise SourceError(f"{root}: folder not found")
+    real_root = root.resolve()
+    for here, dirs, files in os.walk(root):  # symlinked folders are not entered...
+        here = Path(here)
+        dirs.sort()
+        for d in dirs:
+            if (here / d).is_symlink() and not (here / d).resolve().is_relative_to(real_root):
+                yield Rejection(str(here / d), "unsafe_path", f"-> {(here / d).resolve()}")  # ...but reported
+        names = set(files)
+        image_stems = {Path(f).stem for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES}
+        for name in sorted(files):
+            path = here / name
+            key = path.relative_to(root).as_posix()
+            try:
+                if path.suffix == ".txt":
+                    if path.stem not in image_stems:
+                        raise BadItem("missing_image", "caption without an image")
+                    continue
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue
+                caption = path.with_suffix(".txt")
+                if caption.name not in names:
+                    raise BadItem("missing_caption", caption.name)
+                captions = (clean_caption(_inside(real_root, caption).read_bytes()),)
+                yield Record(key, str(path), str(path), _inside(real_root, path), captions)
+            except BadItem as e:
+                yield Rejection(key, e.reason, e.detail)
+
+
+READERS = {
+    "synthetic": read_synthetic,
+    "csv": lambda data: read_csv(data.csv),
+    "coco": lambda data: read_coco(data.coco),
+    "webdataset": lambda data: read_webdataset(data.webdataset),
+    "folder": lambda data: read_folder(data.folder),
+}
+
+
+def read(data: DataParams) -> Iterator[Item]:
+    return READERS[data.source](data)

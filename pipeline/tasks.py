@@ -1,0 +1,86 @@
+"""Zero-shot tasks: what to classify, the words that name each class, and each image's answer.
+
+On the synthetic data the manifest's labels give shape, colour, size and position of single-object
+scenes, the object count of every scene, and colour+shape compositions split by whether the pair
+was ever seen in training. On user data the tasks come from a labels CSV.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from clipmodel import synthetic
+
+
+@dataclass
+class Task:
+    name: str
+    classes: list[str]      # label names, reported in confusion matrices
+    texts: list[str]        # what fills the templates' {} for each class
+    targets: np.ndarray     # [N] class index of each image, -1 where the task does not apply
+    templates: str          # key of the template list to use
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.targets >= 0
+
+
+COUNT_WORDS = ("one", "two", "three")
+
+
+def _index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int64)
+
+
+def synthetic_tasks(labels: Sequence[str], seed: int, holdout_fraction: float) -> list[Task]:
+    scenes = [json.loads(s) for s in labels]
+    single = [s["objects"][0] if s["count"] == 1 else None for s in scenes]
+
+    def attr(key: str) -> list[str | None]:
+        return [o[key] if o else None for o in single]
+
+    held = synthetic.holdout_pairs(seed, holdout_fraction)
+    pairs = [f"{c} {s}" for c in synthetic.COLORS for s in synthetic.SHAPES]
+    comp = attr("color")
+    comp = [f"{c} {s}" if c else None for c, s in zip(comp, attr("shape"))]
+    unseen = {f"{c} {s}" for c, s in held}
+    places = [synthetic.PLACE_WORDS[p][0] for p in synthetic.POSITIONS]
+    tasks = [
+        Task("shape", list(synthetic.SHAPES), list(synthetic.SHAPES), _index(attr("shape"), synthetic.SHAPES), "shape"),
+        Task("color", list(synthetic.COLORS), list(synthetic.COLORS), _index(attr("color"), synthetic.COLORS), "color"),
+        Task("size", list(synthetic.SIZES), list(synthetic.SIZES), _index(attr("size"), synthetic.SIZES), "size"),
+        Task("position", list(synthetic.POSITIONS), places, _index(attr("position"), synthetic.POSITIONS), "position"),
+        Task("count", [str(n) for n in (1, 2, 3)], list(COUNT_WORDS),
+             np.array([s["count"] - 1 for s in scenes], dtype=np.int64), "count"),
+        # Both composition tasks choose among all 64 pairs: the unseen ones must beat the seen ones too.
+        Task("composition_seen", pairs, pairs, _index([c if c not in unseen else None for c in comp], pairs),
+             "composition"),
+        Task("composition_unseen", pairs, pairs, _index([c if c in unseen else None for c in comp], pairs),
+             "composition"),
+    ]
+    return [t for t in tasks if t.mask.any()]
+
+
+def csv_tasks(labels_csv: str | Path, sources: Sequence[str], classnames: Sequence[str]) -> list[Task]:
+    """One task from a CSV of (image, label) rows, matched to the manifest by source path."""
+    path = Path(labels_csv)
+    table = pd.read_csv(path)
+    if not {"image", "label"} <= set(table.columns):
+        raise SystemExit(f"evaluate: {path} needs columns image,label (has {', '.join(table.columns)})")
+    by_source = {str((path.parent / p).resolve()): label for p, label in zip(table.image, table.label)}
+    targets = _index([by_source.get(str(Path(s).resolve())) for s in sources], classnames)
+    return [Task("labels", list(classnames), list(classnames), targets, "default")]
+
+
+def canonical_scene(labels: str) -> str | None:
+    """The same scene described in other words: identical objects, in any order."""
+    scene = json.loads(labels)
+    if not scene.get("objects"):
+        return None
+    return json.dumps(sorted(json.dumps(o, sort_keys=True) for o in scene["objects"]))

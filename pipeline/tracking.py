@@ -1,0 +1,92 @@
+"""MLflow wiring: one run per pipeline run, opened by `train` and continued by later stages.
+
+The run id travels between stages in reports/run.json (a small DVC output), so evaluate and
+export log into the same run however far apart they execute.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+import mlflow  # noqa: E402
+
+from clipmodel.io import write_json  # noqa: E402
+
+RUN_FILE = Path("reports/run.json")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def _experiment(name: str) -> str:
+    mlflow.set_tracking_uri(tracking_uri())
+    found = mlflow.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    location = None
+    if tracking_uri().startswith("sqlite:"):  # keep artifacts beside the store, not in ./mlruns of any cwd
+        location = (Path(tracking_uri().removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def data_fingerprint(paths: list[str | Path]) -> str:
+    """A short hash of the files training read: the same fingerprint means the same data."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def start_run(experiment: str, run_id: str | None, tags: dict[str, str]) -> str:
+    """Open (or reopen, after a resume) the pipeline's run; record its id for later stages."""
+    experiment_id = _experiment(experiment)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags)
+    write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                          "tracking_uri": tracking_uri()})
+    return run.info.run_id
+
+
+def pipeline_tags(fingerprint: str) -> dict[str, str]:
+    tags = {"git_commit": git_commit(), "data_fingerprint": fingerprint}
+    for env, tag in (("DVC_EXP_NAME", "dvc_experiment"), ("PREFECT__FLOW_RUN_ID", "prefect_flow_run_id")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+@contextmanager
+def pipeline_run() -> Iterator[str]:
+    """Continue the run that `train` opened (for evaluate and export)."""
+    info = json.loads(RUN_FILE.read_text())
+    mlflow.set_tracking_uri(tracking_uri())
+    with mlflow.start_run(run_id=info["run_id"]) as run:
+        yield run.info.run_id

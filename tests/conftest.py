@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny synthetic workspace built by the real ingest and tokenize stages."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data": {"image_size": 32, "shard_images": 128, "workers": 1,
+             "synthetic": {"num_images": 400, "holdout_fraction": 0.2, "max_objects": 3}},
+    "tokenize": {"vocab_size": 300, "context_length": 16},
+    "model": {"embed_dim": 16, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
+              "vision_patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 2},
+    "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for k, v in override.items():
+        out[k] = merge(base.get(k, {}), v) if isinstance(v, dict) else v
+    return out
+
+
+def write_params(workdir: Path, override: dict) -> None:
+    base = yaml.safe_load((ROOT / "params.yaml").read_text())
+    (workdir / "params.yaml").write_text(yaml.safe_dump(merge(base, override), sort_keys=False))
+
+
+def stage_env(workdir: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}",
+               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1",
+               OMP_NUM_THREADS="2")
+    return env
+
+
+def run_stage(workdir: Path, module: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", f"pipeline.{module}"], cwd=workdir, env=stage_env(workdir),
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"pipeline.{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A workspace with params.yaml and the ingest + tokenize outputs of a tiny synthetic set."""
+    workdir = tmp_path_factory.mktemp("tiny")
+    write_params(workdir, TINY)
+    run_stage(workdir, "ingest")
+    run_stage(workdir, "tokenize")
+    return workdir
+
+
+@pytest.fixture
+def workspace(tiny_data, tmp_path) -> Path:
+    """A private copy of the tiny workspace (data and params only)."""
+    shutil.copytree(tiny_data / "data", tmp_path / "data")
+    shutil.copy(tiny_data / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path

@@ -1,0 +1,120 @@
+"""Decoding and preprocessing: every mode lands as the RGB a person would see, bad files get a reason."""
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision import transforms
+
+from clipmodel.images import ImageError, load_rgb, preprocess
+from conftest_ingest_helpers import encode, noise, png_header, truncated
+
+BG = (10, 200, 30)
+
+
+def test_alpha_is_composited_onto_the_background_not_dropped():
+    rgba = np.zeros((2, 3, 4), dtype=np.uint8)
+    rgba[0, 0] = (255, 0, 255, 0)      # transparent, with a loud colour hiding underneath
+    rgba[0, 1] = (200, 100, 50, 255)   # opaque
+    rgba[0, 2] = (250, 0, 0, 128)      # half transparent
+    out = load_rgb(encode(Image.fromarray(rgba, "RGBA")), background=BG)
+    assert tuple(out[0, 0]) == BG
+    assert tuple(out[0, 1]) == (200, 100, 50)
+    assert np.allclose(out[0, 2], [(250 + 10) / 2, 100, 15], atol=2)
+
+
+def test_la_and_palette_transparency_use_the_background():
+    la = Image.fromarray(np.array([[[77, 0], [77, 255]]], dtype=np.uint8), "LA")
+    assert load_rgb(encode(la), background=BG)[0].tolist() == [list(BG), [77, 77, 77]]
+
+    pal = Image.new("P", (2, 1))
+    pal.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    pal.putpixel((0, 0), 0)
+    pal.putpixel((1, 0), 1)
+    out = load_rgb(encode(pal, transparency=0), background=BG)
+    assert out[0].tolist() == [list(BG), [255, 0, 0]]
+
+
+def test_palette_grayscale_and_cmyk_become_rgb():
+    rgb = np.asarray(noise(1, (8, 6)))
+    pal = Image.fromarray(rgb).quantize(256)
+    assert (load_rgb(encode(pal)) == np.asarray(pal.convert("RGB"))).all()
+
+    gray = load_rgb(encode(Image.fromarray(rgb[..., 0], "L")))
+    assert gray.shape == (6, 8, 3) and (gray == rgb[..., :1]).all()
+
+    cyan = load_rgb(encode(Image.new("CMYK", (2, 2), (255, 0, 0, 0)), "TIFF"))
+    assert cyan.dtype == np.uint8 and cyan[0, 0].tolist() == [0, 255, 255]
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    wide = Image.fromarray(np.array([[0, 257 * 100, 32768, 65535]], dtype=np.uint16))
+    assert wide.mode == "I;16"
+    out = load_rgb(encode(wide))
+    assert out[0, :, 0].tolist() == [0, 100, 128, 255]
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("RGB", (4, 2), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 2, 2))  # left half red
+    exif = img.getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    out = load_rgb(encode(img, exif=exif.tobytes()))
+    assert out.shape == (4, 2, 3)
+    assert out[0, 0, 0] == 255 and out[-1, 0, 2] == 255  # red on top, blue at the bottom
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "empty_file"),
+    (truncated(encode(noise(0, (64, 64)))), "corrupt_image"),
+    (truncated(encode(noise(0, (64, 64)), "JPEG")), "corrupt_image"),
+    (b"GIF89a but not really", "not_an_image"),
+    (b"hello, world", "not_an_image"),
+])
+def test_bad_bytes_have_a_reason(data, reason):
+    with pytest.raises(ImageError) as e:
+        load_rgb(data)
+    assert e.value.reason == reason
+
+
+def test_bad_paths_have_a_reason(tmp_path):
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "dir.png").mkdir()
+    for name, reason in [("missing.png", "missing_file"), ("empty.jpg", "empty_file"), ("dir.png", "unreadable_file")]:
+        with pytest.raises(ImageError) as e:
+            load_rgb(tmp_path / name)
+        assert e.value.reason == reason
+
+
+def test_pixel_count_is_checked_from_the_header_before_decoding():
+    with pytest.raises(ImageError) as e:
+        load_rgb(png_header(5000, 5000), max_pixels=1_000_000)  # our limit; the body is garbage
+    assert e.value.reason == "too_many_pixels"
+    with pytest.raises(ImageError) as e:
+        load_rgb(png_header(30_000, 30_000), max_pixels=10**12)  # PIL's own bomb limit still holds
+    assert e.value.reason == "too_many_pixels"
+
+
+def test_image_error_survives_pickling_between_processes():
+    err = pickle.loads(pickle.dumps(ImageError("corrupt_image", "broken PNG")))
+    assert (err.reason, err.detail, str(err)) == ("corrupt_image", "broken PNG", "corrupt_image: broken PNG")
+
+
+@pytest.mark.parametrize("size", [(40, 23), (23, 40), (32, 32), (7, 9), (101, 64)])
+def test_preprocess_matches_torchvision_resize_and_centre_crop(size):
+    img = noise(3, size)
+    expected = transforms.Compose([transforms.Resize(16, transforms.InterpolationMode.BICUBIC),
+                                   transforms.CenterCrop(16)])(img)
+    out = preprocess(np.asarray(img), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+    assert (out == np.asarray(expected)).all()
+
+
+def test_images_module_does_not_import_torch():
+    code = "import sys, clipmodel.images; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
