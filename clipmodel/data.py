@@ -107,6 +107,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = random_resized_crop(to_tensor(c.images(images)), self.crop_scale, self.crop_ratio, g)
         return {"images": pixels, "tokens": torch.from_numpy(c.tokens[caption].astype(np.int64)),
-                "caption_ids": torch.from_numpy(self.caption_id[caption].reshape(-1))}
+                "caption_ids": torch.from_numpy(self.caption_id[caption].reshape(-1)),
+                "image_index": torch.from_numpy(images)}
 
     __getitem__ = batch

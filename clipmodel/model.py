@@ -248,6 +248,14 @@ class ModifiedResNet(nn.Module):
         return self.attnpool(x)
 
 
+def vision_tower(cfg: CLIPConfig) -> nn.Module:
+    """The image encoder alone: CLIP's, and the supervised and captioning baselines' (same architecture)."""
+    if cfg.vision == "vit":
+        return VisionTransformer(cfg.image_size, cfg.vision_patch_size, cfg.vision_width, cfg.vision_layers,
+                                 cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
+    return ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size, cfg.vision_width)
+
+
 class CLIP(nn.Module):
     """The two towers plus the learned temperature (and SigLIP's bias, when configured).
 
@@ -258,12 +266,7 @@ class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
-        if cfg.vision == "vit":
-            self.visual = VisionTransformer(cfg.image_size, cfg.vision_patch_size, cfg.vision_width, cfg.vision_layers,
-                                            cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
-        else:
-            self.visual = ModifiedResNet(cfg.vision_layers, cfg.embed_dim, cfg.vision_heads, cfg.image_size,
-                                         cfg.vision_width)
+        self.visual = vision_tower(cfg)
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.text_width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.text_width))
         self.transformer = Transformer(cfg.text_width, cfg.text_layers, cfg.text_heads, causal=True,
@@ -308,11 +311,12 @@ class CLIP(nn.Module):
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """AdamW groups. Decay only on matrices and kernels: decaying gains, biases, embeddings or the
-        temperature just pulls them toward zero with no regularising benefit."""
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups for any of our models. Decay only on matrices and kernels: decaying gains, biases,
+    embeddings or the temperature just pulls them toward zero with no regularising benefit."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]

@@ -66,3 +66,30 @@ def workspace(tiny_data, tmp_path) -> Path:
     shutil.copytree(tiny_data / "data", tmp_path / "data")
     shutil.copy(tiny_data / "params.yaml", tmp_path / "params.yaml")
     return tmp_path
+
+
+def git_copy(dest: Path, params_override: dict) -> Path:
+    """The repo's working tree (tracked and unignored files) as a fresh git repo with one commit."""
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    write_params(dest, params_override)
+    env = stage_env(dest)
+    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "ci@example.com"],
+                ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
+        subprocess.run(cmd, cwd=dest, env=env, check=True)
+    return dest
+
+
+def dvc(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    env = stage_env(workdir)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"  # `python` in dvc.yaml = this venv
+    proc = subprocess.run([str(Path(sys.executable).parent / "dvc"), *args], cwd=workdir, env=env,
+                          capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipmodel.checkpoint import config_from_state_dict, load_state_dict_file, save_safetensors
-from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.model import CLIP, CLIPConfig, param_groups
 
 open_clip_model = pytest.importorskip("open_clip.model")
 
@@ -152,7 +152,7 @@ def test_logit_scale_init_and_clamp():
                          ids=["vit", "resnet"])
 def test_param_groups_decay_only_matrices_and_kernels(cfg):
     m = CLIP(cfg)
-    decay, no_decay = m.param_groups(0.2)
+    decay, no_decay = param_groups(m, 0.2)
     assert decay["weight_decay"] == 0.2 and no_decay["weight_decay"] == 0.0
     name = {id(p): n for n, p in m.named_parameters()}
     undecayed = {name[id(p)] for p in no_decay["params"]}

@@ -1,0 +1,95 @@
+"""`clipmodel`: zero-shot classification and embeddings from a trained model folder (torch).
+
+    clipmodel classify --model models/ IMAGE... --labels "red circle,blue square" [--templates FILE] [--top 5]
+    clipmodel embed --model models/ --images IMAGE... --out image_emb.npy
+    clipmodel embed --model models/ --texts "a red circle" "a blue star" --out text_emb.npy
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipmodel.checkpoint import load_model
+from clipmodel.data import to_tensor
+from clipmodel.images import ImageError, load_rgb, preprocess
+from clipmodel.io import atomic_path
+from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.zeroshot import DEFAULT_TEMPLATES, class_embeddings, classify, load_templates
+
+
+class Encoder:
+    """A model folder's encoders with its own preprocessing and tokenizer: L2-normalised outputs."""
+
+    def __init__(self, folder: str | Path, batch_size: int = 64):
+        folder = Path(folder)
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"clipmodel: {folder} has no config.json: not a model folder")
+        self.model, config = load_model(folder)
+        self.tok = load_tokenizer(folder / config["tokenizer"])
+        self.pre = config["preprocess"]
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def images(self, paths: list[str]) -> torch.Tensor:
+        pixels = []
+        for path in paths:
+            try:
+                rgb = load_rgb(path, tuple(self.pre["background"]))
+            except (ImageError, OSError) as e:
+                raise SystemExit(f"clipmodel: {path}: {e}") from None
+            pixels.append(preprocess(rgb, self.pre["image_size"]))
+        x = to_tensor(np.stack(pixels))
+        return torch.cat([F.normalize(self.model.encode_image(x[s:s + self.batch_size]), dim=-1)
+                          for s in range(0, len(x), self.batch_size)])
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        ids = torch.from_numpy(encode(self.tok, texts)[0]).long()
+        return torch.cat([F.normalize(self.model.encode_text(ids[s:s + self.batch_size]), dim=-1)
+                          for s in range(0, len(ids), self.batch_size)])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="clipmodel", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("classify", help="zero-shot top-k labels for each image")
+    c.add_argument("--model", required=True)
+    c.add_argument("images", nargs="+")
+    c.add_argument("--labels", required=True, help="comma-separated class names")
+    c.add_argument("--templates", help="file of prompt templates, one per line with {}")
+    c.add_argument("--top", type=int, default=5)
+    e = sub.add_parser("embed", help="write image or text embeddings to .npy")
+    e.add_argument("--model", required=True)
+    group = e.add_mutually_exclusive_group(required=True)
+    group.add_argument("--images", nargs="+")
+    group.add_argument("--texts", nargs="+")
+    e.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+
+    enc = Encoder(args.model)
+    if args.command == "embed":
+        emb = enc.images(args.images) if args.images else enc.texts(args.texts)
+        with atomic_path(args.out) as tmp:
+            np.save(tmp, emb.numpy().astype(np.float32))
+        print(f"wrote {args.out}: {tuple(emb.shape)}")
+        return
+    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
+    if not labels:
+        raise SystemExit("clipmodel: --labels is empty")
+    templates = load_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
+    classes = class_embeddings(enc.texts, labels, templates)
+    top, probs = classify(enc.images(args.images), classes, enc.model.logit_scale.exp().item(), args.top)
+    for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
+        print(path)
+        for i, p in zip(idx, pr):
+            print(f"  {p:6.1%}  {labels[i]}")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,563 @@
+"""Prefect 3 orchestration of the DVC pipeline: one task per DVC stage, experiments, sweeps, schedules.
+
+Design
+------
+DVC stays the source of truth for *what* runs and what is skipped; Prefect adds retries, logs,
+schedules and a UI. A `clip-pipeline` flow run is:
+
+1. `apply-overrides` (only with overrides): writes the overrides into params.yaml with DVC's own
+   `-S/--set-param` parser (Hydra override grammar, the same code `dvc exp run -S` calls), after
+   checking that the experiment name is free. A typo'd key fails here, before any work.
+2. One task per stage, in dependency order read from dvc.yaml (stages added later, e.g. `export`,
+   join automatically): `dvc repro --single-item <stage>`. DVC skips a stage whose deps and params
+   did not change, or restores it from the run cache. The stage's output is streamed line by line
+   into the Prefect run logger. A non-zero exit raises `StageFailed`; the task is retried with
+   exponential backoff (`retries`, `retry_delay_seconds`), except for a bad params.yaml (the stage
+   exits 2 with a `params.yaml: <key>: <msg>` line), which no retry can fix.
+3. `save-experiment`: `dvc exp save -n NAME` records the workspace (params.yaml, dvc.lock and the
+   uncached metrics/plots files) as a DVC experiment, so every flow run, with or without overrides,
+   is reproducible from its experiment (`dvc exp apply NAME`, `dvc exp show`).
+4. `collect`: the metrics of every `metrics:` file in dvc.yaml (reports/metrics.json once the
+   evaluate stage declares it, reports/train.json) and the MLflow run id from reports/run.json.
+
+Why not `dvc exp run -S ... -n NAME`? It runs the whole pipeline in one process, so there would
+be one Prefect task for all stages and a retry would restart the pipeline. Steps 1 + 2 + 3 are
+what `dvc exp run` does in the workspace (apply params, repro, commit an experiment ref), split so
+that each stage is its own task. As with `dvc exp run`, the workspace ends holding the run's
+outputs; unlike it, params.yaml is put back as it was (the experiment keeps the overrides), so the
+next scheduled run starts from the committed params and not from the last sweep point.
+
+Every subprocess gets `PREFECT__FLOW_RUN_ID` (this flow run), `DVC_EXP_NAME` (the experiment) and
+`MLFLOW_TRACKING_URI`, so the train stage tags its MLflow run with both ids and the runs of a
+sweep sit side by side in the MLflow compare view of experiment `clip-<data.source>`.
+
+`clip-sweep` runs each point of a grid as its own `clip-pipeline` subflow and experiment. With
+`concurrency=1` (default) points run one after another in the workspace; with more, each point
+runs in its own `git clone --shared` of the repo (with the workspace's uncommitted changes, the
+same DVC cache, the same MLflow store), like `dvc exp run --temp`; its experiment ref is fetched
+back into the repo and the clone removed.
+
+CLI::
+
+    python -m pipeline.flows run [--set train.lr=3e-4 ...] [--name EXP]
+    python -m pipeline.flows sweep sweep.yaml [--concurrency 2]
+    python -m pipeline.flows serve --cron "0 3 * * *" [--sweep sweep.yaml] [--set ...]
+"""
+import os
+
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+for _key, _value in TELEMETRY_OFF.items():
+    os.environ.setdefault(_key, _value)
+
+import argparse  # noqa: E402
+import itertools  # noqa: E402
+import json  # noqa: E402
+import re  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from collections import deque  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Optional, Union  # noqa: E402
+
+import yaml  # noqa: E402
+from prefect import flow, get_run_logger, serve, task  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.runtime import flow_run as current_flow_run  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = "params.yaml"
+RUN_FILE = "reports/run.json"      # written by the train stage (pipeline/tracking.py RUN_FILE)
+PARAMS_ERROR = re.compile(r"^params\.yaml: \S")  # pipeline/params.py's one-line error
+KEY_METRICS = re.compile(r"^(train\.final_loss|retrieval\.[^.]+\.r(1|5)|zero_shot\.[^.]+\.top1|"
+                         r"linear_probe\.[^.]+\.top1|supervised\.[^.]+\.top1)$")
+
+Overrides = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc.yaml: stages in dependency order, metrics files, uncached outputs
+
+
+def _dvc_yaml(repo: Path) -> dict[str, dict]:
+    return (yaml.safe_load((Path(repo) / "dvc.yaml").read_text()) or {}).get("stages", {}) or {}
+
+
+def _paths(entries: Any, wdir: str) -> list[tuple[str, dict]]:
+    """(path, options) of a deps/outs/metrics/plots list, relative to the repo root."""
+    out = []
+    for entry in entries or []:
+        if isinstance(entry, dict):
+            for path, opts in entry.items():
+                out.append((os.path.normpath(os.path.join(wdir, path)), opts or {}))
+        else:
+            out.append((os.path.normpath(os.path.join(wdir, str(entry))), {}))
+    return out
+
+
+def _outs(spec: dict) -> list[tuple[str, dict]]:
+    wdir = spec.get("wdir", ".")
+    return [p for key in ("outs", "metrics", "plots") for p in _paths(spec.get(key), wdir)]
+
+
+def _overlaps(a: str, b: str) -> bool:
+    return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
+
+
+def stage_names(repo: Union[str, Path] = ROOT) -> list[str]:
+    """The stages of dvc.yaml, each after the stages whose outputs it depends on (file order
+    otherwise), so a stage added to dvc.yaml becomes a task without touching this module."""
+    stages = _dvc_yaml(Path(repo))
+    outs = {name: [p for p, _ in _outs(spec)] for name, spec in stages.items()}
+    needs = {name: {other for other in stages if other != name
+                    for dep, _ in _paths(spec.get("deps"), spec.get("wdir", "."))
+                    if any(_overlaps(dep, o) for o in outs[other])}
+             for name, spec in stages.items()}
+    order: list[str] = []
+    while len(order) < len(stages):
+        ready = [n for n in stages if n not in order and needs[n] <= set(order)]
+        if not ready:
+            raise ValueError(f"dvc.yaml: dependency cycle among {sorted(set(stages) - set(order))}")
+        order.append(ready[0])
+    return order
+
+
+def metrics_files(repo: Union[str, Path]) -> list[str]:
+    return [p for spec in _dvc_yaml(Path(repo)).values() for p, _ in _paths(spec.get("metrics"),
+                                                                               spec.get("wdir", "."))]
+
+
+def uncached_outputs(repo: Union[str, Path]) -> list[str]:
+    """Outputs with `cache: false` (metrics, plots, run.json): git-tracked in an experiment."""
+    return [p for spec in _dvc_yaml(Path(repo)).values() for p, opts in _outs(spec)
+            if opts.get("cache") is False]
+
+
+def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, (int, float)) and not isinstance(d, bool):
+        out[prefix[:-1]] = d
+    return out
+
+
+def read_metrics(repo: Union[str, Path]) -> dict[str, float]:
+    """Numeric metrics of every `metrics:` file in dvc.yaml, flattened to dotted keys.
+    Keys of reports/metrics.json are kept as they are (`retrieval.image_to_text.r1`); other
+    files are prefixed with their stem (`train.final_loss`)."""
+    metrics: dict[str, float] = {}
+    for rel in metrics_files(repo):
+        path = Path(repo) / rel
+        if not path.exists():
+            continue
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+        stem = Path(rel).stem
+        metrics.update(_flatten(data, "" if stem == "metrics" else f"{stem}."))
+    return metrics
+
+
+def key_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if KEY_METRICS.match(k)}
+
+
+# ---------------------------------------------------------------------------------------------
+# subprocesses
+
+
+class StageFailed(RuntimeError):
+    """A stage (or a DVC command) exited non-zero. `bad_params` marks a params.yaml error."""
+
+    def __init__(self, stage: str, returncode: int, tail: list[str], params_errors: list[str]):
+        self.stage, self.returncode, self.tail = stage, returncode, tail
+        self.params_errors = params_errors
+        self.bad_params = bool(params_errors) and (
+            returncode == 2 or any("exited with 2" in line for line in tail))
+        detail = "; ".join(params_errors) if self.bad_params else "\n".join(tail[-20:])
+        super().__init__(f"stage {stage!r} failed (exit status {returncode}): {detail}")
+
+    def __reduce__(self):  # picklable, for Prefect's result handling
+        return (StageFailed, (self.stage, self.returncode, self.tail, self.params_errors))
+
+
+def subprocess_env(repo: Union[str, Path], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """os.environ with telemetry off, this venv first on PATH (so `dvc` and the stages' `python`
+    are the flow's), unbuffered output, sparse tqdm updates, and an explicit MLflow store."""
+    env = dict(os.environ)
+    env.update(TELEMETRY_OFF)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TQDM_MININTERVAL", "10")  # one progress line per 10 s in the logs, not per step
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(repo).resolve() / 'mlflow.db'}")
+    env.update(extra or {})
+    return env
+
+
+def stream(cmd: list[str], cwd: Union[str, Path], env: dict[str, str], name: str) -> list[str]:
+    """Run `cmd`, logging each line of its stdout+stderr; raise StageFailed on a non-zero exit.
+    Returns the last 200 lines."""
+    logger = get_run_logger()
+    logger.info("%s: $ %s", name, " ".join(cmd))
+    tail: deque[str] = deque(maxlen=200)
+    params_errors: list[str] = []
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          stdin=subprocess.DEVNULL, text=True, errors="replace", bufsize=1) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # universal newlines: tqdm's \r updates arrive as lines too
+            line = line.rstrip()
+            if not line:
+                continue
+            logger.info("%s | %s", name, line)
+            tail.append(line)
+            if PARAMS_ERROR.match(line):
+                params_errors.append(line)
+    if proc.returncode:
+        raise StageFailed(name, proc.returncode, list(tail), params_errors)
+    return list(tail)
+
+
+def _git(repo: Union[str, Path], *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks
+
+
+def retry_unless_bad_params(task, task_run, state) -> bool:
+    """retry_condition_fn: retry anything but a params.yaml error (exit 2 + `params.yaml:` line)."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        try:
+            exc = state.result(raise_on_failure=False)
+        except Exception as e:  # noqa: BLE001 - whatever it is, inspect it
+            exc = e
+    return not (isinstance(exc, StageFailed) and exc.bad_params)
+
+
+@task(name="dvc-stage", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_params,
+      task_run_name="{stage}")
+def run_stage(stage: str, repo: str, extra_env: Optional[dict[str, str]] = None,
+              command: Optional[list[str]] = None) -> str:
+    """Reproduce one DVC stage (`dvc repro --single-item`); `command` replaces the DVC call
+    (tests inject a flaky script). Returns what DVC did: "ran", "skipped" (unchanged) or
+    "restored" (from the run cache)."""
+    cmd = command or _dvc("repro", "--single-item", stage)
+    try:
+        lines = stream(cmd, repo, subprocess_env(repo, extra_env), stage)
+    except StageFailed as e:
+        if e.bad_params:
+            get_run_logger().error("%s: bad params.yaml, not retrying: %s", stage, "; ".join(e.params_errors))
+        raise
+    text = "\n".join(lines)
+    if "didn't change, skipping" in text:
+        return "skipped"
+    if "is cached - skipping run" in text:
+        return "restored"
+    return "ran"
+
+
+def _fresh_name(repo: Union[str, Path], name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name or name.endswith((".", ".lock")):
+        raise ValueError(f"experiment name {name!r}: use letters, digits, '.', '_' and '-'")
+    refs = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
+    if any(ref.rsplit("/", 1)[-1] == name for ref in refs if "/exec/" not in ref):
+        raise ValueError(f"experiment {name!r} exists already (dvc exp remove {name}, or pick another name)")
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value in `dvc exp run -S` (Hydra override) syntax; strings are passed verbatim."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+@task(name="apply-overrides", cache_policy=NO_CACHE)
+def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
+    """Check the experiment name is free, then write the overrides into params.yaml exactly as
+    `dvc exp run -S key=value` would. Returns the original params.yaml text."""
+    from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
+
+    _fresh_name(repo, experiment)
+    path = Path(repo) / PARAMS
+    original = path.read_text()
+    patterns = [f"{key}={hydra_value(value)}" for key, value in overrides.items()]
+    get_run_logger().info("params.yaml overrides: %s", " ".join(patterns))
+    try:
+        dvc_apply_overrides(path, patterns)
+    except Exception as e:
+        path.write_text(original)
+        cause = f": {e.__cause__}" if e.__cause__ else ""
+        raise ValueError(f"bad override {patterns}: {e}{cause}") from None
+    return original
+
+
+@task(name="save-experiment", cache_policy=NO_CACHE)
+def save_experiment(repo: str, experiment: str) -> str:
+    """`dvc exp save -n NAME`, including the uncached outputs (metrics, plots, run.json) that
+    .gitignore would otherwise leave out."""
+    include = [p for p in uncached_outputs(repo) if (Path(repo) / p).exists()]
+    cmd = _dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include))
+    stream(cmd, repo, subprocess_env(repo), "exp-save")
+    return experiment
+
+
+@task(name="collect", cache_policy=NO_CACHE)
+def collect(repo: str) -> dict[str, Any]:
+    run_file = Path(repo) / RUN_FILE
+    run = json.loads(run_file.read_text()) if run_file.exists() else {}
+    return {"metrics": read_metrics(repo), "mlflow_run_id": run.get("run_id"),
+            "mlflow_experiment_id": run.get("experiment_id")}
+
+
+# ---------------------------------------------------------------------------------------------
+# isolated workspaces (concurrent sweep points)
+
+
+def _clone(repo: Path) -> Path:
+    """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
+    work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
+    _git(repo, "clone", "--quiet", "--shared", str(repo), str(work))
+    _git(work, "checkout", "--quiet", "--detach", _git(repo, "rev-parse", "HEAD"))
+    changed = _git(repo, "ls-files", "--modified", "--others", "--exclude-standard", "-z").split("\0")
+    for rel in filter(None, changed):
+        src = repo / rel
+        if src.is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / rel)
+    cache = subprocess.run(_dvc("cache", "dir"), cwd=repo, env=subprocess_env(repo), check=True,
+                           capture_output=True, text=True).stdout.strip()
+    subprocess.run(_dvc("config", "--local", "cache.dir", cache), cwd=work, env=subprocess_env(repo),
+                   check=True, capture_output=True)
+    return work
+
+
+def _fetch_experiment(repo: Path, work: Path, name: str) -> None:
+    refs = [r for r in _git(work, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
+            if r.rsplit("/", 1)[-1] == name]
+    for ref in refs:
+        _git(repo, "fetch", "--quiet", str(work), f"+{ref}:{ref}")
+
+
+# ---------------------------------------------------------------------------------------------
+# flows
+
+
+@flow(name="clip-pipeline", log_prints=True)
+def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Optional[str] = None,
+                  repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
+                  isolated: bool = False) -> dict[str, Any]:
+    """Reproduce the DVC pipeline, one task per stage, and record the run as a DVC experiment.
+
+    overrides: params.yaml values for this run, e.g. {"train.lr": 3e-4} (`dvc exp run -S` syntax
+    for strings). experiment: the DVC experiment name (default: this flow run's name). retries /
+    retry_delay_seconds: per-stage retries with exponential backoff (delay, 2*delay, 4*delay...).
+    isolated: run in a temporary clone, leaving the workspace alone (used by concurrent sweeps).
+
+    Returns {"experiment", "overrides", "metrics", "key_metrics", "mlflow_run_id", "stages",
+    "flow_run_id"}.
+    """
+    logger = get_run_logger()
+    repo_path = Path(repo).resolve()
+    overrides = dict(overrides or {})
+    name = experiment or str(current_flow_run.get_name() or "")
+    flow_run_id = str(current_flow_run.get_id())
+    work = _clone(repo_path) if isolated else repo_path
+    env = {"PREFECT__FLOW_RUN_ID": flow_run_id, "DVC_EXP_NAME": name,
+           "MLFLOW_TRACKING_URI": subprocess_env(repo_path)["MLFLOW_TRACKING_URI"]}
+    stage_task = run_stage.with_options(
+        retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)(retries) or 0)
+    original = None
+    try:
+        if overrides:
+            original = apply_overrides(str(work), overrides, name)
+        else:
+            _fresh_name(work, name)
+        stages = {}
+        for stage in stage_names(work):
+            stages[stage] = stage_task(stage, str(work), env)
+        save_experiment(str(work), name)
+        result = collect(str(work))
+        if isolated:
+            _fetch_experiment(repo_path, work, name)
+    finally:
+        if original is not None and not isolated:
+            (work / PARAMS).write_text(original)
+        if isolated:
+            shutil.rmtree(work, ignore_errors=True)
+    result.update(experiment=name, overrides=overrides, key_metrics=key_metrics(result["metrics"]),
+                  stages=stages, flow_run_id=flow_run_id)
+    logger.info("experiment %s: mlflow run %s, %s", name, result["mlflow_run_id"],
+                json.dumps(result["key_metrics"]))
+    return result
+
+
+def expand_grid(grid: Union[dict[str, Any], list[dict[str, Any]]]) -> list[Overrides]:
+    """{key: [values]} -> the Cartesian product (a scalar is one value); a list of override
+    dicts is used as given."""
+    if isinstance(grid, list):
+        return [dict(point) for point in grid]
+    keys = list(grid)
+    values = [v if isinstance(v, list) else [v] for v in grid.values()]
+    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
+
+
+def load_grid(path: Union[str, Path], repo: Union[str, Path] = ROOT) -> Union[dict, list]:
+    path = Path(path)
+    if not path.is_absolute() and not path.exists():
+        path = Path(repo) / path
+    grid = yaml.safe_load(path.read_text())  # YAML or JSON
+    if not isinstance(grid, (dict, list)) or not grid:
+        raise ValueError(f"{path}: expected {{key: [values]}} or a list of {{key: value}} dicts")
+    return grid
+
+
+@task(name="sweep-point", cache_policy=NO_CACHE, task_run_name="{experiment}")
+def _sweep_point(overrides: Overrides, experiment: str, repo: str, retries: int,
+                 retry_delay_seconds: float, isolated: bool, gate: Any = None):
+    with gate or threading.Semaphore():
+        return clip_pipeline.with_options(flow_run_name=experiment)(
+            overrides=overrides, experiment=experiment, repo=repo, retries=retries,
+            retry_delay_seconds=retry_delay_seconds, isolated=isolated, return_state=True)
+
+
+@flow(name="clip-sweep", log_prints=True)
+def clip_sweep(grid: Union[dict[str, Any], list[dict[str, Any]], str], concurrency: int = 1,
+               repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
+               prefix: Optional[str] = None) -> list[dict[str, Any]]:
+    """Run every point of `grid` as its own clip-pipeline subflow and DVC experiment.
+
+    grid: {key: [values]} (Cartesian product), a list of override dicts, or the path of a
+    YAML/JSON file holding either (read when the flow runs, so a served sweep picks up edits).
+    Experiments are named `<prefix>-<n>` (prefix: this flow run's name). concurrency > 1 runs
+    that many points at once, each in its own clone of the repo.
+
+    Returns one row per point: experiment, status, overrides, mlflow_run_id and its metrics.
+    The flow fails after all points ran if any point failed.
+    """
+    logger = get_run_logger()
+    points = expand_grid(load_grid(grid, repo) if isinstance(grid, str) else grid)
+    prefix = prefix or str(current_flow_run.get_name() or "sweep")
+    names = [f"{prefix}-{i + 1}" for i in range(len(points))]
+    common = dict(repo=repo, retries=retries, retry_delay_seconds=retry_delay_seconds)
+    if concurrency <= 1:
+        states = [clip_pipeline.with_options(flow_run_name=name)(
+            overrides=point, experiment=name, isolated=False, return_state=True, **common)
+            for point, name in zip(points, names)]
+    else:
+        gate = threading.BoundedSemaphore(concurrency)
+        futures = [_sweep_point.submit(point, name, isolated=True, gate=gate, **common)
+                   for point, name in zip(points, names)]
+        states = [f.result() for f in futures]
+    table = []
+    for point, name, state in zip(points, names, states):
+        row: dict[str, Any] = {"experiment": name, "overrides": point}
+        if state.is_completed():
+            result = state.result()
+            row.update(status="completed", mlflow_run_id=result["mlflow_run_id"], **result["metrics"])
+        else:
+            row.update(status="failed", error=state.message)
+        table.append(row)
+    logger.info("sweep results:\n%s", format_table(table))
+    failed = [row["experiment"] for row in table if row["status"] != "completed"]
+    if failed:
+        raise RuntimeError(f"sweep points failed: {', '.join(failed)}")
+    return table
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """A plain-text table of the key metrics, one row per experiment."""
+    metric_cols = sorted({k for row in rows for k in row if KEY_METRICS.match(k)})
+    cols = ["experiment", "status", "overrides", *metric_cols]
+    cells = [[json.dumps(row.get(c)) if c == "overrides" else
+              (f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")))
+              for c in cols] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# deployments and CLI
+
+
+def build_deployment(name: str, cron: str, sweep: Optional[str] = None,
+                     overrides: Optional[Overrides] = None, repo: str = str(ROOT), **params: Any):
+    """The RunnerDeployment that `serve` runs on `cron`: the sweep of file `sweep` (re-read at
+    each run), or the pipeline with `overrides`."""
+    if sweep:
+        return clip_sweep.to_deployment(name=name, cron=cron,
+                                        parameters={"grid": str(Path(sweep).resolve()), "repo": repo, **params})
+    return clip_pipeline.to_deployment(name=name, cron=cron,
+                                       parameters={"overrides": overrides or {}, "repo": repo, **params})
+
+
+def parse_sets(sets: list[str]) -> Overrides:
+    out = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected key=value")
+        out[key.strip()] = value  # a string: parsed by DVC's -S grammar, as `dvc exp run -S`
+    return out
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--repo", default=str(ROOT), help="the DVC repo (default: this checkout)")
+    common.add_argument("--retries", type=int, default=2, help="retries per stage (default 2)")
+    common.add_argument("--retry-delay", type=float, default=10.0,
+                        help="first retry delay in seconds, doubling after (default 10)")
+    run_p = sub.add_parser("run", parents=[common], help="run the pipeline once")
+    run_p.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE",
+                       help="params.yaml override (dvc exp run -S syntax); repeatable")
+    run_p.add_argument("--name", "-n", help="experiment name (default: the flow run's name)")
+    sweep_p = sub.add_parser("sweep", parents=[common], help="run a grid of overrides")
+    sweep_p.add_argument("file", help="YAML/JSON: {key: [values]} or a list of {key: value}")
+    sweep_p.add_argument("--concurrency", "-j", type=int, default=1)
+    sweep_p.add_argument("--prefix", help="experiment name prefix (default: the flow run's name)")
+    serve_p = sub.add_parser("serve", parents=[common], help="serve on a cron schedule (blocks)")
+    serve_p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (server time zone: UTC)')
+    serve_p.add_argument("--sweep", metavar="FILE", help="serve the sweep of FILE instead")
+    serve_p.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE")
+    serve_p.add_argument("--concurrency", "-j", type=int, default=1)
+    serve_p.add_argument("--name", help="deployment name (default: nightly)", default="nightly")
+    args = ap.parse_args(argv)
+    common_params = {"repo": str(Path(args.repo).resolve()), "retries": args.retries,
+                     "retry_delay_seconds": args.retry_delay}
+
+    if args.command == "run":
+        result = clip_pipeline(overrides=parse_sets(args.set), experiment=args.name, **common_params)
+        print(json.dumps({k: result[k] for k in ("experiment", "mlflow_run_id", "key_metrics")}, indent=2))
+    elif args.command == "sweep":
+        table = clip_sweep(grid=str(Path(args.file).resolve()), concurrency=args.concurrency,
+                           prefix=args.prefix, **common_params)
+        print(format_table(table))
+    else:
+        extra = {"concurrency": args.concurrency} if args.sweep else {}
+        serve(build_deployment(args.name, args.cron, sweep=args.sweep, overrides=parse_sets(args.set),
+                               **common_params, **extra))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""`dvc repro` in a temporary git copy of the repo: stages chain, cache, and rerun only what changed."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from conftest import TINY, dvc, git_copy, merge
+
+pytestmark = pytest.mark.slow
+
+
+def test_repro_ingest_tokenize_caches_and_ignores_unrelated_params(tmp_path):
+    repo = git_copy(tmp_path, TINY)
+    out = dvc(repo, "repro", "ingest", "tokenize").stdout
+    assert "Running stage 'ingest'" in out and "Running stage 'tokenize'" in out
+    assert json.loads((repo / "reports/ingest.json").read_text())["accepted"] > 0
+    assert (repo / "data/tokens.npy").exists() and (repo / "data/tokenizer.json").exists()
+
+    again = dvc(repo, "repro", "ingest", "tokenize").stdout
+    assert "Running stage" not in again
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"train": {"lr": 0.0005}, "data": {"workers": 2}})))
+    assert "Running stage" not in dvc(repo, "repro", "ingest", "tokenize").stdout
+
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"tokenize": {"vocab_size": 320}})))
+    out = dvc(repo, "repro", "ingest", "tokenize").stdout
+    assert "Running stage 'tokenize'" in out and "Running stage 'ingest'" not in out
+
+
+METRIC_KEYS = [f"zero_shot.{t}.top1" for t in ("shape", "color", "size", "position", "count",
+                                                "composition_seen", "composition_unseen")] + [
+    f"zero_shot.{t}.top1_single_template" for t in ("shape", "color")] + [
+    f"retrieval.{d}.{k}" for d in ("image_to_text", "text_to_image") for k in ("r1", "r5", "r10", "median_rank")] + [
+    "linear_probe.shape.top1", "linear_probe.color.top1", "supervised.shape.top1"]
+
+
+def flat(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def test_full_pipeline_then_experiments_diff(tmp_path):
+    repo = git_copy(tmp_path, merge(TINY, {"train": {"checkpoint_every": 50}}))
+    dvc(repo, "repro")
+    metrics = flat(json.loads((repo / "reports/metrics.json").read_text()))
+    missing = [k for k in METRIC_KEYS if k not in metrics]
+    assert not missing, missing
+    for plot in ("confusion_shape.png", "per_class_color.png", "similarity.png", "predictions.png"):
+        assert (repo / "reports/plots/eval" / plot).stat().st_size > 0
+    assert "Running stage" not in dvc(repo, "repro").stdout
+
+    for lr in ("0.002", "0.0005"):
+        dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
+    exps = json.loads(dvc(repo, "exp", "show", "--json").stdout)
+    assert len([e for row in exps for e in (row.get("experiments") or [])]) == 2
+    diff = json.loads(dvc(repo, "metrics", "diff", "main", "--json").stdout)
+    assert "reports/metrics.json" in diff
+    plots = dvc(repo, "plots", "diff", "main", "--json").stdout
+    assert "confusion_shape.png" in plots and "train_log.csv" in plots
