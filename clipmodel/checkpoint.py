@@ -4,6 +4,7 @@ Loading never unpickles arbitrary objects: safetensors, or torch.load with weigh
 """
 from __future__ import annotations
 
+import json
 import re
 import zipfile
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipmodel.io import atomic_path
-from clipmodel.model import CLIPConfig
+from clipmodel.model import CLIP, CLIPConfig
 
 # Attributes OpenAI's TorchScript models carry in their state dict; they are config, not weights.
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
@@ -85,3 +86,12 @@ def save_safetensors(model: nn.Module, path: str | Path) -> None:
         state[k] = v
     with atomic_path(path) as tmp:
         save_file(state, str(tmp))
+
+
+def load_model(folder: str | Path) -> tuple[CLIP, dict[str, Any]]:
+    """The model a train stage wrote (strictly loaded, eval mode) and its config.json."""
+    folder = Path(folder)
+    config = json.loads((folder / "config.json").read_text())
+    model = CLIP(CLIPConfig.from_dict(config["model"]))
+    model.load_state_dict(load_state_dict_file(folder / "clip.safetensors"), strict=True)
+    return model.eval(), config

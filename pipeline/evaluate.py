@@ -16,14 +16,14 @@ from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
 from clipmodel.data import Corpus, to_tensor
-from clipmodel.export import load_model
+from clipmodel.checkpoint import load_model
 from clipmodel.io import write_json
 from clipmodel.model import CLIP
 from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import encode, load_tokenizer
 from clipmodel.zeroshot import class_embeddings, classify
 from pipeline import plots, tracking
-from pipeline.params import load_params
+from pipeline.params import Params, load_params
 from pipeline.tasks import Task, canonical_scene, csv_tasks, synthetic_tasks
 
 PLOTS = Path("reports/plots/eval")
@@ -105,6 +105,15 @@ def linear_probe(task: Task, feats: dict[str, torch.Tensor], targets: dict[str, 
     return {"top1": float(clf.score(xs["test"], ys["test"])), "C": best}
 
 
+def tasks_for(p: Params, corpus: Corpus, index: np.ndarray) -> list[Task]:
+    """The zero-shot tasks of a split: built from the synthetic labels, or from a user's labels CSV."""
+    if p.data.source == "synthetic":
+        return synthetic_tasks(corpus.manifest.labels.to_numpy()[index], p.data.seed, p.data.synthetic.holdout_fraction)
+    if p.evaluate.labels_csv:
+        return csv_tasks(p.evaluate.labels_csv, corpus.manifest.source.to_numpy()[index], p.evaluate.classnames)
+    return []
+
+
 def main() -> None:
     p = load_params()
     ev = p.evaluate
@@ -118,18 +127,10 @@ def main() -> None:
     test = split["test"]
     feats = {name: embed_images(model, corpus, idx, ev.batch_size) for name, idx in split.items()}
 
-    def tasks_for(index: np.ndarray) -> list[Task]:
-        if p.data.source == "synthetic":
-            return synthetic_tasks(corpus.manifest.labels.to_numpy()[index], p.data.seed,
-                                   p.data.synthetic.holdout_fraction)
-        if ev.labels_csv:
-            return csv_tasks(ev.labels_csv, corpus.manifest.source.to_numpy()[index], ev.classnames)
-        return []
-
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}
     per_class: dict = {}
     results = {}
-    for task in tasks_for(test):
+    for task in tasks_for(p, corpus, test):
         r = zero_shot(task, feats["test"], encode_text, templates[task.templates])
         results[task.name] = (task, r)
         metrics["zero_shot"][task.name] = {k: r[k] for k in ("top1", "top5", "top1_single_template") if k in r}
@@ -137,7 +138,7 @@ def main() -> None:
             c: float(r["confusion"][i, i] / max(1, r["confusion"][i].sum())) for i, c in enumerate(task.classes)}
         print(f"zero-shot {task.name}: top1 {r['top1']:.3f} (single template {r['top1_single_template']:.3f}, n={r['n']})")
 
-    by_split = {name: {t.name: t for t in tasks_for(idx)} for name, idx in split.items()}
+    by_split = {name: {t.name: t for t in tasks_for(p, corpus, idx)} for name, idx in split.items()}
     for name in ("shape", "color", "size", "position", "count"):
         if all(name in by_split[s] for s in split):
             probe = linear_probe(by_split["test"][name], feats, {s: by_split[s][name].targets for s in split},

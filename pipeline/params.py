@@ -150,12 +150,21 @@ class EvaluateParams(Section):
         return self
 
 
+class ExportParams(Section):
+    opset: int = Field(18, ge=17)
+    max_abs_diff: float = Field(1e-4, gt=0)      # onnxruntime vs torch embeddings: fail above this
+    min_cosine: float = Field(0.99999, gt=0, le=1)
+    int8_max_drop: float = Field(0.01, ge=0)     # publish the int8 variant only within this top-1 loss
+    champion_metric: str = "zero_shot.shape.top1"  # a key of reports/metrics.json; higher wins `champion`
+
+
 class Params(Section):
     data: DataParams = DataParams()
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
 
 class ParamsError(SystemExit):

@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import shutil
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +154,8 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
     rows = _read_log(obj.log_csv, start)
     bad, t_last, n_last = 0, time.perf_counter(), 0
     model.train()
-    bar = tqdm(loader, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(loader, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+               mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
     for step, batch in enumerate(bar, start=start):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, tp.precision):
@@ -277,17 +279,19 @@ def main() -> None:
 
 
 def save_model(model: CLIP, cfg: CLIPConfig, p: Params, data_fp: str) -> None:
-    """models/: weights, tokenizer and a config that rebuilds the model without params.yaml."""
-    with atomic_path(MODELS) as tmp:
-        tmp.mkdir()
-        save_safetensors(model, tmp / "clip.safetensors")
-        shutil.copy(DATA / "tokenizer.json", tmp / "tokenizer.json")
-        (tmp / "config.json").write_text(json.dumps({
-            "model": cfg.to_dict(), "tokenizer": "tokenizer.json",
-            "preprocess": {"image_size": p.data.image_size, "resize": "shorter_side_bicubic", "crop": "center",
-                           "mean": list(MEAN), "std": list(STD), "background": list(p.data.background)},
-            "data_fingerprint": data_fp,
-        }, indent=2) + "\n")
+    """models/: weights, tokenizer and a config that rebuilds the model without params.yaml.
+
+    Each file is replaced atomically; the folder itself stays, since export writes models/onnx beside them.
+    """
+    save_safetensors(model, MODELS / "clip.safetensors")
+    with atomic_path(MODELS / "tokenizer.json") as tmp:
+        shutil.copy(DATA / "tokenizer.json", tmp)
+    write_json(MODELS / "config.json", {
+        "model": cfg.to_dict(), "tokenizer": "tokenizer.json",
+        "preprocess": {"image_size": p.data.image_size, "resize": "shorter_side_bicubic", "crop": "center",
+                       "mean": list(MEAN), "std": list(STD), "background": list(p.data.background)},
+        "data_fingerprint": data_fp,
+    })
 
 
 if __name__ == "__main__":

@@ -1,0 +1,76 @@
+"""Zero-shot maths (prompt ensembling, normalisation, top-k) and the `clipmodel` CLI."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from clipmodel.zeroshot import class_embeddings, classify, load_templates
+from test_export import build_model_folder
+
+
+def test_ensemble_normalises_each_prompt_then_averages_then_renormalises():
+    vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 1.0], "a dog": [0.0, -2.0], "the dog": [0.0, -5.0]}
+    emb = class_embeddings(lambda texts: torch.tensor([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
+    # cat: mean of (1,0) and (0,1) = (0.5,0.5) -> (0.7071, 0.7071); unnormalised averaging would tilt to (3,1)
+    assert torch.allclose(emb[0], torch.tensor([2 ** -0.5, 2 ** -0.5]), atol=1e-6)
+    assert torch.allclose(emb[1], torch.tensor([0.0, -1.0]))
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+
+
+def test_classify_topk_and_softmax_probabilities():
+    classes = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)
+    images = torch.tensor([[2.0, 0.1], [0.0, -3.0]])
+    top, probs = classify(images, classes, logit_scale=10.0, k=2)
+    assert top[0].tolist() == [0, 1]
+    logits = 10 * F.normalize(images, dim=-1) @ classes.T
+    assert torch.allclose(probs, logits.softmax(-1).topk(2).values)
+    assert top.shape == (2, 2) and classify(images, classes, k=10)[0].shape == (2, 3)
+
+
+def test_templates_file_validation(tmp_path):
+    good = tmp_path / "t.txt"
+    good.write_text("# comment\na photo of a {}.\n\nthere is a {}\n")
+    assert load_templates(str(good)) == ["a photo of a {}.", "there is a {}"]
+    bad = tmp_path / "bad.txt"
+    bad.write_text("no slot here\n")
+    with pytest.raises(ValueError, match="bad.txt"):
+        load_templates(str(bad))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_model_folder(tmp_path_factory.mktemp("cli") / "models", "vit")
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "clipmodel.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_classify_prints_topk_with_probabilities(model_dir, tmp_path):
+    img = tmp_path / "red.png"
+    Image.new("RGBA", (40, 30), (220, 30, 30, 255)).save(img)
+    out = run_cli("classify", "--model", str(model_dir), str(img), "--labels", "red circle, blue square,green star",
+                  "--top", "2")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0] == str(img) and len(lines) == 3
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and all(0 <= p <= 100 for p in probs)
+
+
+def test_cli_embed_writes_normalised_npy_and_names_bad_files(model_dir, tmp_path):
+    out_file = tmp_path / "text.npy"
+    out = run_cli("embed", "--model", str(model_dir), "--texts", "a red circle", "a blue star", "--out", str(out_file))
+    assert out.returncode == 0, out.stderr
+    emb = np.load(out_file)
+    assert emb.shape == (2, 16) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    out = run_cli("embed", "--model", str(model_dir), "--images", str(broken), "--out", str(tmp_path / "x.npy"))
+    assert out.returncode != 0 and "broken.png" in out.stderr and "Traceback" not in out.stderr
