@@ -148,27 +148,34 @@ def _plural(shape: str) -> str:
     return shape + ("es" if shape.endswith("s") else "s")
 
 
+# Colour alone tells most scenes in a batch apart, so captions that always name it let the contrastive
+# task ignore shape and place (a shortcut). Leaving colour out of half the phrases forces the other cues.
+COLOR_MENTION = 0.5
+
+
 def _object_phrase(obj: Object, rng: np.random.Generator) -> str:
     """'a large red circle on the left', with size, colour and place each sometimes left out."""
     words = [_pick(rng, SIZE_WORDS[obj.size])] if rng.random() < 0.6 else []
-    words += [obj.color] if rng.random() < 0.9 else []
+    words += [obj.color] if rng.random() < COLOR_MENTION else []
     phrase = _a_or_an(" ".join([*words, obj.shape]))
     return f"{phrase} {_pick(rng, PLACE_WORDS[obj.position])}" if rng.random() < 0.6 else phrase
 
 
-def _grouped(objects: tuple[Object, ...]) -> list[str]:
-    """'two blue squares', 'a yellow star': objects of one colour and shape counted together."""
-    counts: dict[tuple[str, str], int] = {}
+def _grouped(objects: tuple[Object, ...], with_color: bool) -> list[str]:
+    """'two blue squares', 'a yellow star' (or 'two squares', 'a star'): like objects counted together."""
+    counts: dict[tuple[str, ...], int] = {}
     for o in objects:
-        counts[o.color, o.shape] = counts.get((o.color, o.shape), 0) + 1
-    return [_a_or_an(f"{c} {s}") if k == 1 else f"{NUMBERS[k]} {c} {_plural(s)}" for (c, s), k in counts.items()]
+        key = (o.color, o.shape) if with_color else (o.shape,)
+        counts[key] = counts.get(key, 0) + 1
+    return [_a_or_an(" ".join(k)) if n == 1 else f"{NUMBERS[n]} {' '.join(k[:-1] + (_plural(k[-1]),))}"
+            for k, n in counts.items()]
 
 
 def caption(scene: Scene, rng: np.random.Generator) -> str:
-    if rng.random() < 0.5:
+    if rng.random() < 0.6:
         body = _join([_object_phrase(o, rng) for o in scene.objects])
     else:
-        body = _join(_grouped(scene.objects))
+        body = _join(_grouped(scene.objects, with_color=rng.random() < COLOR_MENTION))
     if rng.random() < 0.25:
         body += f" on {_a_or_an(_pick(rng, BACKGROUND_WORDS[scene.background]))} background"
     template = _pick(rng, TEMPLATES)

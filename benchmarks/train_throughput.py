@@ -1,0 +1,159 @@
+"""Training samples/s: this project against open_clip, same architecture, batch and data, one run.
+
+Both sides train the params.yaml architecture on the same synthetic images and captions, with
+AdamW, the contrastive loss and one optimiser step per batch, in this process:
+- ours: batches from the ingest/tokenize outputs (uint8 memory map, batched GPU/CPU crop), our model;
+- open_clip: its usual data path (PNG files decoded per sample with open_clip's train transform, in a
+  DataLoader), open_clip's CLIP and ClipLoss.
+A second pair of figures ("model_only") feeds both models the same pre-made tensors, separating
+the model and loss from the data path. Results: reports/benchmarks/train_throughput.json.
+
+    python benchmarks/train_throughput.py [--steps 20] [--images 1024]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import yaml
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
+from clipmodel.io import write_json  # noqa: E402
+from clipmodel.loss import contrastive_loss  # noqa: E402
+from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
+
+
+def make_workspace(root: Path, images: int) -> None:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["synthetic"]["num_images"] = images
+    params["data"]["val_fraction"] = params["data"]["test_fraction"] = 0.01
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for stage in ("ingest", "tokenize"):
+        subprocess.run([sys.executable, "-m", f"pipeline.{stage}"], cwd=root, env=env, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+class PngCaptions(torch.utils.data.Dataset):
+    """open_clip's CsvDataset in spirit: decode a file and transform it for every sample."""
+
+    def __init__(self, files: list[Path], tokens: np.ndarray, transform):
+        self.files, self.tokens, self.transform = files, tokens, transform
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return self.transform(Image.open(self.files[i])), torch.from_numpy(self.tokens[i].astype(np.int64))
+
+
+def timed(step, batches, warmup: int) -> float:
+    n, t0 = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            t0, n = time.perf_counter(), 0
+        step(*batch)
+        n += len(batch[0])
+    return n / (time.perf_counter() - t0)
+
+
+def trainer(model, loss_fn, lr: float = 1e-3):
+    opt = torch.optim.AdamW(param_groups(model, 0.2), lr=lr)
+
+    def step(images, tokens):
+        loss = loss_fn(*model(images, tokens))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/train_throughput.json"))
+    args = ap.parse_args()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    m, bs, size = params["model"], params["train"]["batch_size"], params["data"]["image_size"]
+    torch.manual_seed(0)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_workspace(root, args.images)
+        corpus = Corpus.load(root / "data")
+        train = corpus.split("train")
+        vocab = int(np.asarray(corpus.tokens).max()) + 1
+        ctx = corpus.tokens.shape[1]
+        cfg = CLIPConfig(embed_dim=m["embed_dim"], image_size=size, vision="vit", vision_width=m["vision_width"],
+                         vision_layers=m["vision_layers"], vision_heads=m["vision_heads"],
+                         vision_patch_size=m["vision_patch_size"], context_length=ctx, vocab_size=vocab,
+                         text_width=m["text_width"], text_heads=m["text_heads"], text_layers=m["text_layers"])
+        ours = CLIP(cfg)
+        peer = open_clip.model.CLIP(
+            embed_dim=cfg.embed_dim,
+            vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.vision_patch_size,
+                                     head_width=cfg.vision_width // cfg.vision_heads, image_size=size),
+            text_cfg=CLIPTextCfg(context_length=ctx, vocab_size=vocab, width=cfg.text_width, heads=cfg.text_heads,
+                                 layers=cfg.text_layers, pool_type="eos", eos_id=2))
+        peer_loss = open_clip.ClipLoss()
+        steps = args.steps + args.warmup
+
+        data = ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0))
+        ours_e2e = timed(trainer(ours, contrastive_loss),
+                         ((b["images"], b["tokens"]) for b in (data[k % len(data)] for k in range(steps))), args.warmup)
+
+        png_dir = root / "png"
+        png_dir.mkdir()
+        files = []
+        for i in train:
+            files.append(png_dir / f"{i}.png")
+            Image.fromarray(corpus.images(np.array([i]))[0]).save(files[-1])
+        transform = open_clip.image_transform(size, is_train=True, mean=MEAN, std=STD)
+        loader = torch.utils.data.DataLoader(
+            PngCaptions(files, np.asarray(corpus.tokens)[corpus.caption_start[train]], transform),
+            batch_size=bs, shuffle=True, drop_last=True, num_workers=0)
+
+        def peer_batches():
+            while True:
+                yield from loader
+
+        batches = peer_batches()
+        peer_e2e = timed(trainer(peer, peer_loss), (next(batches) for _ in range(steps)), args.warmup)
+
+        fixed = data[0]
+        same = [(fixed["images"], fixed["tokens"])] * steps
+        ours_model = timed(trainer(ours, contrastive_loss), same, args.warmup)
+        peer_model = timed(trainer(peer, peer_loss), same, args.warmup)
+
+    result = {
+        "ours_samples_per_s": ours_e2e, "open_clip_samples_per_s": peer_e2e, "ratio": ours_e2e / peer_e2e,
+        "model_only": {"ours_samples_per_s": ours_model, "open_clip_samples_per_s": peer_model,
+                       "ratio": ours_model / peer_model},
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "setup": {"batch_size": bs, "image_size": size, "model": m, "steps": args.steps, "warmup": args.warmup,
+                  "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                  "torch": torch.__version__, "open_clip": open_clip.__version__},
+    }
+    write_json(args.out, result)
+    print({k: v for k, v in result.items() if k != "setup"})
+
+
+if __name__ == "__main__":
+    main()
