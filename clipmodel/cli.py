@@ -19,7 +19,8 @@ from clipmodel.data import to_tensor
 from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path
 from clipmodel.tokenizer import encode, load_tokenizer
-from clipmodel.zeroshot import DEFAULT_TEMPLATES, class_embeddings, classify, load_templates
+from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
+from clipmodel.zeroshot import class_embeddings, classify
 
 
 class Encoder:

@@ -10,19 +10,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-DEFAULT_TEMPLATES = ("a photo of a {}.",)
-
-
-def load_templates(path: str) -> list[str]:
-    """One template per line with a `{}` for the class name; blank lines and `#` comments skipped."""
-    with open(path, encoding="utf-8") as f:
-        templates = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
-    bad = [t for t in templates if t.count("{}") != 1]
-    if bad or not templates:
-        raise ValueError(f"{path}: every template needs exactly one '{{}}' (bad: {bad[:3]})")
-    return templates
-
-
 def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classnames: Sequence[str],
                      templates: Sequence[str]) -> torch.Tensor:
     """[C, D] unit vectors: the renormalised mean of each class's normalised prompt embeddings."""

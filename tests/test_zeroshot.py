@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from clipmodel.zeroshot import class_embeddings, classify, load_templates
+from clipmodel.templates import load_templates
+from clipmodel.zeroshot import class_embeddings, classify
 from test_export import build_model_folder
 
 

@@ -1,0 +1,153 @@
+"""From a trained model folder to the torch-free runtime's folder: two ONNX encoders plus what encoding needs.
+
+Each encoder graph ends in the L2 normalisation, so a consumer only ever takes dot products. What the
+graphs cannot carry (pixel decoding, resizing, normalisation constants, the tokenizer, the temperature)
+goes beside them in preprocess.json and tokenizer.json, read by `clipmodel.runtime`.
+
+    python -m clipmodel.export --model models --out models/onnx [--int8 models/onnx-int8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx_ir.passes.common import NameFixPass
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
+
+from clipmodel.checkpoint import load_model
+from clipmodel.data import to_tensor
+from clipmodel.io import atomic_path
+from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.runtime import ClipRuntime
+from clipmodel.tokenizer import EOT, PAD, SOT, context_length, encode, load_tokenizer
+
+IMAGE_ONNX, TEXT_ONNX, PREPROCESS_JSON, TOKENIZER_JSON = (
+    "image_encoder.onnx", "text_encoder.onnx", "preprocess.json", "tokenizer.json")
+
+
+class _Encoder(nn.Module):
+    """One tower of `model` with the final L2 normalisation: a graph with one input and one output.
+    The model is a submodule, so its weights keep their state-dict names in the graph."""
+
+    def __init__(self, model: CLIP, tower: Literal["image", "text"]):
+        super().__init__()
+        self.model, self.tower = model, tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.model.encode_image(x) if self.tower == "image" else self.model.encode_text(x)
+        return F.normalize(features, dim=-1)
+
+
+def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Path, opset: int) -> None:
+    program = torch.onnx.export(module.eval(), (example,), input_names=[input_name], output_names=["embedding"],
+                                dynamic_shapes={"x": {0: torch.export.Dim("batch")}}, opset_version=opset,
+                                dynamo=True, verbose=False)
+    # The exporter names values after their op, so the text graph already has an "embedding" (the token
+    # lookup) when the output takes that name: an invalid graph (pytorch/pytorch#158094). NameFixPass
+    # renames the intermediate and leaves graph inputs and outputs alone.
+    NameFixPass()(program.model)
+    # Weights stay inside the .onnx: one self-contained file per encoder, which quantize_dynamic and a
+    # plain copy both handle; it caps an encoder at protobuf's 2 GB.
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+
+
+def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3) -> Path:
+    """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json and preprocess.json into `out_dir`.
+
+    The example batch only traces the graph; the batch axis is exported symbolic, so any batch size runs.
+    The folder appears complete or not at all.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    model, config = load_model(folder)
+    cfg = model.cfg
+    tok = load_tokenizer(folder / config["tokenizer"])
+    if tok.token_to_id(PAD) != cfg.pad_id or context_length(tok) != cfg.context_length:
+        raise ValueError(f"{folder}: tokenizer.json (pad id {tok.token_to_id(PAD)}, context {context_length(tok)}) "
+                         f"does not match the model (pad id {cfg.pad_id}, context {cfg.context_length})")
+    size = config["preprocess"]["image_size"]
+    pixels = torch.randn(example_batch, 3, size, size)
+    tokens = torch.randint(3, cfg.vocab_size, (example_batch, cfg.context_length))
+    preprocess = {**config["preprocess"], "context_length": cfg.context_length,
+                  "pad_id": tok.token_to_id(PAD), "sot_id": tok.token_to_id(SOT), "eot_id": tok.token_to_id(EOT),
+                  "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item()}
+    with atomic_path(out_dir) as tmp, torch.no_grad():
+        tmp.mkdir()
+        _export(_Encoder(model, "image"), pixels, "pixels", tmp / IMAGE_ONNX, opset)
+        _export(_Encoder(model, "text"), tokens, "tokens", tmp / TEXT_ONNX, opset)
+        shutil.copy(folder / config["tokenizer"], tmp / TOKENIZER_JSON)
+        (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
+    return out_dir
+
+
+@torch.no_grad()
+def parity(folder: str | Path, onnx_dir: str | Path, images: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
+    """Worst disagreement between onnxruntime and torch on uint8 images [N,S,S,3] and token ids [N,L].
+
+    The onnxruntime side normalises pixels with the runtime's own code and preprocess.json, the torch
+    side with training's `to_tensor`, so the constants travelling through the export are checked too.
+    """
+    model, _ = load_model(folder)
+    rt = ClipRuntime.load(onnx_dir)
+    pairs = [(rt.embed_pixels(images), F.normalize(model.encode_image(to_tensor(images)), dim=-1).numpy()),
+             (rt.embed_tokens(tokens), F.normalize(model.encode_text(torch.from_numpy(tokens).long()), dim=-1).numpy())]
+    diff = max(float(np.abs(o - t).max()) for o, t in pairs)
+    cosine = min(float((o * t).sum(-1).min()) for o, t in pairs)  # both sides are unit vectors
+    return {"max_abs_diff": diff, "min_cosine": cosine}
+
+
+def quantize_int8(onnx_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
+    """Dynamically quantised copy (int8 weights, activations quantised per call) of both encoders.
+
+    Only MatMul/Gemm weights are quantised: they hold nearly all parameters, and onnxruntime's CPU
+    kernels have no int8-weight ConvInteger. Returns each encoder's size in bytes, before and after.
+    """
+    onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
+    sizes = {}
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        for name in (IMAGE_ONNX, TEXT_ONNX):
+            # onnxruntime's recommended preparation (constant folding and fusions, so fused weights are
+            # quantised once). Its symbolic shape inference cannot follow the exporter's dynamic Expand
+            # shapes; ONNX's own shape inference still runs.
+            prepared = tmp / f"prepared-{name}"
+            quant_pre_process(onnx_dir / name, prepared, skip_symbolic_shape=True)
+            quantize_dynamic(prepared, tmp / name, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+            prepared.unlink()
+            stem = name.removesuffix(".onnx")
+            sizes[f"{stem}_fp32"] = (onnx_dir / name).stat().st_size
+            sizes[f"{stem}_int8"] = (tmp / name).stat().st_size
+        for name in (TOKENIZER_JSON, PREPROCESS_JSON):
+            shutil.copy(onnx_dir / name, tmp / name)
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Export a trained model folder to ONNX for clip-onnx.")
+    parser.add_argument("--model", default="models", help="folder with clip.safetensors, config.json, tokenizer.json")
+    parser.add_argument("--out", default="models/onnx")
+    parser.add_argument("--opset", type=int, default=18)
+    parser.add_argument("--int8", metavar="DIR", help="also write an int8-weight copy here")
+    args = parser.parse_args()
+    if not (Path(args.model) / "config.json").is_file():
+        raise SystemExit(f"export: {args.model}/config.json not found (run the train stage first)")
+    out = export_onnx(args.model, args.out, args.opset)
+    size = json.loads((out / PREPROCESS_JSON).read_text())["image_size"]
+    images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
+    tokens, _ = encode(load_tokenizer(out / TOKENIZER_JSON), ["", "a photo of a red circle.", "two blue squares " * 50])
+    print(f"export: wrote {out}; parity {parity(args.model, out, images, tokens)}")
+    if args.int8:
+        print(f"export: wrote {args.int8}; sizes {quantize_int8(out, args.int8)}")
+
+
+if __name__ == "__main__":
+    main()

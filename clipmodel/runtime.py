@@ -1,0 +1,265 @@
+"""Serving an exported model without torch: onnxruntime, numpy, PIL and tokenizers only.
+
+Images go through the very functions ingest used (`images.load_rgb`, `images.preprocess`) and text
+through the same tokenizer.json, so the encoders see what they were trained on. Everything else that
+was fixed at training time (size, background, mean/std, temperature) comes from preprocess.json.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import psutil
+from PIL import Image, ImageOps
+from tokenizers import Tokenizer
+
+from clipmodel.images import ImageError, load_rgb, preprocess, to_rgb
+from clipmodel.io import atomic_path
+from clipmodel.templates import DEFAULT_TEMPLATES
+from clipmodel.tokenizer import encode, load_tokenizer
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+def default_threads() -> int:
+    """Physical cores this process may run on: hyperthread siblings share one core's vector units,
+    so more intra-op threads than cores only adds synchronisation."""
+    usable = len(os.sched_getaffinity(0))
+    return max(1, min(psutil.cpu_count(logical=False) or usable, usable))
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Options measured fastest for these encoders on CPU by benchmarks/onnx_latency.py.
+
+    One inference is a chain of dependent ops, so sequential execution with every thread inside the
+    ops (intra-op) beats running independent branches in parallel; full graph optimisation adds the
+    layout and fusion passes the lower levels skip. Worker threads sleep instead of busy-waiting between
+    ops: spinning saves little on an idle machine and costs a lot when other processes want the cores.
+    """
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return opts
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """L2-normalised rows; the epsilon matches torch's F.normalize."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def ensemble(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
+    """[C, D] class vectors from [C*T, D] prompt embeddings (class-major): normalise each prompt, average
+    per class, renormalise. The numpy twin of `zeroshot.class_embeddings`, which needs torch."""
+    per_class = unit(prompt_embeddings.astype(np.float32)).reshape(n_classes, -1, prompt_embeddings.shape[-1])
+    return unit(per_class.mean(1))
+
+
+def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scale: float,
+          k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k class indices [N, k] and their probabilities, softmax(logit_scale * cosine) over all classes."""
+    logits = logit_scale * unit(image_embeddings) @ class_embeddings.T
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits)
+    probs /= probs.sum(-1, keepdims=True)
+    index = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
+    return index, np.take_along_axis(probs, index, -1)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """preprocess.json: how pixels and text were prepared when the model was trained."""
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    background: tuple[int, int, int]
+    context_length: int
+    logit_scale: float
+    embed_dim: int
+
+    @classmethod
+    def read(cls, path: Path) -> Preprocess:
+        d = json.loads(path.read_text())
+        if (d["resize"], d["crop"]) != ("shorter_side_bicubic", "center"):
+            raise ValueError(f"{path}: resize={d['resize']!r}, crop={d['crop']!r} is not what images.preprocess does")
+        return cls(d["image_size"], tuple(d["mean"]), tuple(d["std"]), tuple(d["background"]),
+                   d["context_length"], d["logit_scale"], d["embed_dim"])
+
+    def rgb(self, image: ImageSource) -> np.ndarray:
+        """uint8 [S, S, 3] from a path, encoded bytes or a PIL image, as ingest stored training images."""
+        if isinstance(image, Image.Image):
+            rgb = np.asarray(to_rgb(ImageOps.exif_transpose(image), self.background))
+        else:
+            rgb = load_rgb(image, self.background)
+        return preprocess(rgb, self.image_size)
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], the image encoder's `pixels` input."""
+        x = images.astype(np.float32).transpose(0, 3, 1, 2) / 255
+        mean = np.asarray(self.mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(self.std, np.float32).reshape(1, 3, 1, 1)
+        return np.ascontiguousarray((x - mean) / std)
+
+
+class ClipRuntime:
+    """Both encoders of one exported model folder, plus zero-shot classification and image search."""
+
+    def __init__(self, folder: Path, image: ort.InferenceSession, text: ort.InferenceSession, tokenizer: Tokenizer,
+                 pre: Preprocess):
+        self.folder, self.image, self.text, self.tokenizer, self.pre = folder, image, text, tokenizer, pre
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None) -> ClipRuntime:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} not found; create it with `python -m clipmodel.export`")
+        missing = [n for n in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json")
+                   if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{folder} is not an exported model folder (missing {', '.join(missing)}); "
+                                    "create one with `python -m clipmodel.export`")
+        opts = session_options(threads)
+        sessions = [ort.InferenceSession(str(folder / n), opts, providers=["CPUExecutionProvider"])
+                    for n in ("image_encoder.onnx", "text_encoder.onnx")]
+        return cls(folder, *sessions, load_tokenizer(folder / "tokenizer.json"),
+                   Preprocess.read(folder / "preprocess.json"))
+
+    def embed_pixels(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] preprocessed images -> unit embeddings [N, D]."""
+        return self.image.run(None, {"pixels": self.pre.normalise(images)})[0]
+
+    def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """Token ids [N, context] -> unit embeddings [N, D]."""
+        return self.text.run(None, {"tokens": tokens.astype(np.int64)})[0]
+
+    def encode_images(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
+        """Unit embeddings [N, D]; an unreadable image raises ImageError naming it."""
+        out = np.empty((len(images), self.pre.embed_dim), np.float32)
+        for start in range(0, len(images), batch_size):
+            batch = [self._rgb_or_raise(image) for image in images[start:start + batch_size]]
+            out[start:start + len(batch)] = self.embed_pixels(np.stack(batch))
+        return out
+
+    def _rgb_or_raise(self, image: ImageSource) -> np.ndarray:
+        try:
+            return self.pre.rgb(image)
+        except ImageError as e:
+            if not isinstance(image, (str, Path)) or e.detail == str(image):
+                raise
+            raise ImageError(e.reason, f"{image}: {e.detail}" if e.detail else str(image)) from None
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Unit embeddings [N, D]; over-long texts are truncated as in training (EOT kept last)."""
+        tokens, _ = encode(self.tokenizer, list(texts))
+        out = np.empty((len(texts), self.pre.embed_dim), np.float32)
+        for start in range(0, len(texts), batch_size):
+            out[start:start + batch_size] = self.embed_tokens(tokens[start:start + batch_size])
+        return out
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        prompts = [t.format(label) for label in labels for t in templates]
+        return ensemble(self.encode_texts(prompts), len(labels))
+
+    def classify(self, images: Sequence[ImageSource], labels: Sequence[str],
+                 templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5) -> list[list[tuple[str, float]]]:
+        """Per image, the k most probable labels with their probabilities (softmax over all labels)."""
+        if not labels:
+            raise ValueError("no labels to classify into")
+        index, probs = top_k(self.encode_images(images), self.class_embeddings(labels, templates),
+                             self.pre.logit_scale, k)
+        return [[(labels[i], float(p)) for i, p in zip(row_i, row_p)] for row_i, row_p in zip(index, probs)]
+
+    def fingerprint(self) -> str:
+        """Identifies what an image embedding depends on: the image graph and preprocessing."""
+        h = hashlib.sha256((self.folder / "image_encoder.onnx").read_bytes())
+        h.update((self.folder / "preprocess.json").read_bytes())
+        return h.hexdigest()[:16]
+
+    def index(self, image_dir: str | Path, cache_dir: str | Path | None = None,
+              batch_size: int = 32) -> tuple[list[Path], np.ndarray]:
+        """Every readable image under `image_dir` and its embedding, through an on-disk cache.
+
+        A cached embedding is reused while its file keeps the same size and mtime; new or changed files
+        are embedded, deleted ones dropped. Files are stat-ed before they are read, so one modified
+        while being embedded is re-embedded next time rather than cached as current.
+        """
+        root = Path(image_dir)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} not found")
+        files = _image_files(root)
+        stats = {rel: os.stat(root / rel) for rel in files}
+        cache = _cache_file(root, self.fingerprint(), cache_dir)
+        cached = _read_cache(cache)
+        rows: dict[str, np.ndarray] = {}
+        for rel, size, mtime_ns, embedding in cached:
+            st = stats.get(rel)
+            if st is not None and (st.st_size, st.st_mtime_ns) == (size, mtime_ns):
+                rows[rel] = embedding
+        todo = [rel for rel in files if rel not in rows]
+        failed = []
+        for start in range(0, len(todo), batch_size):
+            batch, names = [], []
+            for rel in todo[start:start + batch_size]:
+                try:
+                    batch.append(self.pre.rgb(root / rel))
+                    names.append(rel)
+                except ImageError as e:
+                    failed.append(f"{rel} ({e.reason})")
+            if batch:
+                rows.update(zip(names, self.embed_pixels(np.stack(batch))))
+        if failed:
+            warnings.warn(f"skipped {len(failed)} unreadable image(s) in {root}: {', '.join(failed)}", stacklevel=2)
+        kept = [rel for rel in files if rel in rows]
+        embeddings = np.stack([rows[rel] for rel in kept]) if kept else np.empty((0, self.pre.embed_dim), np.float32)
+        if len(todo) > len(failed) or kept != [rel for rel, *_ in cached]:
+            _write_cache(cache, kept, stats, embeddings)
+        return [root / rel for rel in kept], embeddings
+
+    def search(self, query: str, image_dir: str | Path, top: int = 5,
+               cache_dir: str | Path | None = None) -> list[tuple[Path, float]]:
+        """The `top` images under `image_dir` most similar to `query`, with their cosine similarity."""
+        paths, embeddings = self.index(image_dir, cache_dir)
+        if not paths:
+            raise ValueError(f"no readable images in {image_dir}")
+        scores = embeddings @ self.encode_texts([query])[0]
+        order = np.argsort(-scores, kind="stable")[:top]
+        return [(paths[i], float(scores[i])) for i in order]
+
+
+def _image_files(root: Path) -> list[str]:
+    """Paths (relative, POSIX) of files under `root` whose extension PIL can open, sorted."""
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.suffix.lower() in extensions and p.is_file())
+
+
+def _cache_file(root: Path, fingerprint: str, cache_dir: str | Path | None) -> Path:
+    """One cache per (image folder, model), outside the image folder, which may be read-only."""
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-onnx"
+    folder = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{folder}-{fingerprint}.npz"
+
+
+def _read_cache(path: Path) -> list[tuple[str, int, int, np.ndarray]]:
+    if not path.is_file():
+        return []
+    with np.load(path, allow_pickle=False) as z:
+        return list(zip(z["path"].tolist(), z["size"].tolist(), z["mtime_ns"].tolist(), z["embedding"]))
+
+
+def _write_cache(path: Path, kept: list[str], stats: dict[str, os.stat_result], embeddings: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        np.savez(tmp, path=np.array(kept, dtype=str),
+                 size=np.array([stats[rel].st_size for rel in kept], np.int64),
+                 mtime_ns=np.array([stats[rel].st_mtime_ns for rel in kept], np.int64),
+                 embedding=embeddings.astype(np.float32))

@@ -1,0 +1,113 @@
+"""ONNX export of both towers (ViT and ResNet): graph validity, dynamic batch, parity with torch, int8."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from clipmodel.checkpoint import save_safetensors
+from clipmodel.data import MEAN, STD
+from clipmodel.export import export_onnx, parity, quantize_int8
+from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.runtime import ClipRuntime
+from clipmodel.tokenizer import encode, load_tokenizer, train_tokenizer
+
+CAPTIONS = ["a large red circle on the left", "two blue squares and a yellow star",
+            "a small green triangle near the top", "a purple heart at the bottom"] * 10
+CONTEXT = 16
+TEXT = dict(context_length=CONTEXT, text_width=32, text_heads=2, text_layers=1)
+CONFIGS = {
+    "vit": dict(embed_dim=16, image_size=32, vision="vit", vision_width=32, vision_layers=1, vision_heads=2,
+                vision_patch_size=8, **TEXT),
+    "resnet": dict(embed_dim=16, image_size=64, vision="resnet", vision_width=8, vision_layers=(1, 1, 1, 1),
+                   vision_heads=4, **TEXT),
+}
+
+
+def build_model_folder(path: Path, vision: str, background=(255, 255, 255), seed: int = 0) -> Path:
+    """What the train stage writes, for a tiny randomly initialised model."""
+    torch.manual_seed(seed)
+    tok = train_tokenizer(CAPTIONS, vocab_size=300, context_length=CONTEXT)
+    cfg = CLIPConfig(vocab_size=tok.get_vocab_size(), **CONFIGS[vision])
+    model = CLIP(cfg)
+    if vision == "resnet":  # give batch norm non-trivial statistics so the export has something to fold
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5)
+    path.mkdir(parents=True)
+    save_safetensors(model, path / "clip.safetensors")
+    tok.save(str(path / "tokenizer.json"))
+    (path / "config.json").write_text(json.dumps({
+        "model": cfg.to_dict(), "tokenizer": "tokenizer.json",
+        "preprocess": {"image_size": cfg.image_size, "resize": "shorter_side_bicubic", "crop": "center",
+                       "mean": list(MEAN), "std": list(STD), "background": list(background)},
+        "data_fingerprint": "test",
+    }))
+    return path
+
+
+@pytest.fixture(scope="module", params=["vit", "resnet"])
+def exported(request, tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp(request.param)
+    folder = build_model_folder(root / "models", request.param)
+    (root / "onnx").mkdir()
+    (root / "onnx" / "stale.txt").write_text("from an earlier export")  # must not survive the export
+    return folder, export_onnx(folder, root / "onnx", example_batch=3)
+
+
+def sample_inputs(folder: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    size = json.loads((folder / "config.json").read_text())["preprocess"]["image_size"]
+    images = np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    texts = ["", "red " * 40] + [CAPTIONS[i % len(CAPTIONS)] + f" {i}" for i in range(n - 2)]
+    tokens, truncated = encode(load_tokenizer(folder / "tokenizer.json"), texts[:n])
+    assert n < 2 or truncated[1]
+    return images, tokens
+
+
+def test_folder_contents_and_graphs(exported):
+    folder, onnx_dir = exported
+    assert sorted(p.name for p in onnx_dir.iterdir()) == [
+        "image_encoder.onnx", "preprocess.json", "text_encoder.onnx", "tokenizer.json"]
+    assert sorted(p.name for p in onnx_dir.parent.iterdir()) == ["models", "onnx"]  # no temporary left behind
+    for name, input_name, dtype in (("image_encoder.onnx", "pixels", onnx.TensorProto.FLOAT),
+                                    ("text_encoder.onnx", "tokens", onnx.TensorProto.INT64)):
+        graph = onnx.load(onnx_dir / name).graph
+        (inp,), (out,) = graph.input, graph.output
+        assert inp.name == input_name and inp.type.tensor_type.elem_type == dtype
+        assert out.name == "embedding"
+        assert inp.type.tensor_type.shape.dim[0].dim_param  # symbolic batch
+        assert all(d.dim_value > 0 for d in inp.type.tensor_type.shape.dim[1:])
+    pre = json.loads((onnx_dir / "preprocess.json").read_text())
+    cfg = json.loads((folder / "config.json").read_text())
+    assert pre["mean"] == list(MEAN) and pre["std"] == list(STD)
+    assert pre["image_size"] == cfg["preprocess"]["image_size"]
+    assert (pre["context_length"], pre["pad_id"], pre["sot_id"], pre["eot_id"]) == (CONTEXT, 0, 1, 2)
+    assert pre["embed_dim"] == 16 and pre["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_onnxruntime_matches_torch(exported, batch):
+    folder, onnx_dir = exported
+    images, tokens = sample_inputs(folder, batch, seed=batch)
+    result = parity(folder, onnx_dir, images, tokens)
+    assert result["max_abs_diff"] <= 1e-4 and result["min_cosine"] >= 0.99999, result
+
+
+def test_int8_is_smaller_and_runs(exported, tmp_path):
+    folder, onnx_dir = exported
+    sizes = quantize_int8(onnx_dir, tmp_path / "int8")
+    assert sizes["image_encoder_int8"] < sizes["image_encoder_fp32"]
+    assert sizes["text_encoder_int8"] < sizes["text_encoder_fp32"]
+    images, tokens = sample_inputs(folder, 5, seed=0)
+    fp32, int8 = ClipRuntime.load(onnx_dir), ClipRuntime.load(tmp_path / "int8")
+    for a, b in ((fp32.embed_pixels(images), int8.embed_pixels(images)),
+                 (fp32.embed_tokens(tokens), int8.embed_tokens(tokens))):
+        assert b.shape == a.shape and np.allclose(np.linalg.norm(b, axis=-1), 1, atol=1e-4)
+        assert (a * b).sum(-1).min() > 0.9  # quantised, not broken
+

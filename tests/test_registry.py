@@ -1,0 +1,46 @@
+"""MLflow registry: versions, champion/challenger aliases, and loading models:/…@champion."""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from clipmodel.export import export_onnx
+from clipmodel.runtime import ClipRuntime
+from pipeline import registry, tracking
+from test_export import build_model_folder
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("registry")
+    return export_onnx(build_model_folder(root / "models", "vit"), root / "onnx")
+
+
+def test_champion_moves_only_when_the_metric_improves(onnx_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rt = ClipRuntime.load(onnx_dir)
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    tokens = np.array([[1, 40, 41, 2] + [0] * 12, [1, 50, 2] + [0] * 13], dtype=np.int64)
+    outputs = {registry.IMAGE_MODEL: rt.image.run(None, {"pixels": pixels})[0],
+               registry.TEXT_MODEL: rt.text.run(None, {"tokens": tokens})[0]}
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    results = []
+    for value in (0.5, 0.4, 0.7):  # first, a worse one, a better one
+        with mlflow.start_run():
+            results.append(registry.register(onnx_dir, pixels, tokens, outputs, "zero_shot.shape.top1", value,
+                                             {"git_commit": "abc", "data_fingerprint": "fp"}))
+    aliases = [r[registry.IMAGE_MODEL]["alias"] for r in results]
+    assert aliases == ["champion", "challenger", "champion"]
+    client = mlflow.MlflowClient()
+    for name in (registry.IMAGE_MODEL, registry.TEXT_MODEL):
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert str(champion.version) == "3" and champion.tags["zero_shot.shape.top1"] == "0.7"
+        assert champion.tags["git_commit"] == "abc" and champion.tags["data_fingerprint"] == "fp"
+        assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+
+    model = mlflow.onnx.load_model(f"models:/{registry.IMAGE_MODEL}@champion")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"pixels": pixels})[0]
+    assert np.allclose(got, outputs[registry.IMAGE_MODEL], atol=1e-6)

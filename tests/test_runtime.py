@@ -1,0 +1,213 @@
+"""The torch-free runtime: same pixels as training, ensembling maths, search cache, the clip-onnx CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipmodel import zeroshot
+from clipmodel.data import MEAN, STD, to_tensor
+from clipmodel.export import export_onnx
+from clipmodel.images import ImageError, load_rgb, preprocess
+from clipmodel.runtime import ClipRuntime, ensemble, top_k
+from test_export import build_model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+BACKGROUND = (10, 200, 30)  # not white, so compositing with the wrong colour shows
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("runtime")
+    return export_onnx(build_model_folder(root / "models", "vit", background=BACKGROUND), root / "onnx")
+
+
+@pytest.fixture(scope="module")
+def rt(onnx_dir) -> ClipRuntime:
+    return ClipRuntime.load(onnx_dir, threads=1)
+
+
+def shapes(seed: int, size: tuple[int, int] = (37, 91)) -> Image.Image:
+    """An RGBA picture with opaque, translucent and fully transparent regions."""
+    rng = np.random.default_rng(seed)
+    rgba = rng.integers(0, 256, (size[1], size[0], 4), dtype=np.uint8)
+    rgba[:, : size[0] // 3, 3] = 0
+    rgba[:, size[0] // 3: 2 * size[0] // 3, 3] = 128
+    rgba[:, 2 * size[0] // 3:, 3] = 255
+    return Image.fromarray(rgba, "RGBA")
+
+
+def odd_images(folder: Path) -> list[Path]:
+    """One file per awkward case: alpha (RGBA, LA, palette with transparency), grey, 16-bit, odd sizes."""
+    base = shapes(0)
+    cases = {
+        "rgba.png": base,
+        "la.png": base.convert("LA"),
+        "grey.png": base.convert("L"),
+        "rgb_wide.jpg": shapes(1, (91, 37)).convert("RGB"),
+    }
+    palette = base.convert("RGB").quantize(16)
+    palette.info["transparency"] = 3
+    cases["palette.png"] = palette
+    wide = (np.random.default_rng(2).integers(0, 65536, (91, 37))).astype(np.uint16)
+    cases["sixteen.png"] = Image.fromarray(wide)  # mode I;16
+    folder.mkdir(exist_ok=True)
+    for name, img in cases.items():
+        img.save(folder / name)
+    assert Image.open(folder / "sixteen.png").mode.startswith("I")
+    return [folder / name for name in cases]
+
+
+def test_import_does_not_load_torch():
+    code = "import clipmodel.runtime, clipmodel.runtime_cli, sys; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_pixels_match_training_preprocessing(rt, tmp_path):
+    size = rt.pre.image_size
+    mean, std = np.array(MEAN).reshape(3, 1, 1), np.array(STD).reshape(3, 1, 1)
+    for path in odd_images(tmp_path):
+        train = to_tensor(preprocess(load_rgb(path, BACKGROUND), size)[None].copy()).numpy()[0]
+        for source in (path, path.read_bytes(), Image.open(path)):
+            ours = rt.pre.normalise(rt.pre.rgb(source)[None])[0]
+            assert ours.shape == (3, size, size) and ours.dtype == np.float32
+            diff = np.abs((ours * std + mean) - (train * std + mean)) * 255  # back in 0-255 pixel units
+            assert diff.max() <= 1, (path.name, type(source), diff.max())
+
+
+def test_encode_images_batches_and_names_bad_files(rt, tmp_path):
+    paths = odd_images(tmp_path)
+    together = rt.encode_images(paths, batch_size=len(paths))
+    assert together.shape == (len(paths), 16) and np.allclose(np.linalg.norm(together, axis=-1), 1, atol=1e-5)
+    assert np.allclose(rt.encode_images(paths, batch_size=4), together, atol=1e-5)
+    (tmp_path / "broken.png").write_bytes(b"not a png at all")
+    with pytest.raises(ImageError, match="broken.png"):
+        rt.encode_images([paths[0], tmp_path / "broken.png"])
+
+
+def test_ensemble_hand_checked():
+    prompts = np.array([[3.0, 0.0], [0.0, 1.0],     # class 0: normalised first, so [3,0] counts as [1,0]
+                        [0.0, -2.0], [0.0, -1.0]])  # class 1
+    classes = ensemble(prompts, 2)
+    assert np.allclose(classes, [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]])
+    index, probs = top_k(np.array([[2.0, 0.0]]), classes, logit_scale=10.0, k=5)
+    p0 = 1 / (1 + np.exp(-10 * 2 ** -0.5))  # softmax of logits (10 * 0.7071, 10 * 0)
+    assert index.tolist() == [[0, 1]] and np.allclose(probs, [[p0, 1 - p0]])
+
+
+def test_ensemble_matches_torch_zeroshot():
+    rng = np.random.default_rng(0)
+    prompts = rng.normal(size=(5 * 3, 8)).astype(np.float32)
+    images = rng.normal(size=(4, 8)).astype(np.float32)
+    theirs = zeroshot.class_embeddings(lambda texts: torch.from_numpy(prompts), [str(i) for i in range(5)],
+                                       ["{}", "a {}", "the {}"])
+    ours = ensemble(prompts, 5)
+    assert np.allclose(ours, theirs.numpy(), atol=1e-6)
+    t_index, t_probs = zeroshot.classify(torch.from_numpy(images), theirs, logit_scale=20.0, k=3)
+    index, probs = top_k(images, ours, logit_scale=20.0, k=3)
+    assert (index == t_index.numpy()).all() and np.allclose(probs, t_probs.numpy(), atol=1e-6)
+
+
+def test_classify_ensembles_templates(rt, monkeypatch):
+    vectors = {"a red circle": [1.0, 0.0], "one red circle": [0.8, 0.6], "a blue square": [0.0, 1.0],
+               "one blue square": [-0.6, 0.8]}
+    monkeypatch.setattr(rt, "encode_texts", lambda texts: np.array([vectors[t] for t in texts], np.float32))
+    monkeypatch.setattr(rt, "encode_images", lambda images: np.array(images, np.float32))
+    result = rt.classify([[1.0, 0.0], [0.0, 1.0]], ["red circle", "blue square"], ("a {}", "one {}"), k=1)
+    assert [[label for label, _ in row] for row in result] == [["red circle"], ["blue square"]]
+    red = np.array([1.8, 0.6]) / np.linalg.norm([1.8, 0.6])
+    blue = np.array([-0.6, 1.8]) / np.linalg.norm([-0.6, 1.8])
+    logits = rt.pre.logit_scale * np.array([red[0], blue[0]])
+    assert result[0][0][1] == pytest.approx(1 / (1 + np.exp(logits[1] - logits[0])), rel=1e-5)
+
+
+def test_classify_real_model(rt, tmp_path):
+    paths = odd_images(tmp_path)[:2]
+    result = rt.classify(paths, ["red circle", "blue square", "green star"], k=2)
+    assert len(result) == 2 and all(len(row) == 2 for row in result)
+    for row in result:
+        assert row[0][1] >= row[1][1] and 0 < row[0][1] + row[1][1] <= 1 + 1e-6
+
+
+def test_search_cache_reuses_unchanged_files(rt, tmp_path, monkeypatch):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    paths = odd_images(images)
+    (images / "sub").mkdir()
+    shapes(5).save(images / "sub" / "nested.png")
+    (images / "notes.txt").write_text("not an image, not even tried")
+    embedded = []
+    real = rt.embed_pixels
+    monkeypatch.setattr(rt, "embed_pixels", lambda pixels: embedded.append(len(pixels)) or real(pixels))
+
+    first = rt.search("a red circle", images, top=3, cache_dir=cache)
+    assert sum(embedded) == len(paths) + 1 and len(first) == 3
+    (cache_file,) = cache.iterdir()
+
+    embedded.clear()
+    assert rt.search("a red circle", images, top=3, cache_dir=cache) == first
+    assert embedded == []
+
+    changed = images / "rgba.png"
+    stat = changed.stat()
+    shapes(9).save(changed)
+    os.utime(changed, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10 ** 9))
+    (images / "grey.png").unlink()
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 truncated jpeg")
+    with pytest.warns(UserWarning, match=r"broken\.jpg"):
+        paths_now, embeddings = rt.index(images, cache_dir=cache)
+    assert sum(embedded) == 1  # only the changed file; the broken one was skipped, the deleted one dropped
+    assert sorted(p.name for p in paths_now) == sorted(["rgba.png", "la.png", "rgb_wide.jpg", "palette.png",
+                                                       "sixteen.png", "nested.png"])
+    assert np.allclose(embeddings[[p.name for p in paths_now].index("rgba.png")],
+                       rt.encode_images([changed])[0], atol=1e-6)
+    with np.load(cache_file) as z:
+        assert sorted(z["path"].tolist()) == sorted(p.relative_to(images).as_posix() for p in paths_now)
+    assert [p.name for p in cache.iterdir()] == [cache_file.name]  # replaced in place, no temporary left
+
+
+def clip_onnx(*args: str, env_home: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XDG_CACHE_HOME": str(env_home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "clipmodel.runtime_cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env)
+
+
+def test_cli_classify_and_search(onnx_dir, tmp_path):
+    paths = odd_images(tmp_path / "images")
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# prompts\na photo of a {}.\n\na drawing of a {}.\n")
+    proc = clip_onnx("classify", "--model", str(onnx_dir), str(paths[0]), str(paths[1]),
+                     "--labels", "red circle, blue square,green star", "--templates", str(templates), "--top", "2",
+                     env_home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(paths[0]) and lines[3] == str(paths[1]) and len(lines) == 6
+    probs = [float(line.split()[-1]) for line in lines[1:3]]
+    assert probs[0] >= probs[1] and lines[1].split()[0] in ("red", "blue", "green")
+
+    proc = clip_onnx("search", "--model", str(onnx_dir), "--images", str(tmp_path / "images"), "a red circle",
+                     "--top", "2", env_home=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(maxsplit=1) for line in proc.stdout.splitlines()]
+    assert len(rows) == 2 and float(rows[0][0]) >= float(rows[1][0]) and Path(rows[0][1]).is_file()
+    assert len(list((tmp_path / "clip-onnx").glob("*.npz"))) == 1
+
+
+def test_cli_errors_are_one_line(onnx_dir, tmp_path):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (("classify", "--model", str(tmp_path / "nope"), "x.png", "--labels", "a"), "model folder"),
+        (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "empty"), "q"), "no readable images"),
+        (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "missing"), "q"), "not found"),
+        (("classify", "--model", str(onnx_dir), str(tmp_path / "x.png"), "--labels", "a"), "missing_file"),
+        (("classify", "--model", str(onnx_dir), str(tmp_path / "x.png"), "--labels", " , "), "--labels"),
+    ]
+    for args, message in cases:
+        proc = clip_onnx(*args, env_home=tmp_path)
+        assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
+        assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("clip-onnx: "), proc.stderr
