@@ -17,8 +17,9 @@ schedules and a UI. A `clip-pipeline` flow run is:
 3. `save-experiment`: `dvc exp save -n NAME` records the workspace (params.yaml, dvc.lock and the
    uncached metrics/plots files) as a DVC experiment, so every flow run, with or without overrides,
    is reproducible from its experiment (`dvc exp apply NAME`, `dvc exp show`).
-4. `collect`: the metrics of every `metrics:` file in dvc.yaml (reports/metrics.json once the
-   evaluate stage declares it, reports/train.json) and the MLflow run id from reports/run.json.
+4. `collect`: the metrics of every `metrics:` file in dvc.yaml (reports/metrics.json from
+   evaluate, reports/train.json from train), read from the workspace the run just updated, and
+   the MLflow run id from reports/run.json.
 
 Why not `dvc exp run -S ... -n NAME`? It runs the whole pipeline in one process, so there would
 be one Prefect task for all stages and a retry would restart the pipeline. Steps 1 + 2 + 3 are
@@ -27,8 +28,8 @@ that each stage is its own task. As with `dvc exp run`, the workspace ends holdi
 outputs; unlike it, params.yaml is put back as it was (the experiment keeps the overrides), so the
 next scheduled run starts from the committed params and not from the last sweep point.
 
-Every subprocess gets `PREFECT__FLOW_RUN_ID` (this flow run), `DVC_EXP_NAME` (the experiment) and
-`MLFLOW_TRACKING_URI`, so the train stage tags its MLflow run with both ids and the runs of a
+Every subprocess gets `PREFECT__FLOW_RUN_ID` (this flow run), `DVC_EXP_NAME` (the experiment;
+DVC itself sets it only inside `dvc exp run`) and `MLFLOW_TRACKING_URI`, so the train stage tags its MLflow run with both ids and the runs of a
 sweep sit side by side in the MLflow compare view of experiment `clip-<data.source>`.
 
 `clip-sweep` runs each point of a grid as its own `clip-pipeline` subflow and experiment. With
@@ -67,6 +68,7 @@ import yaml  # noqa: E402
 from prefect import flow, get_run_logger, serve, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.runtime import flow_run as current_flow_run  # noqa: E402
+from prefect.schedules import Cron  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,6 +335,15 @@ def collect(repo: str) -> dict[str, Any]:
 def _clone(repo: Path) -> Path:
     """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
     work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
+    try:
+        _populate_clone(repo, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return work
+
+
+def _populate_clone(repo: Path, work: Path) -> None:
     _git(repo, "clone", "--quiet", "--shared", str(repo), str(work))
     _git(work, "checkout", "--quiet", "--detach", _git(repo, "rev-parse", "HEAD"))
     changed = _git(repo, "ls-files", "--modified", "--others", "--exclude-standard", "-z").split("\0")
@@ -341,11 +352,12 @@ def _clone(repo: Path) -> Path:
         if src.is_file():
             (work / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, work / rel)
+    for rel in filter(None, _git(repo, "ls-files", "--deleted", "-z").split("\0")):
+        (work / rel).unlink(missing_ok=True)
     cache = subprocess.run(_dvc("cache", "dir"), cwd=repo, env=subprocess_env(repo), check=True,
                            capture_output=True, text=True).stdout.strip()
     subprocess.run(_dvc("config", "--local", "cache.dir", cache), cwd=work, env=subprocess_env(repo),
                    check=True, capture_output=True)
-    return work
 
 
 def _fetch_experiment(repo: Path, work: Path, name: str) -> None:
@@ -359,7 +371,7 @@ def _fetch_experiment(repo: Path, work: Path, name: str) -> None:
 # flows
 
 
-@flow(name="clip-pipeline", log_prints=True)
+@flow(name="clip-pipeline")
 def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Optional[str] = None,
                   repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
                   isolated: bool = False) -> dict[str, Any]:
@@ -378,13 +390,14 @@ def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Option
     overrides = dict(overrides or {})
     name = experiment or str(current_flow_run.get_name() or "")
     flow_run_id = str(current_flow_run.get_id())
-    work = _clone(repo_path) if isolated else repo_path
     env = {"PREFECT__FLOW_RUN_ID": flow_run_id, "DVC_EXP_NAME": name,
            "MLFLOW_TRACKING_URI": subprocess_env(repo_path)["MLFLOW_TRACKING_URI"]}
     stage_task = run_stage.with_options(
         retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)(retries) or 0)
-    original = None
+    original, work = None, repo_path
     try:
+        if isolated:
+            work = _clone(repo_path)
         if overrides:
             original = apply_overrides(str(work), overrides, name)
         else:
@@ -399,7 +412,7 @@ def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Option
     finally:
         if original is not None and not isolated:
             (work / PARAMS).write_text(original)
-        if isolated:
+        if work != repo_path:
             shutil.rmtree(work, ignore_errors=True)
     result.update(experiment=name, overrides=overrides, key_metrics=key_metrics(result["metrics"]),
                   stages=stages, flow_run_id=flow_run_id)
@@ -428,16 +441,23 @@ def load_grid(path: Union[str, Path], repo: Union[str, Path] = ROOT) -> Union[di
     return grid
 
 
+def _outcome(state) -> dict[str, Any]:
+    """A finished clip-pipeline state as plain data: its result, or why it failed."""
+    if state.is_completed():
+        return {"ok": True, "result": state.result()}
+    return {"ok": False, "error": state.message}
+
+
 @task(name="sweep-point", cache_policy=NO_CACHE, task_run_name="{experiment}")
 def _sweep_point(overrides: Overrides, experiment: str, repo: str, retries: int,
-                 retry_delay_seconds: float, isolated: bool, gate: Any = None):
+                 retry_delay_seconds: float, isolated: bool, gate: Any = None) -> dict[str, Any]:
     with gate or threading.Semaphore():
-        return clip_pipeline.with_options(flow_run_name=experiment)(
+        return _outcome(clip_pipeline.with_options(flow_run_name=experiment)(
             overrides=overrides, experiment=experiment, repo=repo, retries=retries,
-            retry_delay_seconds=retry_delay_seconds, isolated=isolated, return_state=True)
+            retry_delay_seconds=retry_delay_seconds, isolated=isolated, return_state=True))
 
 
-@flow(name="clip-sweep", log_prints=True)
+@flow(name="clip-sweep")
 def clip_sweep(grid: Union[dict[str, Any], list[dict[str, Any]], str], concurrency: int = 1,
                repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
                prefix: Optional[str] = None) -> list[dict[str, Any]]:
@@ -457,22 +477,22 @@ def clip_sweep(grid: Union[dict[str, Any], list[dict[str, Any]], str], concurren
     names = [f"{prefix}-{i + 1}" for i in range(len(points))]
     common = dict(repo=repo, retries=retries, retry_delay_seconds=retry_delay_seconds)
     if concurrency <= 1:
-        states = [clip_pipeline.with_options(flow_run_name=name)(
-            overrides=point, experiment=name, isolated=False, return_state=True, **common)
+        outcomes = [_outcome(clip_pipeline.with_options(flow_run_name=name)(
+            overrides=point, experiment=name, isolated=False, return_state=True, **common))
             for point, name in zip(points, names)]
     else:
         gate = threading.BoundedSemaphore(concurrency)
         futures = [_sweep_point.submit(point, name, isolated=True, gate=gate, **common)
                    for point, name in zip(points, names)]
-        states = [f.result() for f in futures]
+        outcomes = [f.result() for f in futures]
     table = []
-    for point, name, state in zip(points, names, states):
+    for point, name, outcome in zip(points, names, outcomes):
         row: dict[str, Any] = {"experiment": name, "overrides": point}
-        if state.is_completed():
-            result = state.result()
+        if outcome["ok"]:
+            result = outcome["result"]
             row.update(status="completed", mlflow_run_id=result["mlflow_run_id"], **result["metrics"])
         else:
-            row.update(status="failed", error=state.message)
+            row.update(status="failed", error=outcome["error"])
         table.append(row)
     logger.info("sweep results:\n%s", format_table(table))
     failed = [row["experiment"] for row in table if row["status"] != "completed"]
@@ -482,16 +502,19 @@ def clip_sweep(grid: Union[dict[str, Any], list[dict[str, Any]], str], concurren
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the key metrics, one row per experiment."""
-    metric_cols = sorted({k for row in rows for k in row if KEY_METRICS.match(k)})
-    cols = ["experiment", "status", "overrides", *metric_cols]
-    cells = [[json.dumps(row.get(c)) if c == "overrides" else
-              (f"{row[c]:.4g}" if isinstance(row.get(c), float) else str(row.get(c, "")))
-              for c in cols] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(cols)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in cells]
-    return "\n".join(lines)
+    """A plain-text table of the sweep: one column per experiment, one line per setting and key
+    metric (there are more metrics than experiments, so this stays readable)."""
+    keys = sorted({k for row in rows for k in row if KEY_METRICS.match(k)})
+    overrides = sorted({k for row in rows for k in row.get("overrides", {})})
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
+
+    lines = [["", *(row["experiment"] for row in rows)], ["status", *(row.get("status", "") for row in rows)]]
+    lines += [[k, *(cell(row.get("overrides", {}).get(k)) for row in rows)] for k in overrides]
+    lines += [[k, *(cell(row.get(k)) for row in rows)] for k in keys]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -499,13 +522,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 
 def build_deployment(name: str, cron: str, sweep: Optional[str] = None,
-                     overrides: Optional[Overrides] = None, repo: str = str(ROOT), **params: Any):
-    """The RunnerDeployment that `serve` runs on `cron`: the sweep of file `sweep` (re-read at
-    each run), or the pipeline with `overrides`."""
+                     overrides: Optional[Overrides] = None, repo: str = str(ROOT),
+                     timezone: Optional[str] = None, **params: Any):
+    """The RunnerDeployment that `serve` runs on `cron` (in `timezone`, default UTC): the sweep
+    of file `sweep` (re-read at each run), or the pipeline with `overrides`."""
+    schedule = Cron(cron, timezone=timezone)
     if sweep:
-        return clip_sweep.to_deployment(name=name, cron=cron,
+        return clip_sweep.to_deployment(name=name, schedule=schedule,
                                         parameters={"grid": str(Path(sweep).resolve()), "repo": repo, **params})
-    return clip_pipeline.to_deployment(name=name, cron=cron,
+    return clip_pipeline.to_deployment(name=name, schedule=schedule,
                                        parameters={"overrides": overrides or {}, "repo": repo, **params})
 
 
@@ -536,7 +561,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     sweep_p.add_argument("--concurrency", "-j", type=int, default=1)
     sweep_p.add_argument("--prefix", help="experiment name prefix (default: the flow run's name)")
     serve_p = sub.add_parser("serve", parents=[common], help="serve on a cron schedule (blocks)")
-    serve_p.add_argument("--cron", required=True, help='e.g. "0 3 * * *" (server time zone: UTC)')
+    serve_p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
+    serve_p.add_argument("--timezone", help="of the cron schedule, e.g. Europe/Berlin (default UTC)")
     serve_p.add_argument("--sweep", metavar="FILE", help="serve the sweep of FILE instead")
     serve_p.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE")
     serve_p.add_argument("--concurrency", "-j", type=int, default=1)
@@ -545,17 +571,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     common_params = {"repo": str(Path(args.repo).resolve()), "retries": args.retries,
                      "retry_delay_seconds": args.retry_delay}
 
-    if args.command == "run":
-        result = clip_pipeline(overrides=parse_sets(args.set), experiment=args.name, **common_params)
-        print(json.dumps({k: result[k] for k in ("experiment", "mlflow_run_id", "key_metrics")}, indent=2))
-    elif args.command == "sweep":
-        table = clip_sweep(grid=str(Path(args.file).resolve()), concurrency=args.concurrency,
-                           prefix=args.prefix, **common_params)
-        print(format_table(table))
-    else:
+    if args.command == "serve":  # blocks, running scheduled runs, until interrupted
         extra = {"concurrency": args.concurrency} if args.sweep else {}
         serve(build_deployment(args.name, args.cron, sweep=args.sweep, overrides=parse_sets(args.set),
-                               **common_params, **extra))
+                               timezone=args.timezone, **common_params, **extra))
+        return 0
+    try:
+        if args.command == "run":
+            result = clip_pipeline(overrides=parse_sets(args.set), experiment=args.name, **common_params)
+            print(json.dumps({k: result[k] for k in ("experiment", "mlflow_run_id", "stages", "key_metrics")},
+                             indent=2))
+        else:
+            table = clip_sweep(grid=str(Path(args.file).resolve()), concurrency=args.concurrency,
+                               prefix=args.prefix, **common_params)
+            print(format_table(table))
+    except Exception as e:  # the run logs hold the traceback; the terminal gets one line
+        print(f"{args.command} failed: {e}", file=sys.stderr)
+        return 2 if isinstance(e, StageFailed) and e.bad_params else 1
     return 0
 
 

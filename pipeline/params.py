@@ -98,10 +98,10 @@ class ModelParams(Section):
             raise ValueError("vision_layers: a ViT takes one int")
         if self.vision == "resnet" and isinstance(self.vision_layers, int):
             raise ValueError("vision_layers: a ResNet takes four stage depths, e.g. [1, 1, 1, 1]")
-        for width, heads, name in ((self.vision_width, self.vision_heads, "vision"),
-                                   (self.text_width, self.text_heads, "text")):
+        vision_dim = self.vision_width * (32 if self.vision == "resnet" else 1)  # ResNet: the attention pool's width
+        for width, heads, name in ((vision_dim, self.vision_heads, "vision"), (self.text_width, self.text_heads, "text")):
             if width % heads:
-                raise ValueError(f"{name}_width must be divisible by {name}_heads")
+                raise ValueError(f"{name}_heads={heads} must divide the {name} width {width}")
         return self
 
 

@@ -69,7 +69,8 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def start_run(experiment: str, run_id: str | None, tags: dict[str, str]) -> str:
     """Open (or reopen, after a resume) the pipeline's run; record its id for later stages."""
     experiment_id = _experiment(experiment)
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags)
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags,
+                           run_name=None if run_id else os.environ.get("DVC_EXP_NAME"))
     write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                           "tracking_uri": tracking_uri()})
     return run.info.run_id

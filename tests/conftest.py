@@ -16,7 +16,7 @@ TINY = {
     "data": {"image_size": 32, "shard_images": 128, "workers": 1,
              "synthetic": {"num_images": 400, "holdout_fraction": 0.2, "max_objects": 3}},
     "tokenize": {"vocab_size": 300, "context_length": 16},
-    "model": {"embed_dim": 16, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
+    "model": {"vision": "vit", "embed_dim": 16, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
               "vision_patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 2},
     "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1},
 }
