@@ -101,7 +101,7 @@ def main() -> None:
         train = corpus.split("train")
         vocab = int(np.asarray(corpus.tokens).max()) + 1
         ctx = corpus.tokens.shape[1]
-        cfg = CLIPConfig(embed_dim=m["embed_dim"], image_size=size, vision="vit", vision_width=m["vision_width"],
+        cfg = CLIPConfig(embed_dim=m["embed_dim"], image_size=size, vision=m["vision"], vision_width=m["vision_width"],
                          vision_layers=m["vision_layers"], vision_heads=m["vision_heads"],
                          vision_patch_size=m["vision_patch_size"], context_length=ctx, vocab_size=vocab,
                          text_width=m["text_width"], text_heads=m["text_heads"], text_layers=m["text_layers"])
@@ -109,7 +109,8 @@ def main() -> None:
         peer = open_clip.model.CLIP(
             embed_dim=cfg.embed_dim,
             vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.vision_patch_size,
-                                     head_width=cfg.vision_width // cfg.vision_heads, image_size=size),
+                                     head_width=64 if cfg.vision == "resnet" else cfg.vision_width // cfg.vision_heads,
+                                     image_size=size),
             text_cfg=CLIPTextCfg(context_length=ctx, vocab_size=vocab, width=cfg.text_width, heads=cfg.text_heads,
                                  layers=cfg.text_layers, pool_type="eos", eos_id=2))
         peer_loss = open_clip.ClipLoss()
