@@ -97,9 +97,15 @@ class ContrastiveBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    def _order(self, epoch: int) -> np.ndarray:
+        """The epoch's shuffle, computed once per epoch rather than once per step."""
+        if getattr(self, "_epoch", None) != epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng((self.seed, epoch)).permutation(len(self.index))
+        return self._perm
+
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         epoch, k = divmod(step, self.steps_per_epoch)
-        order = np.random.default_rng((self.seed, epoch)).permutation(len(self.index))
+        order = self._order(epoch)
         images = self.index[order[k * self.batch_size:(k + 1) * self.batch_size]]
         rng = np.random.default_rng((self.seed, epoch, k))
         c = self.corpus

@@ -70,9 +70,9 @@ def main() -> None:
     train, val, test = (np.intersect1d(corpus.split(s), single) for s in ("train", "val", "test"))
     data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.train.crop_scale)
     steps = p.train.epochs * (len(corpus.split("train")) // p.train.batch_size)  # CLIP's steps: same images seen
-    y = torch.from_numpy(labels)
+    y = torch.from_numpy(labels).to(device)
 
-    obj = Objective(model, lambda b: F.cross_entropy(model(b["images"]), y.to(device)[b["image_index"]]),
+    obj = Objective(model, lambda b: F.cross_entropy(model(b["images"]), y[b["image_index"]]),
                     validate=lambda: {"val_top1": accuracy(model, corpus, val, labels, device)},
                     checkpoint=Path("checkpoints/supervised.pt"), log_csv=Path("reports/supervised_log.csv"))
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet"])
