@@ -49,6 +49,7 @@ class Objective:
     after_step: Callable[[], None] = lambda: None
     step_metrics: Callable[[], dict[str, float]] = dict    # logged with the loss, e.g. the logit scale
     validate: Callable[[], dict[str, float]] = dict        # run at every epoch end
+    on_step: Callable[[int], None] = lambda step: None     # after each optimiser step, with the steps done
     checkpoint: Path = Path("checkpoints/train.pt")
     log_csv: Path = Path("reports/train_log.csv")
 
@@ -180,6 +181,7 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
         opt.zero_grad(set_to_none=True)
         sched.step()
         obj.after_step()
+        obj.on_step(step + 1)
 
         n_last += len(batch["images"])
         if (step + 1) % tp.log_every == 0 or step + 1 == total:
