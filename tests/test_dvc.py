@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import mlflow
 import pytest
 import yaml
 
@@ -62,3 +63,12 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     assert "reports/metrics.json" in diff
     plots = dvc(repo, "plots", "diff", "main", "--json").stdout
     assert "confusion_shape.png" in plots and "train_log.csv" in plots
+
+    # Three pipeline runs registered three versions; the champion is the first to reach the best metric,
+    # so a run that is not better (worse or equal) left the alias where it was.
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    for name in ("clip-image-encoder", "clip-text-encoder"):
+        versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+        values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
+        assert len(values) == 3
+        assert client.get_model_version_by_alias(name, "champion").version == str(values.index(max(values)) + 1)

@@ -198,6 +198,30 @@ def test_cli_classify_and_search(onnx_dir, tmp_path):
     assert len(list((tmp_path / "clip-onnx").glob("*.npz"))) == 1
 
 
+BLOCK_TORCH = """
+import importlib.abc, runpy, sys
+class NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision"):
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked: the runtime must not need torch)")
+sys.meta_path.insert(0, NoTorch())
+sys.argv[0] = "clip-onnx"
+runpy.run_module("clipmodel.runtime_cli", run_name="__main__")
+"""
+
+
+def test_cli_search_runs_where_torch_cannot_be_imported(onnx_dir, tmp_path):
+    """As in an app's venv without torch: every torch import raises, and search still works."""
+    paths = odd_images(tmp_path / "images")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", BLOCK_TORCH, "search", "--model", str(onnx_dir), "--images",
+                           str(tmp_path / "images"), "a red circle", "--top", "3"],
+                          capture_output=True, text=True, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line.split(maxsplit=1) for line in proc.stdout.splitlines()]
+    assert len(rows) == 3 and {Path(r[1]).name for r in rows} <= {p.name for p in paths}
+
+
 def test_cli_errors_are_one_line(onnx_dir, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = [
