@@ -1,8 +1,9 @@
-"""`clipmodel`: zero-shot classification and embeddings from a trained model folder (torch).
+"""`clipmodel`: zero-shot classification, embeddings and captions from a trained model folder (torch).
 
     clipmodel classify --model models/ IMAGE... --labels "red circle,blue square" [--templates FILE] [--top 5]
     clipmodel embed --model models/ --images IMAGE... --out image_emb.npy
     clipmodel embed --model models/ --texts "a red circle" "a blue star" --out text_emb.npy
+    clipmodel caption --model models/efficiency/decoder IMAGE... [--beam 4]
 """
 from __future__ import annotations
 
@@ -14,22 +15,48 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipmodel.captioner import Captioner
 from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
 from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path
-from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.tokenizer import decode, encode, load_tokenizer
 from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
 from clipmodel.zeroshot import class_embeddings, classify
+
+
+def model_folder(folder: str | Path) -> Path:
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise SystemExit(f"clipmodel: {folder} has no config.json: not a model folder")
+    return folder
+
+
+def load_pixels(paths: list[str], pre: dict) -> torch.Tensor:
+    """Images as the model was trained on them: the config's background, size and normalisation."""
+    pixels = []
+    for path in paths:
+        try:
+            rgb = load_rgb(path, tuple(pre["background"]))
+        except (ImageError, OSError) as e:
+            raise SystemExit(f"clipmodel: {path}: {e}") from None
+        pixels.append(preprocess(rgb, pre["image_size"]))
+    return to_tensor(np.stack(pixels))
+
+
+def caption(folder: str | Path, paths: list[str], beam: int = 1) -> list[str]:
+    """One caption per image from a captioner folder (greedy, or beam search with beam > 1)."""
+    model, config = Captioner.load(model_folder(folder))
+    tok = load_tokenizer(Path(folder) / config["tokenizer"])
+    ids = model.generate(load_pixels(paths, config["preprocess"]), beam=beam)
+    return [decode(tok, row) for row in ids.tolist()]
 
 
 class Encoder:
     """A model folder's encoders with its own preprocessing and tokenizer: L2-normalised outputs."""
 
     def __init__(self, folder: str | Path, batch_size: int = 64):
-        folder = Path(folder)
-        if not (folder / "config.json").exists():
-            raise SystemExit(f"clipmodel: {folder} has no config.json: not a model folder")
+        folder = model_folder(folder)
         self.model, config = load_model(folder)
         self.tok = load_tokenizer(folder / config["tokenizer"])
         self.pre = config["preprocess"]
@@ -37,14 +64,7 @@ class Encoder:
 
     @torch.no_grad()
     def images(self, paths: list[str]) -> torch.Tensor:
-        pixels = []
-        for path in paths:
-            try:
-                rgb = load_rgb(path, tuple(self.pre["background"]))
-            except (ImageError, OSError) as e:
-                raise SystemExit(f"clipmodel: {path}: {e}") from None
-            pixels.append(preprocess(rgb, self.pre["image_size"]))
-        x = to_tensor(np.stack(pixels))
+        x = load_pixels(paths, self.pre)
         return torch.cat([F.normalize(self.model.encode_image(x[s:s + self.batch_size]), dim=-1)
                           for s in range(0, len(x), self.batch_size)])
 
@@ -70,8 +90,18 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--images", nargs="+")
     group.add_argument("--texts", nargs="+")
     e.add_argument("--out", required=True)
+    k = sub.add_parser("caption", help="write a caption for each image with a captioner folder")
+    k.add_argument("--model", required=True)
+    k.add_argument("images", nargs="+")
+    k.add_argument("--beam", type=int, default=1, help="beam width; 1 is greedy")
     args = parser.parse_args(argv)
 
+    if args.command == "caption":
+        if args.beam < 1:
+            raise SystemExit("clipmodel: --beam must be >= 1")
+        for path, text in zip(args.images, caption(args.model, args.images, args.beam)):
+            print(f"{path}\t{text}")
+        return
     enc = Encoder(args.model)
     if args.command == "embed":
         emb = enc.images(args.images) if args.images else enc.texts(args.texts)

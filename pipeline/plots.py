@@ -98,3 +98,18 @@ def evaluation_plots(out: Path, results: dict, corpus, test: np.ndarray, image_f
                                      [task.classes[t] for t in task.targets[where]],
                                      [[task.classes[k] for k in row] for row in r["predictions"][: len(where)]]))
     return paths
+
+
+def efficiency_curves(path: Path, curves: dict[str, tuple[list[int], list[float]]], target: float) -> Path:
+    """The paper's Figure 2 on our data: zero-shot accuracy against images processed, log x-axis."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, (images, accuracy) in curves.items():
+        ax.plot(images, accuracy, marker="o", label=name)
+    ax.axhline(target, color="grey", linestyle="--", linewidth=1, label=f"target {target:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("images processed")
+    ax.set_ylabel("zero-shot top-1 (mean over tasks)")
+    ax.set_title("data efficiency of the training objective")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    return save(fig, path)

@@ -1,0 +1,276 @@
+"""The data-efficiency study (the paper's Figure 2): how many images each objective needs to learn zero-shot.
+
+    python -m pipeline.efficiency train contrastive|bow|decoder|encoder_decoder
+    python -m pipeline.efficiency report
+
+Every objective trains with `pipeline.train.fit` on the same data, image encoder, batch, optimiser,
+schedule and budget of images seen; only the model head and loss differ. Zero-shot top-1 on the
+test tasks is measured at log-spaced numbers of images seen (from `Objective.on_step`), each point
+logged to MLflow with step = images seen. `report` finds the images each objective needed to
+reach the target accuracy and writes reports/efficiency.json and reports/plots/efficiency.png.
+Stages in efficiency/dvc.yaml, outside the default `dvc repro`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from torch import nn
+
+from clipmodel.bow import BagOfWords, bow_loss, score_prompts
+from clipmodel.captioner import Captioner
+from clipmodel.checkpoint import save_safetensors
+from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
+from clipmodel.io import atomic_path, write_json
+from clipmodel.model import CLIP
+from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.zeroshot import class_embeddings
+from pipeline import tracking
+from pipeline.evaluate import tasks_for
+from pipeline.params import EfficiencyParams, Params, load_params
+from pipeline.plots import efficiency_curves
+from pipeline.train import (DATA, Batch, Objective, clip_objective, fit, load_checkpoint, model_config,
+                            resolve_device, run_fingerprint)
+
+OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
+CAPTIONERS = ("decoder", "encoder_decoder")
+PAPER = {"contrastive_vs_bow": 4.0, "bow_vs_captioning": 3.0}  # CLIP paper, Figure 2
+CHECKPOINTS = Path("checkpoints/efficiency")
+RESULTS = Path("reports/efficiency")
+MODELS = Path("models/efficiency")
+EXPERIMENT = "clip-efficiency"
+
+
+def eval_steps(e: EfficiencyParams, batch_size: int) -> list[int]:
+    """Optimiser steps after which zero-shot is measured: log-spaced from first_checkpoint to the budget."""
+    total = e.budget_images // batch_size
+    first = min(total, max(1, round(e.first_checkpoint / batch_size)))
+    return sorted({int(round(s)) for s in np.geomspace(first, total, e.checkpoints)})
+
+
+def build(objective: str, p: Params, vocab_size: int) -> tuple[nn.Module, Callable[[Batch], torch.Tensor], dict]:
+    """The model, its loss on a training batch, and what config.json needs to rebuild it."""
+    cfg = model_config(p, vocab_size)
+    if objective == "contrastive":
+        model = CLIP(cfg)
+        return model, clip_objective(model, p), {"model": cfg.to_dict()}
+    if objective == "bow":
+        model = BagOfWords(cfg)
+        return model, lambda b: bow_loss(model(b["images"]), b["tokens"]), {"model": cfg.to_dict()}
+    e = p.efficiency
+    cfg = dataclasses.replace(cfg, text_width=e.decoder_width, text_layers=e.decoder_layers, text_heads=e.decoder_heads)
+    layers = e.encoder_layers if objective == "encoder_decoder" else 0
+    model = Captioner(cfg, layers)
+    return model, lambda b: model.loss(b["images"], b["tokens"]), {"model": cfg.to_dict(), "encoder_layers": layers}
+
+
+@dataclass
+class Probe:
+    """One zero-shot task on a fixed sample of test images, its prompts tokenized once."""
+    name: str
+    images: torch.Tensor    # [N, 3, S, S] normalised
+    targets: torch.Tensor   # [N] class index
+    texts: list[str]        # class texts
+    templates: list[str]
+    prompts: torch.Tensor   # [classes * templates, ctx] ids, class-major like class_embeddings
+
+
+def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
+    e = p.efficiency
+    test = corpus.split("test")
+    templates = yaml.safe_load(Path(p.evaluate.templates).read_text())
+    tasks = {t.name: t for t in tasks_for(p, corpus, test)}
+    missing = [name for name in e.tasks if name not in tasks]
+    if missing:
+        raise SystemExit(f"efficiency: params.yaml efficiency.tasks: {', '.join(missing)} has no test images "
+                         f"on this data (available: {', '.join(tasks) or 'none'})")
+    out = []
+    for name in e.tasks:
+        task = tasks[name]
+        sel = np.flatnonzero(task.mask)[: e.eval_images]
+        used = templates[task.templates]
+        ids = encode(tok, [t.format(c) for c in task.texts for t in used])[0]
+        out.append(Probe(name, to_tensor(corpus.images(test[sel])).to(device),
+                         torch.from_numpy(task.targets[sel]).to(device), task.texts, used,
+                         torch.from_numpy(ids).long().to(device)))
+    return out
+
+
+@torch.no_grad()
+def zero_shot_top1(objective: str, model: nn.Module, probe: Probe, tok) -> float:
+    """CLIP ensembles prompts in embedding space (as in evaluate); the baselines average each
+    class's per-template scores (BoW word log-probabilities, captioner log-likelihoods)."""
+    x = probe.images
+    if objective == "contrastive":
+        def encode_text(texts: list[str]) -> torch.Tensor:
+            return model.encode_text(torch.from_numpy(encode(tok, texts)[0]).long().to(x.device))
+        classes = class_embeddings(encode_text, probe.texts, probe.templates)
+        pred = (F.normalize(model.encode_image(x).float(), dim=-1) @ classes.T).argmax(1)
+    else:
+        scores = score_prompts(model(x), probe.prompts) if objective == "bow" else model.log_likelihood(x, probe.prompts)
+        pred = scores.view(len(x), len(probe.texts), len(probe.templates)).mean(-1).argmax(1)
+    return (pred == probe.targets).float().mean().item()
+
+
+def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: Params, data_fp: str) -> None:
+    """The same files as models/ (weights, config.json, tokenizer.json), the folder replaced atomically."""
+    weights = "clip.safetensors" if objective == "contrastive" else f"{objective}.safetensors"
+    with atomic_path(folder) as tmp:
+        tmp.mkdir(parents=True)
+        save_safetensors(model, tmp / weights)
+        (tmp / "tokenizer.json").write_bytes((DATA / "tokenizer.json").read_bytes())
+        write_json(tmp / "config.json", {
+            "objective": objective, "weights": weights, **arch, "tokenizer": "tokenizer.json",
+            "preprocess": {"image_size": p.data.image_size, "resize": "shorter_side_bicubic", "crop": "center",
+                           "mean": list(MEAN), "std": list(STD), "background": list(p.data.background)},
+            "data_fingerprint": data_fp})
+
+
+def train(objective: str) -> None:
+    p = load_params()
+    e, bs = p.efficiency, p.train.batch_size
+    torch.manual_seed(p.train.seed)
+    device = resolve_device(p.train.device)
+    corpus = Corpus.load(DATA)
+    tok = load_tokenizer(DATA / "tokenizer.json")
+    model, loss, arch = build(objective, p, tok.get_vocab_size())
+    model.to(device)
+    data = ContrastiveBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale)
+    total, steps = e.budget_images // bs, set(eval_steps(e, bs))
+    tests = probes(p, corpus, tok, device)
+
+    data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
+    fingerprint = run_fingerprint(p, data_fp, f"efficiency-{objective}-{json.dumps(e.model_dump(), sort_keys=True)}")
+    checkpoint, curve_file = CHECKPOINTS / f"{objective}.pt", CHECKPOINTS / f"{objective}_curve.json"
+    state = load_checkpoint(checkpoint, fingerprint) if p.train.resume else None
+    curve = []  # points past the checkpoint being resumed are measured again
+    if state is not None and curve_file.exists():
+        curve = [pt for pt in json.loads(curve_file.read_text()) if pt["step"] <= state["step"]]
+    tracking.mlflow.start_run(run_id=state and state["run_id"], experiment_id=None if state else tracking._experiment(EXPERIMENT),
+                              run_name=f"efficiency-{objective}",
+                              tags={**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective})
+    run_id = tracking.mlflow.active_run().info.run_id
+    if state is None:
+        tracking.mlflow.log_params({**tracking.flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),
+                                    **tracking.flatten(arch), "objective": objective, "total_steps": total,
+                                    "parameters": sum(x.numel() for x in model.parameters())})
+
+    eval_s = [0.0]
+
+    def on_step(step: int) -> None:
+        if step not in steps:
+            return
+        start = time.perf_counter()
+        model.eval()
+        top1 = {pr.name: zero_shot_top1(objective, model, pr, tok) for pr in tests}
+        model.train()
+        eval_s[0] += time.perf_counter() - start
+        point = {"step": step, "images_seen": step * bs, "top1": float(np.mean(list(top1.values()))), "tasks": top1}
+        curve.append(point)
+        write_json(curve_file, curve)
+        tracking.mlflow.log_metrics({"zero_shot.mean.top1": point["top1"],
+                                     **{f"zero_shot.{k}.top1": v for k, v in top1.items()}}, step=step * bs)
+        print(f"efficiency {objective}: {step * bs} images seen, zero-shot top-1 {point['top1']:.3f} {top1}")
+
+    obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
+                    checkpoint=checkpoint, log_csv=RESULTS / f"{objective}_log.csv")
+    start = time.perf_counter()
+    rows = fit(obj, data, p.train, device, total, fingerprint, state, run_id)
+    wall = time.perf_counter() - start
+    model.eval()
+    save_folder(MODELS / objective, model, objective, arch, p, data_fp)
+    speeds = [r["samples_per_s"] for r in rows[1:]] or [float("nan")]
+    summary = {"objective": objective, "budget_images": total * bs, "batch_size": bs, "steps": total,
+               "parameters": sum(x.numel() for x in model.parameters()),
+               "train_samples_per_s": float(np.median(speeds)), "wall_s": wall, "eval_s": eval_s[0],
+               "final_loss": rows[-1]["loss"], "run_id": run_id, "curve": curve}
+    write_json(RESULTS / f"{objective}.json", summary)
+    tracking.mlflow.log_metrics({"train_samples_per_s": summary["train_samples_per_s"], "eval_s": eval_s[0]})
+    tracking.mlflow.log_artifact(str(MODELS / objective / "config.json"))
+    tracking.mlflow.end_run()
+    print(f"efficiency {objective}: done in {wall:.0f} s ({eval_s[0]:.0f} s zero-shot); wrote {MODELS / objective}")
+
+
+def images_to_reach(curve: list[dict], target: float) -> float | None:
+    """Images seen when the accuracy first reaches `target`, interpolated linearly in log(images)
+    between the two checkpoints around the crossing; None if it never does within the budget."""
+    for before, after in zip([None, *curve], curve):
+        if after["top1"] >= target:
+            if before is None:
+                return float(after["images_seen"])  # at or before the first checkpoint
+            f = (target - before["top1"]) / (after["top1"] - before["top1"])
+            return math.exp(math.log(before["images_seen"]) + f * math.log(after["images_seen"] / before["images_seen"]))
+    return None
+
+
+def report() -> None:
+    p = load_params()
+    e = p.efficiency
+    missing = [o for o in OBJECTIVES if not (RESULTS / f"{o}.json").exists()]
+    if missing:
+        raise SystemExit(f"efficiency: no results for {', '.join(missing)} in {RESULTS}/; "
+                         f"run `python -m pipeline.efficiency train <objective>` first")
+    results = {o: json.loads((RESULTS / f"{o}.json").read_text()) for o in OBJECTIVES}
+    target = e.target_accuracy or 0.5 * results["contrastive"]["curve"][-1]["top1"]
+    reach = {o: images_to_reach(r["curve"], target) for o, r in results.items()}
+    budget = max(r["budget_images"] for r in results.values())
+    # The paper had one captioning model; here the faster of our two captioners stands for it.
+    captioning = min(CAPTIONERS, key=lambda o: reach[o] if reach[o] is not None else math.inf)
+
+    def ratio(slow: str, fast: str) -> tuple[float | None, float | None]:
+        """(images slow / images fast, or a lower bound when `slow` never got there)."""
+        if reach[fast] is None:
+            return None, None
+        if reach[slow] is None:
+            return None, budget / reach[fast]
+        return reach[slow] / reach[fast], None
+
+    ratios, bounds = {}, {}
+    for key, slow, fast in (("contrastive_vs_bow", "bow", "contrastive"), ("bow_vs_captioning", captioning, "bow")):
+        ratios[key], bounds[key] = ratio(slow, fast)
+    out = {
+        "target_accuracy": target,
+        "target_rule": "efficiency.target_accuracy" if e.target_accuracy else "half the contrastive final top-1",
+        "tasks": list(e.tasks), "budget_images": budget, "images_to_target": reach,
+        "ratios": ratios, "ratios_at_least": {k: v for k, v in bounds.items() if v is not None},
+        "captioning": captioning, "paper_ratios": PAPER,
+        "final_top1": {o: r["curve"][-1]["top1"] for o, r in results.items()},
+        "wall_s": {o: r["wall_s"] for o, r in results.items()},
+        "curves": {o: {"images_seen": [pt["images_seen"] for pt in r["curve"]],
+                       "top1": [pt["top1"] for pt in r["curve"]],
+                       "tasks": {t: [pt["tasks"][t] for pt in r["curve"]] for t in r["curve"][0]["tasks"]}}
+                   for o, r in results.items()},
+    }
+    write_json("reports/efficiency.json", out)
+    plot = efficiency_curves(Path("reports/plots/efficiency.png"),
+                             {o: (c["images_seen"], c["top1"]) for o, c in out["curves"].items()}, target)
+    with tracking.mlflow.start_run(experiment_id=tracking._experiment(EXPERIMENT), run_name="efficiency-report",
+                                   tags={"study": "efficiency", "git_commit": tracking.git_commit()}):
+        tracking.mlflow.log_metrics({"target_accuracy": target,
+                                     **{f"ratio.{k}": v for k, v in ratios.items() if v is not None},
+                                     **{f"images_to_target.{o}": v for o, v in reach.items() if v is not None}})
+        tracking.mlflow.log_artifact("reports/efficiency.json")
+        tracking.mlflow.log_artifact(str(plot), "plots")
+    print(f"efficiency: target {target:.3f}; images to reach it {reach}; ratios {ratios} (paper {PAPER})")
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["report"] and len(argv) == 1:
+        return report()
+    if argv[:1] == ["train"] and len(argv) == 2 and argv[1] in OBJECTIVES:
+        return train(argv[1])
+    raise SystemExit(f"usage: python -m pipeline.efficiency train {{{'|'.join(OBJECTIVES)}}} | report")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,58 @@
+"""The data-efficiency study end to end through its own DVC file, on tiny data and a tiny budget."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import TINY, dvc, git_copy, merge
+from pipeline.efficiency import OBJECTIVES, images_to_reach
+
+pytestmark = pytest.mark.slow
+
+STUDY = merge(TINY, {"efficiency": {"budget_images": 128, "checkpoints": 2, "first_checkpoint": 64,
+                                    "eval_images": 8, "decoder_width": 32, "decoder_layers": 1,
+                                    "decoder_heads": 2, "encoder_layers": 1}})
+
+
+def test_study_runs_apart_from_the_default_pipeline(tmp_path):
+    repo = git_copy(tmp_path, STUDY)
+    out = dvc(repo, "repro", "efficiency/dvc.yaml").stdout
+    assert "Running stage 'ingest'" in out and "Running stage 'tokenize'" in out  # missing: made first
+    assert "Running stage 'train'" not in out  # the study trains its own contrastive model
+    report = json.loads((repo / "reports/efficiency.json").read_text())
+    assert set(report["curves"]) == set(OBJECTIVES)
+    for curve in report["curves"].values():
+        assert curve["images_seen"] == [64, 128]
+        assert set(curve["tasks"]) == {"shape", "color", "composition_seen"}
+        assert all(0 <= a <= 1 for a in curve["top1"])
+    assert report["target_accuracy"] == pytest.approx(0.5 * report["curves"]["contrastive"]["top1"][-1])
+    assert set(report["ratios"]) == {"contrastive_vs_bow", "bow_vs_captioning"}
+    assert report["paper_ratios"] == {"contrastive_vs_bow": 4.0, "bow_vs_captioning": 3.0}
+    assert (repo / "reports/plots/efficiency.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for objective in OBJECTIVES:
+        config = json.loads((repo / f"models/efficiency/{objective}/config.json").read_text())
+        assert config["objective"] == objective and (repo / "models/efficiency" / objective / config["weights"]).exists()
+
+    run_id = json.loads((repo / "reports/efficiency/decoder.json").read_text())["run_id"]
+    history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(run_id, "zero_shot.mean.top1")
+    assert sorted(m.step for m in history) == [64, 128]
+
+    again = dvc(repo, "repro", "efficiency/dvc.yaml").stdout
+    assert "Running stage" not in again  # ingest, tokenize and the study are all reused
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"efficiency": {"eval_images": 4}})))
+    assert "efficiency_train@bow" in dvc(repo, "status", "efficiency/dvc.yaml").stdout
+    # A plain `dvc repro` plans only the root dvc.yaml: its dry run (which stops at evaluate, whose
+    # model does not exist yet) lists the root stages and none of the changed study stages.
+    default = dvc(repo, "repro", "--dry", check=False)
+    assert "Running stage 'train'" in default.stdout and "efficiency" not in default.stdout + default.stderr
+
+
+def test_images_to_reach_interpolates_in_log_images():
+    curve = [{"images_seen": 100, "top1": 0.1}, {"images_seen": 10000, "top1": 0.5}, {"images_seen": 20000, "top1": 0.9}]
+    assert images_to_reach(curve, 0.3) == pytest.approx(1000)  # halfway in log10: 10^3
+    assert images_to_reach(curve, 0.05) == 100
+    assert images_to_reach(curve, 0.95) is None
