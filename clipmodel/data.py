@@ -6,13 +6,16 @@ seen, with no sampler state to save.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import tarfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 # CLIP's normalisation constants; kept for models trained from scratch so checkpoints stay interchangeable.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -21,12 +24,19 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class Corpus:
-    """Images (memory-mapped uint8 [N,S,S,3] shards), the manifest and the tokenized captions."""
+    """Images (memory-mapped uint8 [N,S,S,3] shards), the manifest and the tokenized captions.
+
+    With `data.output_format: webdataset` the train split lives in tar shards instead (streamed by
+    clipmodel.stream for training); `images` still reads any row, seeking to the PNG in its tar, so
+    the linear probe and the supervised baseline work on either layout.
+    """
     shards: list[np.ndarray]
     manifest: pd.DataFrame
     tokens: np.ndarray          # int32 [C, context]
     caption_start: np.ndarray   # int64 [N]: first caption row of each image
     caption_count: np.ndarray   # int64 [N]
+    tars: list[Path] = field(default_factory=list)  # train-NNNNNN.tar, when the train split is in tars
+    _members: dict[int, tuple[np.ndarray, list[str]]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, data_dir: str | Path = "data") -> "Corpus":
@@ -38,18 +48,44 @@ class Corpus:
         owner = np.load(data_dir / "caption_image.npy")
         count = np.bincount(owner, minlength=len(manifest)).astype(np.int64)
         start = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        return cls(shards, manifest, tokens, start, count)
+        tars = sorted((data_dir / "images").glob("train-*.tar"))
+        return cls(shards, manifest, tokens, start, count, tars)
 
     def images(self, index: np.ndarray) -> np.ndarray:
         """Gather uint8 [B,S,S,3] for global image indices, reading each shard once."""
+        index = np.asarray(index, dtype=np.int64)
         shard = self.manifest.shard.to_numpy()[index]
         row = self.manifest.row.to_numpy()[index]
-        out = np.empty((len(index), *self.shards[0].shape[1:]), dtype=np.uint8)
-        for s in np.unique(shard):
-            sel = np.flatnonzero(shard == s)
+        in_tar = (self.manifest.split.to_numpy()[index] == "train") & bool(self.tars)
+        size = self.shards[0].shape[1] if self.shards else self._from_tar(0, np.array([0]), None).shape[1]
+        out = np.empty((len(index), size, size, 3), dtype=np.uint8)
+        for s in np.unique(shard[~in_tar]):
+            sel = np.flatnonzero((shard == s) & ~in_tar)
             order = np.argsort(row[sel])  # sorted reads are sequential in the memory map
             out[sel[order]] = self.shards[s][row[sel][order]]
+        for s in np.unique(shard[in_tar]):
+            sel = np.flatnonzero((shard == s) & in_tar)
+            out[sel] = self._from_tar(int(s), row[sel], index[sel])
         return out
+
+    def _from_tar(self, shard: int, rows: np.ndarray, index: np.ndarray | None) -> np.ndarray:
+        """Decode the PNGs at positions `rows` of tar `shard` (random access through its member table)."""
+        path = self.tars[shard]
+        if shard not in self._members:
+            with tarfile.open(path) as tar:  # headers only: the data blocks are skipped by seeking
+                pngs = [m for m in tar.getmembers() if m.name.endswith(".png")]
+            self._members[shard] = (np.array([(m.offset_data, m.size) for m in pngs], dtype=np.int64),
+                                    [m.name for m in pngs])
+        table, names = self._members[shard]
+        out = []
+        with open(path, "rb") as f:
+            for k, r in enumerate(rows):
+                if index is not None and names[r] != f"{index[k]:09d}.png":
+                    raise ValueError(f"{path}: member {r} is {names[r]}, the manifest expects "
+                                     f"{index[k]:09d}.png; rerun ingest (dvc repro -f ingest)")
+                f.seek(table[r, 0])
+                out.append(np.asarray(Image.open(io.BytesIO(f.read(table[r, 1]))).convert("RGB")))
+        return np.stack(out)
 
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.manifest.split.to_numpy() == name)

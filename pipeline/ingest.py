@@ -4,6 +4,13 @@ Outputs: data/images/shard-NNNNN.npy (uint8 [n, S, S, 3], data.shard_images each
 data/manifest.parquet (one row per unique image, in shard order: id, source, captions, split,
 shard, row, labels), data/rejected.csv (source, reason, detail) and reports/ingest.json.
 
+With data.output_format: webdataset, the train split goes to data/images/train-NNNNNN.tar instead
+(WebDataset shards of NNNNNNNNN.png + .json, the format in clipmodel/stream.py, streamed by
+StreamingBatches), and only val and test go to the .npy shards, which stay small; a train row's
+shard and row then number its tar and its place in it. Anything that reads train pixels through
+clipmodel.data.Corpus (ContrastiveBatches, the supervised baseline, evaluate's linear probe) needs
+the npy format.
+
 Images are decoded once, in worker processes. Everything else (dedup, splits, shard order) happens
 in source order in this process, so the outputs do not depend on data.workers. Each output is
 written beside its target and renamed over it (the manifest last): an interrupted run leaves the
@@ -12,6 +19,9 @@ previous outputs, never half-written ones, and never touches the tokenize stage'
 from __future__ import annotations
 
 import hashlib
+import io
+import json
+import tarfile
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
@@ -26,6 +36,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tqdm import tqdm
 
 from clipmodel.images import ImageError, load_rgb, preprocess
@@ -41,11 +52,12 @@ MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("cap
                              ("split", pa.string()), ("shard", pa.int32()), ("row", pa.int32()),
                              ("labels", pa.string())])
 
-Decoded = tuple[np.ndarray, bytes] | Rejection  # (pixels, pixel digest) or why not
+Decoded = tuple[np.ndarray, bytes, bytes | None] | Rejection  # (pixels, pixel digest, PNG) or why not
 
 
-def decode(record: Record, size: int, background: tuple[int, int, int], max_pixels: int) -> Decoded:
-    """Runs in a worker: the record's pixels at the stored size, and a digest for exact dedup."""
+def decode(record: Record, size: int, background: tuple[int, int, int], max_pixels: int, png: bool) -> Decoded:
+    """Runs in a worker: the record's pixels at the stored size, a digest for exact dedup and, for
+    tar output, the PNG encoding (here, so it runs in parallel)."""
     try:
         if isinstance(record.image, Scene):
             pixels = render(record.image, size)
@@ -53,7 +65,27 @@ def decode(record: Record, size: int, background: tuple[int, int, int], max_pixe
             pixels = preprocess(load_rgb(record.image, background, max_pixels), size)
     except ImageError as e:
         return Rejection(record.origin, e.reason, e.detail)
-    return pixels, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest()
+    return pixels, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest(), encode_png(pixels) if png else None
+
+
+def sample_key(index: int) -> str:
+    """The member name stem of manifest row `index`: digits only, so it never holds a dot or a slash."""
+    return f"{index:09d}"
+
+
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Lossless and fast (zlib level 1): the pixels were already resized once; PNG adds no second loss."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def write_sample(tar: tarfile.TarFile, key: str, png: bytes, meta: dict) -> None:
+    """Appends key.png then key.json; mtime stays 0, so equal inputs give byte-equal shards."""
+    for suffix, data in (("png", png), ("json", json.dumps(meta).encode())):
+        info = tarfile.TarInfo(f"{key}.{suffix}")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
 
 
 def decode_in_order(items: Iterable[Item], work: Callable[[Record], Decoded],
@@ -109,10 +141,55 @@ class ShardWriter:
         np.save(self.folder / f"shard-{(self.count - 1) // self.per_shard:05d}.npy", self.buffer[:n])
 
 
+class TarShards:
+    """The train split as WebDataset shards, holding no pixels in memory.
+
+    Captions can still grow after an image is written (a later row of the same key, a pixel
+    duplicate), so images first go to spool tars; `finish` rewrites each with its final metadata,
+    deleting the spool as it goes: at most one shard is on disk twice.
+    """
+
+    def __init__(self, folder: Path, per_shard: int) -> None:
+        self.folder, self.per_shard, self.count = folder, per_shard, 0
+        self.spool: tarfile.TarFile | None = None
+
+    def add(self, index: int, png: bytes) -> None:
+        if self.count % self.per_shard == 0:
+            self._close_spool()
+            self.spool = tarfile.open(self._spool_path(self.count // self.per_shard), "w")
+        info = tarfile.TarInfo(f"{sample_key(index)}.png")
+        info.size = len(png)
+        self.spool.addfile(info, io.BytesIO(png))
+        self.count += 1
+
+    def finish(self, meta: Callable[[int], dict]) -> int:
+        """Writes train-NNNNNN.tar with `meta(index)` beside each image; returns the shard count."""
+        self._close_spool()
+        shards = -(-self.count // self.per_shard)
+        for n in range(shards):
+            spool = self._spool_path(n)
+            with tarfile.open(spool) as src, tarfile.open(self.folder / f"train-{n:06d}.tar", "w") as dst:
+                for member in src:
+                    index = int(member.name.partition(".")[0])
+                    write_sample(dst, sample_key(index), src.extractfile(member).read(), meta(index))
+            spool.unlink()
+        return shards
+
+    def _spool_path(self, n: int) -> Path:
+        return self.folder / f".spool-{n:06d}.tar"
+
+    def _close_spool(self) -> None:
+        if self.spool is not None:
+            self.spool.close()
+            self.spool = None
+
+
 @dataclass
 class Manifest:
-    """The per-image metadata, small enough to keep whole; shard and row follow from the position."""
+    """The per-image metadata, small enough to keep whole; shard and row follow from the position
+    (counted apart for the train split when it goes to tar shards)."""
     per_shard: int
+    tar_train: bool
     ids: list[str] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     captions: list[list[str]] = field(default_factory=list)
@@ -133,8 +210,16 @@ class Manifest:
         self.captions[index] += new
         return len(new)
 
+    def meta(self, index: int) -> dict:
+        """A tar sample's .json: what the stream needs (captions) and what identifies the image."""
+        return {"id": self.ids[index], "captions": self.captions[index], "labels": json.loads(self.labels[index]),
+                "source": self.sources[index]}
+
     def write(self, path: Path) -> None:
-        position = np.arange(len(self.ids))
+        in_tar = (np.array(self.splits) == "train") & self.tar_train
+        position = np.empty(len(self.ids), dtype=np.int64)
+        for store in (in_tar, ~in_tar):  # a running count within each store: npy shards, tar shards
+            position[store] = np.arange(store.sum())
         pq.write_table(pa.table({
             "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
             "shard": position // self.per_shard, "row": position % self.per_shard, "labels": self.labels,
@@ -144,15 +229,17 @@ class Manifest:
 def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_path: Path) -> dict:
     """Reads, decodes, dedups and writes; returns the report. Raises SourceError when nothing is usable."""
     start = time.perf_counter()
+    tar = data.output_format == "webdataset"
     shards = ShardWriter(images_dir, data.shard_images, data.image_size)
-    manifest = Manifest(data.shard_images)
+    tars = TarShards(images_dir, data.shard_images)
+    manifest = Manifest(data.shard_images, tar)
     by_key: dict[str, int] = {}         # key -> manifest index (of the first copy, after dedup)
     by_digest: dict[bytes, int] = {}    # pixel digest -> manifest index
     failed: dict[str, Rejection] = {}   # key -> why its image was refused, for later rows of that key
     rejected: list[Rejection] = []
     duplicates = 0
 
-    work = partial(decode, size=data.image_size, background=data.background, max_pixels=data.max_pixels)
+    work = partial(decode, size=data.image_size, background=data.background, max_pixels=data.max_pixels, png=tar)
     total = data.synthetic.num_images if data.source == "synthetic" else None
     with Pool(data.workers) if data.workers > 1 else nullcontext() as pool:
         stream = decode_in_order(read(data), work, pool.imap if pool else map)
@@ -168,16 +255,20 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
                 elif not manifest.add_captions(by_key[item.key], item.captions):
                     rejected.append(Rejection(item.origin, "duplicate_row", item.key))
             else:
-                pixels, digest = result
+                pixels, digest, png = result
                 if digest in by_digest:
                     duplicates += 1
                     manifest.add_captions(by_digest[digest], item.captions)
                     by_key[item.key] = by_digest[digest]
                 else:
-                    by_key[item.key] = by_digest[digest] = manifest.add(
-                        item, split_of(item.key, data.val_fraction, data.test_fraction))
-                    shards.add(pixels)
+                    split = split_of(item.key, data.val_fraction, data.test_fraction)
+                    by_key[item.key] = by_digest[digest] = manifest.add(item, split)
+                    if tar and split == "train":
+                        tars.add(by_key[item.key], png)
+                    else:
+                        shards.add(pixels)
     shards.close()
+    tar_shards = tars.finish(manifest.meta)
 
     reasons = Counter(r.reason for r in rejected)
     if not manifest.ids:
@@ -196,6 +287,8 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
         "images_per_s": round(len(manifest.ids) / seconds, 1),
         "seconds": round(seconds, 2),
         "source": data.source,
+        "output_format": data.output_format,
+        "tar_shards": tar_shards,
     }
 
 

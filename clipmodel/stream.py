@@ -1,0 +1,219 @@
+"""Training batches streamed from WebDataset tar shards, in bounded memory whatever the dataset size.
+
+The shard format (written by pipeline/ingest.py with `data.output_format: webdataset`, read here):
+each sample is two adjacent members sharing a key, the manifest row number zero-padded to nine digits:
+
+    000000042.png    the stored image, lossless: uint8 RGB, data.image_size square
+    000000042.json   {"id": source key, "captions": [...], "labels": {...}, "source": "..."}
+
+Every (rank, DataLoader worker) pair is one reader with its own shards: with `resample=True`, an
+endless stream of shards drawn with replacement from its own seeded RNG (webdataset's
+ResampledShards: readers draw different shards, though not disjoint sets); without, one pass over
+shards[reader::readers], disjoint. Memory held per reader: the tar member being read, a shuffle buffer
+of at most `shuffle_buffer` decoded samples (S*S*3 bytes each: 12 KiB at 64 px) and one batch.
+Images are decoded before the buffer, so every buffered sample is known good and a stream of
+nothing but bad samples stops with an error. Captions are tokenized on the fly.
+
+A reader's randomness is seeded by (seed, start_step, rank, worker), so a resumed run draws a fresh
+stream instead of replaying the first steps: streaming resume is statistically, not bit-, identical
+to an uninterrupted run (the npy path, ContrastiveBatches, is bit-identical).
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import tarfile
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path, PurePosixPath
+from typing import NamedTuple, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+
+from clipmodel.data import random_resized_crop, to_tensor
+from clipmodel.tokenizer import encode, load_tokenizer
+
+T = TypeVar("T")
+
+
+class SkippedSample(UserWarning):
+    """A sample (or a whole shard) the stream could not use; the message names shard, key and reason."""
+
+
+class BadSample(Exception):
+    """Why one sample is unusable: a reason code (as in ingest's rejected.csv) and a detail."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(reason, detail)
+        self.reason, self.detail = reason, detail
+
+
+class Sample(NamedTuple):
+    index: int           # the manifest row, from the key
+    pixels: np.ndarray   # uint8 [S, S, 3]
+    captions: list[str]
+
+
+def shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
+    """Shuffle through a buffer of at most `size` items: each new item evicts a random buffered one."""
+    buf: list[T] = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
+            continue
+        i = int(rng.integers(size))
+        yield buf[i]
+        buf[i] = item
+    rng.shuffle(buf)
+    yield from buf
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world size) of the initialised process group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class StreamingBatches(torch.utils.data.IterableDataset):
+    """Batches in ContrastiveBatches' format (images, tokens, caption_ids, image_index) from tar shards.
+
+    `batch_size` is per rank. Use with DataLoader(batch_size=None, num_workers=...): each worker
+    builds whole batches from its own shards. `epoch_samples` (e.g. the manifest's train count)
+    gives len(), the nominal steps per epoch, which the training loop uses for epoch boundaries.
+    """
+
+    def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,
+                 image_size: int, seed: int, crop_scale: tuple[float, float],
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), *, resample: bool = True,
+                 shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
+                 rank: int | None = None, world_size: int | None = None):
+        self.shards = sorted(glob.glob(shards)) if isinstance(shards, str) else [str(s) for s in shards]
+        if not self.shards:
+            raise FileNotFoundError(f"no tar shards match {shards!r}")
+        if (rank is None) != (world_size is None):
+            raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
+        self.rank, self.world_size = (rank, world_size) if rank is not None else distributed_rank()
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        if batch_size < 1 or shuffle_buffer < 1:
+            raise ValueError(f"batch_size ({batch_size}) and shuffle_buffer ({shuffle_buffer}) must be >= 1")
+        self.tokenizer, self.batch_size, self.image_size, self.seed = str(tokenizer), batch_size, image_size, seed
+        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.resample, self.shuffle_buffer, self.start_step = resample, shuffle_buffer, start_step
+        self.epoch_samples = epoch_samples
+        self.skipped: Counter[str] = Counter()  # reason -> count in this process; workers' show as warnings
+
+    def __len__(self) -> int:
+        if self.epoch_samples is None:
+            raise TypeError("StreamingBatches has no length: pass epoch_samples")
+        return self.epoch_samples // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = np.random.default_rng((self.seed, self.start_step, self.rank, worker))
+        tok = load_tokenizer(self.tokenizer)  # per worker: nothing heavy crosses the process boundary
+        samples = self._samples(self._shard_order(self.rank * workers + worker, self.world_size * workers, rng))
+        batch: list[Sample] = []
+        for sample in shuffle(samples, self.shuffle_buffer, rng):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, rng, tok)
+                batch = []
+        if batch:  # only a finite pass ends: its last batch may be short, so every sample is seen once
+            yield self._collate(batch, rng, tok)
+
+    def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
+        if self.resample:
+            while True:
+                yield self.shards[int(rng.integers(len(self.shards)))]
+        if len(self.shards) < readers:
+            raise ValueError(f"{len(self.shards)} shards for {readers} readers (world_size {self.world_size} "
+                             f"x DataLoader workers): each reader needs a shard of its own without resampling")
+        mine = self.shards[reader::readers]
+        yield from (mine[i] for i in rng.permutation(len(mine)))
+
+    def _samples(self, shards: Iterable[str]) -> Iterator[Sample]:
+        """The samples of each shard in turn; stops a stream that finds nothing usable in any shard."""
+        dry = 0
+        for shard in shards:
+            n = 0
+            for sample in self._read(shard):
+                n += 1
+                yield sample
+            dry = 0 if n else dry + 1
+            if dry >= len(self.shards):
+                raise RuntimeError(f"{dry} shards in a row held no usable sample (last: {shard}); "
+                                   "see the SkippedSample warnings")
+
+    def _read(self, shard: str) -> Iterator[Sample]:
+        """Streams a tar member by member; adjacent members with the same key form a sample."""
+        key, files = None, {}
+        try:
+            with tarfile.open(shard, mode="r|*") as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    name = PurePosixPath(member.name)
+                    stem, _, suffix = name.name.partition(".")
+                    if str(name.parent / stem) != key:
+                        if key is not None and (sample := self._parse(shard, key, files)):
+                            yield sample
+                        key, files = str(name.parent / stem), {}
+                    files[suffix.lower()] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            self._skip(shard, key or "-", "corrupt_shard", f"rest of the shard unread: {type(e).__name__}: {e}")
+        if key is not None and (sample := self._parse(shard, key, files)):  # checked like any other
+            yield sample
+
+    def _parse(self, shard: str, key: str, files: dict[str, bytes]) -> Sample | None:
+        """The decoded sample, or None (skipped and counted) when its key, captions or image are bad."""
+        try:
+            if not key.isdigit():
+                raise BadSample("bad_key", "expected the manifest row number")
+            if "png" not in files:
+                raise BadSample("missing_image", f"members {sorted(files)}")
+            try:
+                captions = json.loads(files["json"])["captions"]
+            except (KeyError, TypeError, ValueError) as e:
+                raise BadSample("missing_caption", f"{type(e).__name__}: {e}") from None
+            if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
+                raise BadSample("missing_caption", f"captions {captions!r:.60}")
+            return Sample(int(key), self._decode(files["png"]), captions)
+        except BadSample as e:
+            self._skip(shard, key, e.reason, e.detail)
+            return None
+
+    def _decode(self, png: bytes) -> np.ndarray:
+        try:
+            img = Image.open(io.BytesIO(png))
+            if img.size != (self.image_size, self.image_size):  # checked before decoding: no bombs
+                raise BadSample("bad_image", f"size {img.size}, expected {self.image_size}")
+            return np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad data
+            raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
+
+    def _collate(self, batch: list[Sample], rng: np.random.Generator, tok) -> dict[str, torch.Tensor]:
+        captions = [s.captions[int(rng.integers(len(s.captions)))] for s in batch]
+        tokens, _ = encode(tok, captions)
+        # Equal token rows are captions the model cannot tell apart: they share an id, as in
+        # ContrastiveBatches, without the global caption table a stream does not have.
+        caption_ids = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") >> 1
+                       for row in tokens]
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        pixels = to_tensor(np.stack([s.pixels for s in batch]))
+        pixels = random_resized_crop(pixels, self.crop_scale, self.crop_ratio, g)
+        return {"images": pixels, "tokens": torch.from_numpy(tokens.astype(np.int64)),
+                "caption_ids": torch.tensor(caption_ids, dtype=torch.int64),
+                "image_index": torch.tensor([s.index for s in batch], dtype=torch.int64)}
+
+    def _skip(self, shard: str, key: str, reason: str, detail: str) -> None:
+        self.skipped[reason] += 1
+        warnings.warn(f"{shard}:{key}: skipped ({reason}): {detail}", SkippedSample)
