@@ -7,15 +7,20 @@ AdamW, the contrastive loss and one optimiser step per batch, in this process:
   DataLoader), open_clip's CLIP and ClipLoss.
 A second pair of figures ("model_only") feeds both models the same pre-made tensors, separating
 the model and loss from the data path. Results: reports/benchmarks/train_throughput.json.
+Our step is the stage's (`pipeline.train.backward`): `--accum-steps K` measures exact accumulation
+over K micro-batches, `--nproc N` our side as N gloo processes with DDP, each on its slice of the
+global batch (open_clip stays one process: the ratio is then N processes against one).
 
-    python benchmarks/train_throughput.py [--steps 20] [--images 1024]
+    python benchmarks/train_throughput.py [--steps 20] [--images 1024] [--nproc 2] [--accum-steps 4]
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import yaml
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
@@ -34,8 +41,9 @@ sys.path.insert(0, str(ROOT))
 
 from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
-from clipmodel.loss import contrastive_loss  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
+from pipeline.params import Params  # noqa: E402
+from pipeline.train import Objective, backward, clip_objective, clip_split  # noqa: E402
 
 
 def make_workspace(root: Path, images: int) -> None:
@@ -72,6 +80,12 @@ def timed(step, batches, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def trainer(model, loss_fn, lr: float = 1e-3):
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=lr)
 
@@ -83,15 +97,57 @@ def trainer(model, loss_fn, lr: float = 1e-3):
     return step
 
 
+def our_trainer(model: CLIP, p: Params, net: torch.nn.Module):
+    """The stage's step: `backward` over train.accum_steps micro-batches (through DDP when data-parallel), AdamW."""
+    features, loss_from_features = clip_split(model, p)
+    obj = Objective(model, clip_objective(model, p), features=features, loss_from_features=loss_from_features)
+    opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def step(images, tokens):
+        batch = {"images": images, "tokens": tokens, "caption_ids": torch.arange(len(images))}
+        backward(obj, net, batch, p.train.accum_steps, torch.device("cpu"), "fp32", scaler)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def ours(rank: int, nproc: int, port: int, cfg: CLIPConfig, p: Params, data_dir: str, steps: int, warmup: int,
+         out: str) -> None:
+    """Our samples/s end to end and on one fixed batch, as one of `nproc` ranks (rank 0 writes them to `out`)."""
+    if nproc > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // nproc))
+        dist.init_process_group("gloo", rank=rank, world_size=nproc)
+    torch.manual_seed(0)
+    model = CLIP(cfg)
+    net = torch.nn.parallel.DistributedDataParallel(model) if nproc > 1 else model
+    corpus = Corpus.load(data_dir)
+    data = ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, 0, (0.8, 1.0))
+    share = slice(rank * p.train.batch_size // nproc, (rank + 1) * p.train.batch_size // nproc)
+    e2e = timed(our_trainer(model, p, net), ((b["images"][share], b["tokens"][share])
+                                             for b in (data[k % len(data)] for k in range(steps))), warmup)
+    fixed = data[0]
+    model_only = timed(our_trainer(model, p, net), [(fixed["images"][share], fixed["tokens"][share])] * steps, warmup)
+    if rank == 0:
+        Path(out).write_text(json.dumps([e2e * nproc, model_only * nproc]))  # every rank runs the same number of samples
+    if nproc > 1:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--images", type=int, default=1024)
+    ap.add_argument("--nproc", type=int, default=1)
+    ap.add_argument("--accum-steps", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/train_throughput.json"))
     args = ap.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     m, bs, size = params["model"], params["train"]["batch_size"], params["data"]["image_size"]
+    p = Params.model_validate({**params, "train": {**params["train"], "accum_steps": args.accum_steps,
+                                                   "nproc": args.nproc}})
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +161,6 @@ def main() -> None:
                          vision_layers=m["vision_layers"], vision_heads=m["vision_heads"],
                          vision_patch_size=m["vision_patch_size"], context_length=ctx, vocab_size=vocab,
                          text_width=m["text_width"], text_heads=m["text_heads"], text_layers=m["text_layers"])
-        ours = CLIP(cfg)
         peer = open_clip.model.CLIP(
             embed_dim=cfg.embed_dim,
             vision_cfg=CLIPVisionCfg(layers=cfg.vision_layers, width=cfg.vision_width, patch_size=cfg.vision_patch_size,
@@ -116,9 +171,13 @@ def main() -> None:
         peer_loss = open_clip.ClipLoss()
         steps = args.steps + args.warmup
 
-        data = ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0))
-        ours_e2e = timed(trainer(ours, contrastive_loss),
-                         ((b["images"], b["tokens"]) for b in (data[k % len(data)] for k in range(steps))), args.warmup)
+        result_file = root / "ours.json"
+        run = (args.nproc, free_port(), cfg, p, str(root / "data"), steps, args.warmup, str(result_file))
+        if args.nproc == 1:
+            ours(0, *run)
+        else:
+            mp.start_processes(ours, args=run, nprocs=args.nproc, start_method="spawn")
+        ours_e2e, ours_model = json.loads(result_file.read_text())
 
         png_dir = root / "png"
         png_dir.mkdir()
@@ -138,10 +197,8 @@ def main() -> None:
         batches = peer_batches()
         peer_e2e = timed(trainer(peer, peer_loss), (next(batches) for _ in range(steps)), args.warmup)
 
-        fixed = data[0]
-        same = [(fixed["images"], fixed["tokens"])] * steps
-        ours_model = timed(trainer(ours, contrastive_loss), same, args.warmup)
-        peer_model = timed(trainer(peer, peer_loss), same, args.warmup)
+        fixed = ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0))[0]
+        peer_model = timed(trainer(peer, peer_loss), [(fixed["images"], fixed["tokens"])] * steps, args.warmup)
 
     result = {
         "ours_samples_per_s": ours_e2e, "open_clip_samples_per_s": peer_e2e, "ratio": ours_e2e / peer_e2e,
@@ -149,6 +206,7 @@ def main() -> None:
                        "ratio": ours_model / peer_model},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "setup": {"batch_size": bs, "image_size": size, "model": m, "steps": args.steps, "warmup": args.warmup,
+                  "ours_processes": args.nproc, "accum_steps": args.accum_steps,
                   "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "open_clip": open_clip.__version__},
     }

@@ -22,32 +22,42 @@ def positives_from_ids(ids: torch.Tensor) -> torch.Tensor:
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                     positives: torch.Tensor | None = None) -> torch.Tensor:
+                     positives: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
     """CLIP's symmetric cross-entropy: each image picks its text among the batch and vice versa.
 
     logit_scale is the temperature already exponentiated (what CLIP.forward returns). With
     `positives` (bool [N, N], diagonal True) the target of each row and column is uniform over its
     positives instead of one-hot; with all-distinct positives that is exactly the standard loss.
+
+    `rows` restricts the loss to those images (against all texts) and those texts (against all images),
+    averaged over the rows: one rank's share of a data-parallel batch (train.local_loss). The mean of
+    the ranks' shares is the full loss, so averaging their gradients gives the full loss's gradient.
     """
-    logits = _logits(image_features, text_features, logit_scale)
+    rows = rows or slice(0, len(image_features))
+    per_image = _logits(image_features[rows], text_features, logit_scale)
+    per_text = _logits(text_features[rows], image_features, logit_scale)
     if positives is None:
-        labels = torch.arange(len(logits), device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
-    pos = positives.float()
-    return (F.cross_entropy(logits, pos / pos.sum(1, keepdim=True))
-            + F.cross_entropy(logits.T, pos.T / pos.T.sum(1, keepdim=True))) / 2
+        labels = torch.arange(len(image_features), device=per_image.device)[rows]
+        return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
+    pos_image, pos_text = positives[rows].float(), positives.T[rows].float()
+    return (F.cross_entropy(per_image, pos_image / pos_image.sum(1, keepdim=True))
+            + F.cross_entropy(per_text, pos_text / pos_text.sum(1, keepdim=True))) / 2
 
 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
-                 logit_bias: torch.Tensor, positives: torch.Tensor | None = None) -> torch.Tensor:
+                 logit_bias: torch.Tensor, positives: torch.Tensor | None = None,
+                 rows: slice | None = None) -> torch.Tensor:
     """SigLIP (Zhai et al. 2023): an independent binary decision per pair, label +1 for positives and
     -1 otherwise, summed over all pairs and divided by N as in the paper.
 
     No softmax couples the batch, so there is no normalisation across it. The paper initialises the
     log-temperature at log(10) and the bias at -10, so that the many negatives start near their
     target and do not swamp the first steps (CLIPConfig.init_logit_scale / init_logit_bias).
+    `rows`: only those images' pairs, divided by the number of rows, as in `contrastive_loss`.
     """
-    logits = _logits(image_features, text_features, logit_scale) + logit_bias.float()
-    pos = torch.eye(len(logits), dtype=torch.bool, device=logits.device) if positives is None else positives
+    rows = rows or slice(0, len(image_features))
+    logits = _logits(image_features[rows], text_features, logit_scale) + logit_bias.float()
+    n = len(image_features)
+    pos = torch.eye(n, dtype=torch.bool, device=logits.device)[rows] if positives is None else positives[rows]
     labels = 2 * pos.float() - 1
     return -F.logsigmoid(labels * logits).sum() / len(logits)

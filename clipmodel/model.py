@@ -151,12 +151,21 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + grid*grid, width]: the class token then the patch tokens, before ln_post."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
-        x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0]) @ self.proj
+        return self.transformer(self.ln_pre(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self.tokens(x)[:, 0]) @ self.proj
+
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, width, grid, grid]: the patch tokens after ln_post, for decoders that attend over space."""
+        x = self.ln_post(self.tokens(x)[:, 1:])
+        side = round(x.shape[1] ** 0.5)
+        return x.transpose(1, 2).reshape(x.shape[0], -1, side, side)
 
 
 class Bottleneck(nn.Module):
@@ -240,12 +249,15 @@ class ModifiedResNet(nn.Module):
             inplanes = planes * Bottleneck.expansion
         self.attnpool = AttentionPool2d(image_size // 32, inplanes, heads, output_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def grid(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, width * 32, H / 32, W / 32]: the last stage's map, before attention pooling."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = self.avgpool(F.relu(self.bn3(self.conv3(x))))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
-        return self.attnpool(x)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attnpool(self.grid(x))
 
 
 def vision_tower(cfg: CLIPConfig) -> nn.Module:

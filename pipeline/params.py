@@ -55,6 +55,7 @@ class DataParams(Section):
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     workers: int = Field(2, ge=1)
     shard_images: int = Field(4096, ge=1)
+    output_format: Literal["npy", "webdataset"] = "npy"  # webdataset: the train split as tar shards
     synthetic: SyntheticSource = SyntheticSource()
     csv: CsvSource = CsvSource()
     coco: CocoSource = CocoSource()
@@ -125,9 +126,17 @@ class TrainParams(Section):
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
     log_every: int = Field(10, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader processes; 0 assembles batches in the training process
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (torchrun); batch_size is the global batch
+    local_loss: bool = False  # each process computes only its rows of the logit matrices: same gradients, less memory
+    accum_steps: int = Field(1, ge=1)  # micro-batches per batch; exact for the contrastive loss (GradCache)
+    grad_checkpointing: bool = False  # recompute transformer activations in backward: memory for compute
+    compile: bool = False  # torch.compile the model
 
     @model_validator(mode="after")
     def _check(self) -> "TrainParams":
+        if self.batch_size % (self.nproc * self.accum_steps):
+            raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc x accum_steps "
+                             f"= {self.nproc * self.accum_steps}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("crop_scale must be 0 < low <= high <= 1")
         if not all(0 <= b < 1 for b in self.betas):
@@ -158,6 +167,31 @@ class ExportParams(Section):
     champion_metric: str = "zero_shot.shape.top1"  # a key of reports/metrics.json; higher wins `champion`
 
 
+class EfficiencyParams(Section):
+    """The data-efficiency study (efficiency/dvc.yaml): every objective on the same data, encoder and budget."""
+    budget_images: int = Field(64000, ge=2)      # images seen by each objective (steps * train.batch_size)
+    checkpoints: int = Field(7, ge=2)            # zero-shot evaluations, log-spaced in images seen
+    first_checkpoint: int = Field(1280, ge=1)    # images seen at the first evaluation
+    target_accuracy: float | None = Field(None, gt=0, le=1)  # null: half the contrastive model's final mean top-1
+    tasks: list[Literal["shape", "color", "size", "position", "count", "composition_seen",
+                        "composition_unseen"]] = ["shape", "color", "composition_seen"]
+    eval_images: int = Field(128, ge=1)          # test images per task (captioners score every prompt per image)
+    decoder_width: int = Field(128, ge=8)        # the captioners' decoder (and encoder) Transformer
+    decoder_layers: int = Field(3, ge=1)
+    decoder_heads: int = Field(4, ge=1)
+    encoder_layers: int = Field(1, ge=1)         # encoder-decoder captioner: Transformer layers over the image grid
+
+    @model_validator(mode="after")
+    def _check(self) -> "EfficiencyParams":
+        if self.decoder_width % self.decoder_heads:
+            raise ValueError(f"decoder_heads={self.decoder_heads} must divide decoder_width {self.decoder_width}")
+        if self.first_checkpoint >= self.budget_images:
+            raise ValueError("first_checkpoint must be below budget_images")
+        if not self.tasks:
+            raise ValueError("tasks: name at least one zero-shot task")
+        return self
+
+
 class Params(Section):
     data: DataParams = DataParams()
     tokenize: TokenizeParams = TokenizeParams()
@@ -165,6 +199,7 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    efficiency: EfficiencyParams = EfficiencyParams()
 
 
 class ParamsError(SystemExit):

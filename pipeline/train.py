@@ -5,6 +5,11 @@
 checkpoint holds the model, optimiser, scheduler, scaler, RNG states and the global step, and
 every batch is a function of (seed, step), so a run killed at any point and resumed ends with the
 same weights as one that never stopped.
+
+Data-parallel: with train.nproc > 1 the stage re-launches itself through torchrun (or is started by
+torchrun directly, on one or several nodes). Batch k is still the global batch k; each rank trains
+on its contiguous slice, features are gathered across ranks for the contrastive loss, and DDP
+averages the gradients. Checkpoints hold no per-rank state, so a run resumes on any number of ranks.
 """
 from __future__ import annotations
 
@@ -17,14 +22,17 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from clipmodel import distributed
 from clipmodel.checkpoint import save_safetensors
 from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
@@ -43,7 +51,15 @@ Batch = dict[str, torch.Tensor]
 
 @dataclass
 class Objective:
-    """What `fit` trains: the model, its loss on a batch, and hooks around the step."""
+    """What `fit` trains: the model, its loss on a batch, and hooks around the step.
+
+    `loss` alone must be a mean over samples: accumulation then averages micro-batch losses, which is
+    exact. A loss that couples the batch (contrastive) also gives its two halves, `features(net, batch)`
+    (the forward pass through `net`, the module fit hands over: the DDP wrapper when data-parallel),
+    returning per-sample tensors [B, ...] and shared 0-dim tensors (the temperature), and
+    `loss_from_features(features, batch)`. Then accumulation caches the features (GradCache) and the
+    objective can train data-parallel.
+    """
     model: nn.Module
     loss: Callable[[Batch], torch.Tensor]
     after_step: Callable[[], None] = lambda: None
@@ -52,6 +68,8 @@ class Objective:
     on_step: Callable[[int], None] = lambda step: None     # after each optimiser step, with the steps done
     checkpoint: Path = Path("checkpoints/train.pt")
     log_csv: Path = Path("reports/train_log.csv")
+    features: Callable[[nn.Module, Batch], tuple[torch.Tensor, ...]] | None = None
+    loss_from_features: Callable[[tuple[torch.Tensor, ...], Batch], torch.Tensor] | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,7 +103,8 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 def run_fingerprint(p: Params, data_fp: str, kind: str) -> str:
     """What a checkpoint must match to be resumed: every setting that changes the weights."""
-    train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device"})
+    train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
+                                        "local_loss", "grad_checkpointing", "compile"})
     blob = json.dumps([kind, p.model.model_dump(), train, p.tokenize.model_dump(), p.data.image_size, data_fp],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -120,12 +139,77 @@ def _write_log(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
+def micro_batches(batch: Batch, n: int) -> list[Batch]:
+    size = len(batch["images"]) // n
+    return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
+
+
+def backward(obj: Objective, net: nn.Module, batch: Batch, accum: int, device: torch.device, precision: str,
+             scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Forward and backward of this rank's share of a batch in `accum` micro-batches, leaving the
+    batch's gradients in .grad. Returns the loss, averaged over ranks so that all agree on it."""
+    if obj.features is None:
+        total = torch.zeros((), device=device)
+        for part in micro_batches(batch, accum):
+            with autocast(device, precision):
+                loss = obj.loss(part) / accum
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        return total
+    if accum == 1:
+        with autocast(device, precision):
+            loss = obj.loss_from_features(obj.features(net, batch), batch)
+        scaler.scale(loss).backward()
+        return distributed.mean(loss.detach())
+    return grad_cache(obj, net, batch, accum, device, precision, scaler)
+
+
+def grad_cache(obj: Objective, net: nn.Module, batch: Batch, accum: int, device: torch.device, precision: str,
+               scaler: torch.amp.GradScaler) -> torch.Tensor:
+    """Exact accumulation for a loss that couples the whole batch (GradCache, Gao et al. 2021).
+
+    Micro-batch features are computed without a graph, the loss and its gradient w.r.t. those
+    features on the full batch, then each micro-batch is re-run with a graph and back-propagates its
+    slice of that gradient: the same parameter gradient as one big batch, with one micro-batch's
+    activations in memory. The shared scalars' gradient (the temperature's) goes back once, in the
+    last re-run, which is also the only one DDP synchronises. The model is dropout-free and the
+    re-run sees the same tensors, so it reproduces the cached features; BatchNorm normalises with each
+    micro-batch's statistics, which is the one way this differs from a big batch.
+    """
+    parts = micro_batches(batch, accum)
+    buffers = [b.clone() for b in obj.model.buffers()]
+    with torch.no_grad(), autocast(device, precision):
+        cached = [obj.features(net, part) for part in parts]
+    for b, saved in zip(obj.model.buffers(), buffers):  # running statistics: updated once, by the re-run
+        b.copy_(saved)
+    leaves = tuple((torch.cat(f) if f[0].ndim else f[0]).detach().requires_grad_() for f in zip(*cached))
+    with autocast(device, precision):
+        loss = obj.loss_from_features(leaves, batch)
+    scaler.scale(loss).backward()
+    size = len(parts[0]["images"])
+    for i, part in enumerate(parts):
+        last = i == accum - 1
+        sync = nullcontext() if last or not isinstance(net, DistributedDataParallel) else net.no_sync()
+        with sync, autocast(device, precision):
+            grads = [leaf.grad[i * size:(i + 1) * size] if leaf.ndim else leaf.grad * last for leaf in leaves]
+            surrogate = sum((f.float() * g.float()).sum() for f, g in zip(obj.features(net, part), grads))
+        surrogate.backward()
+    return distributed.mean(loss.detach())
+
+
 def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch.device, total: int,
         fingerprint: str, state: dict | None, run_id: str | None) -> list[dict]:
     """The training loop shared by every objective: `total` steps of `data` (epochs wrap around).
 
+    Every rank calls it with the same arguments; rank 0 alone logs, validates and writes files.
     Returns the logged rows (step, loss, lr, ...)."""
     model = obj.model
+    world, rank, main = distributed.world(), distributed.rank(), distributed.is_main()
+    if tp.batch_size % (world * tp.accum_steps):
+        raise SystemExit(f"train: train.batch_size={tp.batch_size} must be divisible by {world} process(es) "
+                         f"x train.accum_steps={tp.accum_steps}")
+    if world > 1 and obj.features is None:
+        raise SystemExit("train: data-parallel training needs an Objective with features and loss_from_features")
     opt = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=tp.lr, betas=tp.betas, eps=tp.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tp.warmup_steps, total))
     scaler = torch.amp.GradScaler(device.type, enabled=tp.precision == "fp16" and device.type == "cuda")
@@ -139,7 +223,15 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
         if state["cuda_rng"]:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = state["step"]
-        print(f"train: resuming at step {start}/{total}")
+        if main:
+            print(f"train: resuming at step {start}/{total}")
+    net = model
+    if world > 1:
+        if device.type == "cuda":  # batch statistics over the global batch, as on one GPU (gloo has no SyncBatchNorm)
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    if tp.compile:
+        model.compile()
 
     def save(step: int) -> None:
         snapshot = {"step": step, "fingerprint": fingerprint, "run_id": run_id, "model": model.state_dict(),
@@ -152,15 +244,16 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
     log = tracking.mlflow.active_run() is not None
     loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
                                          num_workers=tp.workers, pin_memory=device.type == "cuda")
-    rows = _read_log(obj.log_csv, start)
+    share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)  # this rank's rows of each batch
+    rows = _read_log(obj.log_csv, start) if main else []
     bad, t_last, n_last = 0, time.perf_counter(), 0
     model.train()
-    bar = tqdm(loader, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+    bar = tqdm(loader, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
     for step, batch in enumerate(bar, start=start):
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast(device, tp.precision):
-            loss = obj.loss(batch)
+        n_last += len(batch["images"])
+        batch = {k: v[share].to(device, non_blocking=True) for k, v in batch.items()}
+        loss = backward(obj, net, batch, tp.accum_steps, device, tp.precision, scaler)
         if not torch.isfinite(loss):
             bad += 1
             opt.zero_grad(set_to_none=True)
@@ -172,7 +265,6 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
                                  f"stopped, last good checkpoint kept at {obj.checkpoint}")
             continue
         bad = 0
-        scaler.scale(loss).backward()
         if tp.grad_clip > 0:
             scaler.unscale_(opt)
             torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
@@ -181,9 +273,9 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
         opt.zero_grad(set_to_none=True)
         sched.step()
         obj.after_step()
+        if not main:
+            continue
         obj.on_step(step + 1)
-
-        n_last += len(batch["images"])
         if (step + 1) % tp.log_every == 0 or step + 1 == total:
             now = time.perf_counter()
             metrics = {"loss": loss.item(), "lr": sched.get_last_lr()[0], **obj.step_metrics(),
@@ -207,14 +299,38 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
     return rows
 
 
+def clip_loss(p: Params, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+              caption_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+    positives = positives_from_ids(caption_ids) if p.train.multi_positive else None
+    if p.train.loss == "sigmoid":
+        return sigmoid_loss(image, text, scale, bias, positives, rows)
+    return contrastive_loss(image, text, scale, positives, rows)
+
+
 def clip_objective(model: CLIP, p: Params) -> Callable[[Batch], torch.Tensor]:
+    """The loss of one batch in one process."""
     def loss(batch: Batch) -> torch.Tensor:
         image, text, scale = model(batch["images"], batch["tokens"])
-        positives = positives_from_ids(batch["caption_ids"]) if p.train.multi_positive else None
-        if p.train.loss == "sigmoid":
-            return sigmoid_loss(image, text, scale, model.logit_bias, positives)
-        return contrastive_loss(image, text, scale, positives)
+        return clip_loss(p, image, text, scale, model.logit_bias, batch["caption_ids"])
     return loss
+
+
+def clip_split(model: CLIP, p: Params) -> tuple[Callable, Callable]:
+    """`clip_objective` as Objective.features and .loss_from_features. The loss sees the global batch:
+    every rank's features are gathered with their gradients, so each rank's images meet all texts
+    as negatives. With train.local_loss a rank computes only its own rows of the logit matrices
+    (against all columns): O(B/N x B) memory instead of O(B x B), the same gradients."""
+    def features(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
+        image, text, scale = net(batch["images"], batch["tokens"])
+        return (image, text, scale) if model.logit_bias is None else (image, text, scale, model.logit_bias)
+
+    def loss_from_features(features: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
+        image, text, scale, *bias = features
+        n, r = len(image), distributed.rank()
+        rows = slice(r * n, (r + 1) * n) if p.train.local_loss else None
+        return clip_loss(p, distributed.gather(image), distributed.gather(text), scale, bias[0] if bias else None,
+                         distributed.gather(batch["caption_ids"]), rows)
+    return features, loss_from_features
 
 
 @torch.no_grad()
@@ -224,7 +340,6 @@ def validate(model: CLIP, corpus: Corpus, data: ContrastiveBatches, p: Params,
     index = corpus.split("val")
     if len(index) == 0:
         return {}
-    loss_fn = clip_objective(model, p)
     caption = corpus.caption_start[index]  # each image's first caption
     images, texts, losses = [], [], []
     bs = p.train.batch_size
@@ -233,9 +348,9 @@ def validate(model: CLIP, corpus: Corpus, data: ContrastiveBatches, p: Params,
                  "tokens": torch.from_numpy(corpus.tokens[caption[s:s + bs]].astype(np.int64)).to(device),
                  "caption_ids": torch.from_numpy(data.caption_id[caption[s:s + bs]].reshape(-1)).to(device)}
         with autocast(device, p.train.precision):
-            img, txt, _ = model(batch["images"], batch["tokens"])
+            img, txt, scale = model(batch["images"], batch["tokens"])
             if len(img) > 1:
-                losses.append(loss_fn(batch).item())
+                losses.append(clip_loss(p, img, txt, scale, model.logit_bias, batch["caption_ids"]).item())
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
     keys = torch.from_numpy(data.caption_id[caption].reshape(-1, 1).astype(np.int64))
@@ -245,32 +360,45 @@ def validate(model: CLIP, corpus: Corpus, data: ContrastiveBatches, p: Params,
 
 def main() -> None:
     p = load_params()
+    if p.train.nproc > 1 and not distributed.launched():
+        distributed.relaunch(p.train.nproc, "pipeline.train")
     torch.manual_seed(p.train.seed)
     device = resolve_device(p.train.device)
+    distributed.init(device)
     corpus = Corpus.load(DATA)
     tok = load_tokenizer(DATA / "tokenizer.json")
     cfg = model_config(p, tok.get_vocab_size())
     model = CLIP(cfg).to(device)
+    model.set_grad_checkpointing(p.train.grad_checkpointing)
     data = ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale)
 
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
     fingerprint = run_fingerprint(p, data_fp, "clip")
+    features, loss_from_features = clip_split(model, p)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
                     step_metrics=lambda: {"logit_scale": model.logit_scale.exp().item()},
-                    validate=lambda: validate(model, corpus, data, p, device))
-    state = load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume else None
-    run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp))
-    if state is None:
-        tracking.mlflow.log_params(tracking.flatten(p.model_dump()))
-        tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(data.index),
-                                    "total_steps": p.train.epochs * len(data),
-                                    "parameters": sum(x.numel() for x in model.parameters())})
+                    validate=lambda: validate(model, corpus, data, p, device),
+                    features=features, loss_from_features=loss_from_features)
+    main_rank = distributed.is_main()
+    state = distributed.broadcast(load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume and main_rank else None)
+    run_id = None
+    if main_rank:
+        run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp))
+        if state is None:
+            tracking.mlflow.log_params(tracking.flatten(p.model_dump()))
+            tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(data.index),
+                                        "total_steps": p.train.epochs * len(data),
+                                        "parameters": sum(x.numel() for x in model.parameters())})
     rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id)
+    processes = distributed.world()
+    distributed.finish()
+    if not main_rank:
+        return
     save_model(model, cfg, p, data_fp)
     plot = plot_training_curves(obj.log_csv, Path("reports/plots/train_curves.png"))
     speeds = [r["samples_per_s"] for r in rows[1:]] or [float("nan")]
     summary = {"steps": int(rows[-1]["step"]), "final_loss": rows[-1]["loss"],
-               "samples_per_s": float(np.median(speeds)),
+               "samples_per_s": float(np.median(speeds)), "processes": processes,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     write_json("reports/train.json", summary)
     tracking.mlflow.log_metrics({"train_samples_per_s": summary["samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"]})

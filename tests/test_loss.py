@@ -98,3 +98,26 @@ def test_gradients_finite_and_fp32_under_autocast(loss):
     value.backward()
     for t in (image, text, scale) + ((bias,) if loss.startswith("sigmoid") else ()):
         assert t.grad is not None and torch.isfinite(t.grad).all()
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "contrastive-multi", "sigmoid", "sigmoid-multi"])
+def test_row_shares_average_to_the_full_loss_and_gradient(loss):
+    """train.local_loss: each of 4 ranks takes 2 rows; the mean of their losses (and gradients) is the full one."""
+    image, text = features()
+    scale = torch.tensor(10.0, requires_grad=True)
+    bias = torch.tensor(-5.0, requires_grad=True)
+    positives = positives_from_ids(torch.tensor([0, 1, 0, 2, 3, 3, 4, 5])) if loss.endswith("multi") else None
+
+    def value(rows=None):
+        if loss.startswith("sigmoid"):
+            return sigmoid_loss(image, text, scale, bias, positives, rows)
+        return contrastive_loss(image, text, scale, positives, rows)
+
+    def grads(v):
+        return torch.autograd.grad(v, (image, text, scale, bias), allow_unused=True, materialize_grads=True)
+    full = value()
+    shares = torch.stack([value(slice(2 * r, 2 * r + 2)) for r in range(4)]).mean()
+    torch.testing.assert_close(shares, full, rtol=0, atol=1e-6)
+    for a, b in zip(grads(shares), grads(full)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    assert not torch.allclose(value(slice(0, 2)), full)  # a share alone is not the full loss

@@ -1,0 +1,210 @@
+"""Data-parallel training, exact gradient accumulation and activation checkpointing.
+
+Each compares gradients (or final weights) against one process training on the whole batch: two
+gloo processes on this CPU, k micro-batches, recomputed activations must all give the same numbers.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from safetensors.numpy import load_file
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from clipmodel.model import CLIP, CLIPConfig, vision_tower
+from conftest import TINY, merge, run_stage, stage_env, write_params
+from pipeline.params import Params
+from pipeline.train import Objective, backward, clip_objective, clip_split
+
+CFG = CLIPConfig(embed_dim=16, image_size=32, vision="vit", vision_width=32, vision_layers=2, vision_heads=2,
+                 vision_patch_size=8, context_length=16, vocab_size=300, text_width=32, text_heads=2, text_layers=2)
+NO_SCALER = torch.amp.GradScaler("cpu", enabled=False)
+CPU = torch.device("cpu")
+
+
+def params(**train) -> Params:
+    return Params.model_validate(merge(TINY, {"train": train}))
+
+
+def make_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(3, 16, (n,), generator=g)
+    tokens = torch.randint(3, 300, (n, 16), generator=g)
+    tokens[torch.arange(16) >= lengths[:, None]] = 0
+    return {"images": torch.randn(n, 3, 32, 32, generator=g), "tokens": tokens,
+            "caption_ids": torch.randint(0, n // 2, (n,), generator=g), "image_index": torch.arange(n)}
+
+
+def clip_model(p: Params) -> CLIP:
+    torch.manual_seed(0)
+    cfg = CLIPConfig(**{**CFG.to_dict(), "init_logit_bias": -10.0 if p.train.loss == "sigmoid" else None})
+    return CLIP(cfg)
+
+
+def clip_grads(p: Params, batch, accum: int = 1, net: nn.Module | None = None,
+               model: CLIP | None = None) -> tuple[float, dict[str, torch.Tensor]]:
+    model = model or clip_model(p)
+    features, loss_from_features = clip_split(model, p)
+    obj = Objective(model, clip_objective(model, p), features=features, loss_from_features=loss_from_features)
+    loss = backward(obj, net or model, batch, accum, CPU, "fp32", NO_SCALER)
+    return loss.item(), {n: q.grad.clone() for n, q in model.named_parameters()}
+
+
+def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+@pytest.mark.parametrize("train", [{}, {"loss": "sigmoid", "multi_positive": True}])
+def test_accumulation_is_exact_for_the_contrastive_loss(train):
+    p, batch = params(**train), make_batch(16)
+    loss1, full = clip_grads(p, batch)
+    loss4, accumulated = clip_grads(p, batch, accum=4)
+    assert loss4 == pytest.approx(loss1, abs=1e-6)
+    assert full["logit_scale"].abs() > 1e-4  # the temperature's gradient is part of the comparison
+    assert_grads_close(accumulated, full)
+
+
+def test_accumulation_is_exact_for_a_per_sample_loss():
+    torch.manual_seed(0)
+    model = nn.Sequential(vision_tower(CFG), nn.Linear(CFG.embed_dim, 5))
+    labels = torch.randint(0, 5, (16,))
+    batch = make_batch(16)
+    obj = Objective(model, lambda b: F.cross_entropy(model(b["images"]), labels[b["image_index"]]))
+    grads = []
+    for accum in (1, 4):
+        model.zero_grad()
+        backward(obj, model, batch, accum, CPU, "fp32", NO_SCALER)
+        grads.append({n: q.grad.clone() for n, q in model.named_parameters()})
+    assert_grads_close(grads[1], grads[0])
+
+
+def saved_bytes(fn) -> tuple[torch.Tensor, int]:
+    """Bytes autograd keeps for backward while `fn` runs: the activations checkpointing trades away."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, total
+
+
+@pytest.mark.parametrize("tower", ["image", "text"])
+def test_grad_checkpointing_saves_activations_with_the_same_gradients(tower):
+    model = clip_model(params())
+    batch = make_batch(8)
+    run = (lambda: model.encode_image(batch["images"])) if tower == "image" else (
+        lambda: model.encode_text(batch["tokens"]))
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        out, size = saved_bytes(run)
+        out.square().sum().backward()
+        results.append((size, {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}))
+    (plain, grads), (checkpointed, grads_ckpt) = results
+    assert checkpointed < plain / 2, (checkpointed, plain)
+    assert_grads_close(grads_ckpt, grads, atol=1e-6)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+CASES = [({}, 1), ({"local_loss": True}, 1), ({}, 2), ({"local_loss": True, "loss": "sigmoid", "multi_positive": True}, 2)]
+
+
+def _rank(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    batch = make_batch(16)
+    share = slice(rank * 8, (rank + 1) * 8)
+    results = []
+    for train, accum in CASES:
+        p = params(**train)
+        model = clip_model(p)
+        loss, grads = clip_grads(p, {k: v[share] for k, v in batch.items()}, accum, DistributedDataParallel(model),
+                                 model)
+        results.append((loss, grads))
+    if rank == 0:
+        torch.save(results, out)
+    dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_give_the_single_process_loss_and_gradients(tmp_path):
+    out = tmp_path / "ranks.pt"
+    mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2)
+    batch = make_batch(16)
+    for (train, accum), (loss, grads) in zip(CASES, torch.load(out, weights_only=True)):
+        p = params(**train)
+        expected_loss, expected = clip_grads(p, batch)
+        assert loss == pytest.approx(expected_loss, abs=1e-5), (train, accum)
+        assert_grads_close(grads, expected)
+
+
+def test_batch_must_divide_into_processes_and_micro_batches():
+    with pytest.raises(ValueError, match="batch_size=30 must be divisible by nproc x accum_steps = 4"):
+        params(batch_size=30, nproc=2, accum_steps=2)
+
+
+def weights(workdir):
+    return load_file(workdir / "models" / "clip.safetensors")
+
+
+def max_diff(a, b) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max(float(np.abs(wa[k] - wb[k]).max()) for k in wa)
+
+
+def clone(workspace, dest):
+    shutil.copytree(workspace / "data", dest / "data")
+    shutil.copy(workspace / "params.yaml", dest / "params.yaml")
+    return dest
+
+
+def test_stage_resumed_on_two_processes_matches_one_process(workspace, tmp_path_factory):
+    """A one-process run killed mid-way and resumed with train.nproc: 2 (`python -m pipeline.train`
+    re-launches itself through torchrun) ends with the weights of an uninterrupted one-process run."""
+    one = clone(workspace, tmp_path_factory.mktemp("one"))
+    run_stage(one, "train")
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = workspace / "checkpoints" / "train.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if torch.load(ckpt, weights_only=True)["step"] >= 4:
+                break
+        except Exception:  # not written yet, or caught between write and rename
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+
+    write_params(workspace, merge(TINY, {"train": {"nproc": 2}}))
+    out = run_stage(workspace, "train")
+    assert "resuming at step" in out.stdout and "'processes': 2" in out.stdout
+    diff = max_diff(one, workspace)
+    print(f"max |w_2proc - w_1proc| = {diff:.2e}")
+    assert diff < 1e-5
