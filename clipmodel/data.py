@@ -37,6 +37,7 @@ class Corpus:
     caption_count: np.ndarray   # int64 [N]
     tars: list[Path] = field(default_factory=list)  # train-NNNNNN.tar, when the train split is in tars
     _members: dict[int, tuple[np.ndarray, list[str]]] = field(default_factory=dict, repr=False)
+    _caption_ids: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, data_dir: str | Path = "data") -> "Corpus":
@@ -90,6 +91,14 @@ class Corpus:
     def split(self, name: str) -> np.ndarray:
         return np.flatnonzero(self.manifest.split.to_numpy() == name)
 
+    def caption_ids(self) -> np.ndarray:
+        """[C] one id per distinct token row, i.e. per distinct normalised caption text (cached).
+
+        The multi-positive loss and the retrieval metrics treat equal ids as the same caption."""
+        if self._caption_ids is None:
+            self._caption_ids = np.unique(np.asarray(self.tokens), axis=0, return_inverse=True)[1].reshape(-1)
+        return self._caption_ids
+
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [B,H,W,3] -> normalised float [B,3,H,W], the encoders' input."""
@@ -127,8 +136,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         self.corpus, self.index, self.batch_size, self.seed = corpus, index, batch_size, seed
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.steps_per_epoch = len(index) // batch_size  # drop the ragged tail: the loss wants full batches
-        # Identical token rows are identical normalised captions: the multi-positive loss needs their ids.
-        _, self.caption_id = np.unique(np.asarray(corpus.tokens), axis=0, return_inverse=True)
+        self.caption_id = corpus.caption_ids()
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -149,7 +157,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = random_resized_crop(to_tensor(c.images(images)), self.crop_scale, self.crop_ratio, g)
         return {"images": pixels, "tokens": torch.from_numpy(c.tokens[caption].astype(np.int64)),
-                "caption_ids": torch.from_numpy(self.caption_id[caption].reshape(-1)),
+                "caption_ids": torch.from_numpy(self.caption_id[caption]),
                 "image_index": torch.from_numpy(images)}
 
     __getitem__ = batch

@@ -146,8 +146,7 @@ def main() -> None:
             if probe:
                 metrics["linear_probe"][name] = probe
 
-    caption_id = np.unique(np.asarray(corpus.tokens), axis=0, return_inverse=True)[1].reshape(-1)
-    rows, image_keys, text_keys = match_keys(corpus, test, caption_id)
+    rows, image_keys, text_keys = match_keys(corpus, test, corpus.caption_ids())
     with torch.no_grad():
         text_feats = torch.cat([F.normalize(model.encode_text(torch.from_numpy(
             np.asarray(corpus.tokens[rows[s:s + ev.batch_size]])).long()), dim=-1)

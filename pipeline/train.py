@@ -38,6 +38,7 @@ from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
 from clipmodel.loss import contrastive_loss, positives_from_ids, sigmoid_loss
 from clipmodel.model import CLIP, CLIPConfig, param_groups
+from clipmodel.stream import StreamingBatches
 from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer
 from pipeline import tracking
@@ -197,7 +198,7 @@ def grad_cache(obj: Objective, net: nn.Module, batch: Batch, accum: int, device:
     return distributed.mean(loss.detach())
 
 
-def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch.device, total: int,
+def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainParams, device: torch.device, total: int,
         fingerprint: str, state: dict | None, run_id: str | None) -> list[dict]:
     """The training loop shared by every objective: `total` steps of `data` (epochs wrap around).
 
@@ -242,16 +243,23 @@ def fit(obj: Objective, data: ContrastiveBatches, tp: TrainParams, device: torch
             torch.save(snapshot, tmp)
 
     log = tracking.mlflow.active_run() is not None
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
-                                         num_workers=tp.workers, pin_memory=device.type == "cuda")
-    share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)  # this rank's rows of each batch
+    pin = device.type == "cuda"
+    if isinstance(data, StreamingBatches):  # each rank streams its own share; a resumed run draws a fresh stream
+        data.start_step = start
+        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=tp.workers, pin_memory=pin)
+        share, per_step = slice(None), tp.batch_size
+    else:  # batch k is the global batch k: each rank takes its contiguous rows
+        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
+                                             num_workers=tp.workers, pin_memory=pin)
+        share, per_step = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world), tp.batch_size
     rows = _read_log(obj.log_csv, start) if main else []
     bad, t_last, n_last = 0, time.perf_counter(), 0
     model.train()
-    bar = tqdm(loader, total=total, initial=start, desc="train", unit="step", dynamic_ncols=True, disable=not main,
+    bar = tqdm(zip(range(start, total), loader), total=total, initial=start, desc="train", unit="step",
+               dynamic_ncols=True, disable=not main,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
-    for step, batch in enumerate(bar, start=start):
-        n_last += len(batch["images"])
+    for step, batch in bar:
+        n_last += per_step
         batch = {k: v[share].to(device, non_blocking=True) for k, v in batch.items()}
         loss = backward(obj, net, batch, tp.accum_steps, device, tp.precision, scaler)
         if not torch.isfinite(loss):
@@ -334,8 +342,7 @@ def clip_split(model: CLIP, p: Params) -> tuple[Callable, Callable]:
 
 
 @torch.no_grad()
-def validate(model: CLIP, corpus: Corpus, data: ContrastiveBatches, p: Params,
-             device: torch.device) -> dict[str, float]:
+def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
     """Validation loss (in training-size batches) and image->text retrieval R@1 on the val split."""
     index = corpus.split("val")
     if len(index) == 0:
@@ -346,16 +353,30 @@ def validate(model: CLIP, corpus: Corpus, data: ContrastiveBatches, p: Params,
     for s in range(0, len(index), bs):
         batch = {"images": to_tensor(corpus.images(index[s:s + bs])).to(device),
                  "tokens": torch.from_numpy(corpus.tokens[caption[s:s + bs]].astype(np.int64)).to(device),
-                 "caption_ids": torch.from_numpy(data.caption_id[caption[s:s + bs]].reshape(-1)).to(device)}
+                 "caption_ids": torch.from_numpy(corpus.caption_ids()[caption[s:s + bs]]).to(device)}
         with autocast(device, p.train.precision):
             img, txt, scale = model(batch["images"], batch["tokens"])
             if len(img) > 1:
                 losses.append(clip_loss(p, img, txt, scale, model.logit_bias, batch["caption_ids"]).item())
         images.append(img.float().cpu())
         texts.append(txt.float().cpu())
-    keys = torch.from_numpy(data.caption_id[caption].reshape(-1, 1).astype(np.int64))
+    keys = torch.from_numpy(corpus.caption_ids()[caption].reshape(-1, 1).astype(np.int64))
     r = summarize(ranks(torch.cat(images), torch.cat(texts), keys, keys))
     return {"val_loss": float(np.mean(losses)) if losses else float("nan"), "val_r1": r["r1"]}
+
+
+def training_batches(p: Params, corpus: Corpus) -> ContrastiveBatches | StreamingBatches:
+    """The train split as random-access batches (npy shards, bit-exact resume) or streamed from the
+    WebDataset shards ingest wrote with data.output_format: webdataset (bounded memory, any size)."""
+    if p.data.output_format == "npy":
+        return ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale)
+    if not corpus.tars:
+        raise SystemExit(f"train: data.output_format is webdataset but {DATA}/images holds no train-*.tar; "
+                         "run `dvc repro ingest`")
+    return StreamingBatches([str(t) for t in corpus.tars], DATA / "tokenizer.json",
+                            batch_size=p.train.batch_size // distributed.world(), image_size=p.data.image_size,
+                            seed=p.train.seed, crop_scale=p.train.crop_scale, resample=True,
+                            epoch_samples=len(corpus.split("train")))
 
 
 def main() -> None:
@@ -370,14 +391,14 @@ def main() -> None:
     cfg = model_config(p, tok.get_vocab_size())
     model = CLIP(cfg).to(device)
     model.set_grad_checkpointing(p.train.grad_checkpointing)
-    data = ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale)
+    data = training_batches(p, corpus)
 
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
     fingerprint = run_fingerprint(p, data_fp, "clip")
     features, loss_from_features = clip_split(model, p)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
                     step_metrics=lambda: {"logit_scale": model.logit_scale.exp().item()},
-                    validate=lambda: validate(model, corpus, data, p, device),
+                    validate=lambda: validate(model, corpus, p, device),
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()
     state = distributed.broadcast(load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume and main_rank else None)
@@ -386,7 +407,7 @@ def main() -> None:
         run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp))
         if state is None:
             tracking.mlflow.log_params(tracking.flatten(p.model_dump()))
-            tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(data.index),
+            tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
                                         "total_steps": p.train.epochs * len(data),
                                         "parameters": sum(x.numel() for x in model.parameters())})
     rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from clipmodel.data import Corpus, to_tensor
 from clipmodel.stream import SkippedSample, StreamingBatches, shuffle
 from clipmodel.tokenizer import SOT_ID, encode, load_tokenizer, train_tokenizer
+from conftest import ROOT, TINY, merge, run_stage, write_params
 from pipeline.ingest import encode_png, run, sample_key
 from pipeline.params import DataParams
 
@@ -248,3 +250,18 @@ def test_shuffle_holds_at_most_its_buffer():
     assert sorted(out) == list(range(1000)) and out != list(range(1000))
     # local only: no item moves earlier than the buffer allows
     assert min(out.index(i) - i for i in range(1000)) >= -50
+
+
+def test_pipeline_trains_and_evaluates_from_tar_shards(tmp_path):
+    """output_format webdataset end to end: ingest writes tars, train streams them, evaluate's linear
+    probe reads train pixels back out of them."""
+    write_params(tmp_path, merge(TINY, {"data": {"output_format": "webdataset"}, "train": {"epochs": 1}}))
+    shutil.copytree(ROOT / "templates", tmp_path / "templates")
+    for stage in ("ingest", "tokenize", "train", "evaluate"):
+        run_stage(tmp_path, stage)
+    assert list((tmp_path / "data/images").glob("train-*.tar"))
+    train = json.loads((tmp_path / "reports/train.json").read_text())
+    steps = len(pd.read_parquet(tmp_path / "data/manifest.parquet").query("split == 'train'")) // 32
+    assert train["steps"] == steps
+    metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert "shape" in metrics["linear_probe"] and metrics["retrieval"]["image_to_text"]["r1"] > 0
