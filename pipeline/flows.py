@@ -312,10 +312,11 @@ def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
 
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment(repo: str, experiment: str) -> str:
-    """`dvc exp save -n NAME`, including the uncached outputs (metrics, plots, run.json) that
-    .gitignore would otherwise leave out."""
+    """`dvc exp save -n NAME dvc.yaml`, including the uncached outputs (metrics, plots, run.json) that
+    .gitignore would otherwise leave out. Limited to the root pipeline's stages: the efficiency
+    study's (efficiency/dvc.yaml) outputs need not exist."""
     include = [p for p in uncached_outputs(repo) if (Path(repo) / p).exists()]
-    cmd = _dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include))
+    cmd = _dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include), "dvc.yaml")
     stream(cmd, repo, subprocess_env(repo), "exp-save")
     return experiment
 

@@ -71,4 +71,4 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
         versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
         values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
         assert len(values) == 3
-        assert client.get_model_version_by_alias(name, "champion").version == str(values.index(max(values)) + 1)
+        assert str(client.get_model_version_by_alias(name, "champion").version) == str(values.index(max(values)) + 1)
