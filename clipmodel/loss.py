@@ -33,9 +33,10 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
     averaged over the rows: one rank's share of a data-parallel batch (train.local_loss). The mean of
     the ranks' shares is the full loss, so averaging their gradients gives the full loss's gradient.
     """
+    per_image = _logits(image_features[rows or slice(None)], text_features, logit_scale)
+    # the whole batch: the text rows are the columns of the same matrix, no second product
+    per_text = per_image.T if rows is None else _logits(text_features[rows], image_features, logit_scale)
     rows = rows or slice(0, len(image_features))
-    per_image = _logits(image_features[rows], text_features, logit_scale)
-    per_text = _logits(text_features[rows], image_features, logit_scale)
     if positives is None:
         labels = torch.arange(len(image_features), device=per_image.device)[rows]
         return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2

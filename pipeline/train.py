@@ -247,11 +247,11 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
     if isinstance(data, StreamingBatches):  # each rank streams its own share; a resumed run draws a fresh stream
         data.start_step = start
         loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=tp.workers, pin_memory=pin)
-        share, per_step = slice(None), tp.batch_size
+        share = slice(None)
     else:  # batch k is the global batch k: each rank takes its contiguous rows
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
                                              num_workers=tp.workers, pin_memory=pin)
-        share, per_step = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world), tp.batch_size
+        share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)
     rows = _read_log(obj.log_csv, start) if main else []
     bad, t_last, n_last = 0, time.perf_counter(), 0
     model.train()
@@ -259,7 +259,7 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
                dynamic_ncols=True, disable=not main,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
     for step, batch in bar:
-        n_last += per_step
+        n_last += tp.batch_size
         batch = {k: v[share].to(device, non_blocking=True) for k, v in batch.items()}
         loss = backward(obj, net, batch, tp.accum_steps, device, tp.precision, scaler)
         if not torch.isfinite(loss):
