@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipmodel.checkpoint import load_state_dict_file
-from clipmodel.model import CLIPConfig, LayerNorm, Transformer, vision_tower
+from clipmodel.model import CLIPConfig, LayerNorm, Transformer, attention, vision_tower
 from clipmodel.tokenizer import EOT_ID, PAD_ID, SOT_ID
 
 
@@ -43,7 +43,7 @@ class CrossAttention(nn.Module):
         B, L, D = x.shape
         q = self.q_proj(self.ln(x)).view(B, L, self.heads, -1).transpose(1, 2)
         k, v = self.kv_proj(memory).view(B, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v)
         return x + self.out_proj(out.transpose(1, 2).reshape(B, L, D))
 
 

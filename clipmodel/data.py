@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipmodel.tokenizer import trim_padding
+
 # CLIP's normalisation constants; kept for models trained from scratch so checkpoints stay interchangeable.
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,7 +158,7 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         caption = c.caption_start[images] + (rng.random(len(images)) * c.caption_count[images]).astype(np.int64)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = random_resized_crop(to_tensor(c.images(images)), self.crop_scale, self.crop_ratio, g)
-        return {"images": pixels, "tokens": torch.from_numpy(c.tokens[caption].astype(np.int64)),
+        return {"images": pixels, "tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
                 "caption_ids": torch.from_numpy(self.caption_id[caption]),
                 "image_index": torch.from_numpy(images)}
 

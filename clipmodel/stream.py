@@ -37,7 +37,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from clipmodel.data import random_resized_crop, to_tensor
-from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 T = TypeVar("T")
 
@@ -210,7 +210,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = to_tensor(np.stack([s.pixels for s in batch]))
         pixels = random_resized_crop(pixels, self.crop_scale, self.crop_ratio, g)
-        return {"images": pixels, "tokens": torch.from_numpy(tokens.astype(np.int64)),
+        return {"images": pixels, "tokens": torch.from_numpy(trim_padding(tokens).astype(np.int64)),
                 "caption_ids": torch.tensor(caption_ids, dtype=torch.int64),
                 "image_index": torch.tensor([s.index for s in batch], dtype=torch.int64)}
 

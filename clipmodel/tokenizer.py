@@ -65,5 +65,12 @@ def encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return ids, truncated
 
 
+def trim_padding(ids: np.ndarray) -> np.ndarray:
+    """Drop the pad columns that every row has. Exact for the causal text tower (no position attends
+    to a later one, so the feature at EOT is unchanged) and it makes the tower's cost follow the
+    batch's longest caption rather than the context length."""
+    return ids[:, :max(1, int((ids != PAD_ID).sum(1).max(initial=0)))]
+
+
 def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True)

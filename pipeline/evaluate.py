@@ -20,7 +20,7 @@ from clipmodel.checkpoint import load_model
 from clipmodel.io import write_json
 from clipmodel.model import CLIP
 from clipmodel.retrieval import ranks, summarize
-from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 from clipmodel.zeroshot import class_embeddings, classify
 from pipeline import plots, tracking
 from pipeline.params import Params, load_params
@@ -149,7 +149,7 @@ def main() -> None:
     rows, image_keys, text_keys = match_keys(corpus, test, corpus.caption_ids())
     with torch.no_grad():
         text_feats = torch.cat([F.normalize(model.encode_text(torch.from_numpy(
-            np.asarray(corpus.tokens[rows[s:s + ev.batch_size]])).long()), dim=-1)
+            trim_padding(corpus.tokens[rows[s:s + ev.batch_size]])).long()), dim=-1)
             for s in range(0, len(rows), ev.batch_size)])
     metrics["retrieval"] = retrieval(feats["test"], text_feats, image_keys, text_keys, ev.retrieval_chunk)
     print("retrieval:", json.dumps(metrics["retrieval"]))

@@ -117,7 +117,7 @@ class TrainParams(Section):
     eps: float = Field(1e-6, gt=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
     loss: Literal["contrastive", "sigmoid"] = "contrastive"
     multi_positive: bool = False  # identical normalised captions count as positives of each other
     crop_scale: tuple[float, float] = (0.8, 1.0)
