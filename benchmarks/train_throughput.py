@@ -5,13 +5,16 @@ AdamW, the contrastive loss and one optimiser step per batch, in this process:
 - ours: batches from the ingest/tokenize outputs (uint8 memory map, batched GPU/CPU crop), our model;
 - open_clip: its usual data path (PNG files decoded per sample with open_clip's train transform, in a
   DataLoader), open_clip's CLIP and ClipLoss.
-A second pair of figures ("model_only") feeds both models the same pre-made tensors, separating
-the model and loss from the data path. Results: reports/benchmarks/train_throughput.json.
+A second pair of figures ("model_only") feeds both models the same pre-made tensors (captions
+padded to the context length), separating the model and loss from the data path. Results: reports/benchmarks/train_throughput.json.
 Our step is the stage's (`pipeline.train.backward`): `--accum-steps K` measures exact accumulation
 over K micro-batches, `--nproc N` our side as N gloo processes with DDP, each on its slice of the
 global batch (open_clip stays one process: the ratio is then N processes against one).
+Both sides run under the same autocast: `--precision` (default: params.yaml's, `auto` is bf16 on
+CPUs with AMX or AVX512-BF16, as here).
 
     python benchmarks/train_throughput.py [--steps 20] [--images 1024] [--nproc 2] [--accum-steps 4]
+        [--precision fp32|bf16] [--out reports/benchmarks/train_throughput_fp32.json]
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
-from pipeline.train import Objective, backward, clip_objective, clip_split  # noqa: E402
+from pipeline.train import Objective, autocast, backward, clip_objective, clip_split, resolve_precision  # noqa: E402
 
 
 def make_workspace(root: Path, images: int) -> None:
@@ -80,17 +83,25 @@ def timed(step, batches, warmup: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def fixed_batch(data: ContrastiveBatches, context_length: int) -> dict[str, torch.Tensor]:
+    """Batch 0 with its captions padded back to the context length (our batches trim the common
+    padding, a data-path saving; open_clip's text tower takes only full-length rows)."""
+    batch = data[0]
+    return {**batch, "tokens": torch.nn.functional.pad(batch["tokens"], (0, context_length - batch["tokens"].shape[1]))}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def trainer(model, loss_fn, lr: float = 1e-3):
+def trainer(model, loss_fn, precision: str, lr: float = 1e-3):
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=lr)
 
     def step(images, tokens):
-        loss = loss_fn(*model(images, tokens))
+        with autocast(torch.device("cpu"), precision):  # as open_clip's --precision amp_bf16 does
+            loss = loss_fn(*model(images, tokens))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -106,7 +117,7 @@ def our_trainer(model: CLIP, p: Params, net: torch.nn.Module):
 
     def step(images, tokens):
         batch = {"images": images, "tokens": tokens, "caption_ids": torch.arange(len(images))}
-        backward(obj, net, batch, p.train.accum_steps, torch.device("cpu"), "fp32", scaler)
+        backward(obj, net, batch, p.train.accum_steps, torch.device("cpu"), p.train.precision, scaler)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -127,7 +138,7 @@ def ours(rank: int, nproc: int, port: int, cfg: CLIPConfig, p: Params, data_dir:
     share = slice(rank * p.train.batch_size // nproc, (rank + 1) * p.train.batch_size // nproc)
     e2e = timed(our_trainer(model, p, net), ((b["images"][share], b["tokens"][share])
                                              for b in (data[k % len(data)] for k in range(steps))), warmup)
-    fixed = data[0]
+    fixed = fixed_batch(data, cfg.context_length)
     model_only = timed(our_trainer(model, p, net), [(fixed["images"][share], fixed["tokens"][share])] * steps, warmup)
     if rank == 0:
         Path(out).write_text(json.dumps([e2e * nproc, model_only * nproc]))  # every rank runs the same number of samples
@@ -142,12 +153,15 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--nproc", type=int, default=1)
     ap.add_argument("--accum-steps", type=int, default=1)
+    ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                    help="both sides' autocast precision (default: params.yaml train.precision)")
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/train_throughput.json"))
     args = ap.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     m, bs, size = params["model"], params["train"]["batch_size"], params["data"]["image_size"]
+    precision = resolve_precision(args.precision or params["train"]["precision"], torch.device("cpu"))
     p = Params.model_validate({**params, "train": {**params["train"], "accum_steps": args.accum_steps,
-                                                   "nproc": args.nproc}})
+                                                   "nproc": args.nproc, "precision": precision}})
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -195,10 +209,10 @@ def main() -> None:
                 yield from loader
 
         batches = peer_batches()
-        peer_e2e = timed(trainer(peer, peer_loss), (next(batches) for _ in range(steps)), args.warmup)
+        peer_e2e = timed(trainer(peer, peer_loss, precision), (next(batches) for _ in range(steps)), args.warmup)
 
-        fixed = ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0))[0]
-        peer_model = timed(trainer(peer, peer_loss), [(fixed["images"], fixed["tokens"])] * steps, args.warmup)
+        fixed = fixed_batch(ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0)), ctx)
+        peer_model = timed(trainer(peer, peer_loss, precision), [(fixed["images"], fixed["tokens"])] * steps, args.warmup)
 
     result = {
         "ours_samples_per_s": ours_e2e, "open_clip_samples_per_s": peer_e2e, "ratio": ours_e2e / peer_e2e,
@@ -206,7 +220,7 @@ def main() -> None:
                        "ratio": ours_model / peer_model},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "setup": {"batch_size": bs, "image_size": size, "model": m, "steps": args.steps, "warmup": args.warmup,
-                  "ours_processes": args.nproc, "accum_steps": args.accum_steps,
+                  "ours_processes": args.nproc, "accum_steps": args.accum_steps, "precision": precision,
                   "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "open_clip": open_clip.__version__},
     }
