@@ -14,7 +14,7 @@ Both sides run under the same autocast: `--precision` (default: params.yaml's, `
 CPUs with AMX or AVX512-BF16, as here).
 
     python benchmarks/train_throughput.py [--steps 20] [--images 1024] [--nproc 2] [--accum-steps 4]
-        [--precision fp32|bf16] [--out reports/benchmarks/train_throughput_fp32.json]
+        [--precision fp32|bf16] [--device cuda] [--out reports/benchmarks/train_throughput_fp32.json]
 """
 from __future__ import annotations
 
@@ -46,7 +46,8 @@ from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
-from pipeline.train import Objective, autocast, backward, clip_objective, clip_split, resolve_precision  # noqa: E402
+from pipeline.train import (Objective, autocast, backward, clip_objective, clip_split, resolve_device,  # noqa: E402
+                            resolve_precision)
 
 
 def make_workspace(root: Path, images: int) -> None:
@@ -73,14 +74,22 @@ class PngCaptions(torch.utils.data.Dataset):
         return self.transform(Image.open(self.files[i])), torch.from_numpy(self.tokens[i].astype(np.int64))
 
 
-def timed(step, batches, warmup: int) -> float:
+def timed(step, batches, warmup: int, device: torch.device) -> float:
+    """Samples/s after `warmup` steps; batches are moved to the device inside the timed loop, as in training."""
     n, t0 = 0, None
     for i, batch in enumerate(batches):
         if i == warmup:
+            synchronize(device)
             t0, n = time.perf_counter(), 0
-        step(*batch)
+        step(*(x.to(device, non_blocking=True) for x in batch))
         n += len(batch[0])
+    synchronize(device)
     return n / (time.perf_counter() - t0)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def fixed_batch(data: ContrastiveBatches, context_length: int) -> dict[str, torch.Tensor]:
@@ -96,11 +105,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def trainer(model, loss_fn, precision: str, lr: float = 1e-3):
+def trainer(model, loss_fn, precision: str, device: torch.device, lr: float = 1e-3):
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=lr)
 
     def step(images, tokens):
-        with autocast(torch.device("cpu"), precision):  # as open_clip's --precision amp_bf16 does
+        with autocast(device, precision):  # as open_clip's --precision amp_bf16 does
             loss = loss_fn(*model(images, tokens))
         loss.backward()
         opt.step()
@@ -108,16 +117,16 @@ def trainer(model, loss_fn, precision: str, lr: float = 1e-3):
     return step
 
 
-def our_trainer(model: CLIP, p: Params, net: torch.nn.Module):
+def our_trainer(model: CLIP, p: Params, net: torch.nn.Module, device: torch.device):
     """The stage's step: `backward` over train.accum_steps micro-batches (through DDP when data-parallel), AdamW."""
     features, loss_from_features = clip_split(model, p)
     obj = Objective(model, clip_objective(model, p), features=features, loss_from_features=loss_from_features)
     opt = torch.optim.AdamW(param_groups(model, 0.2), lr=1e-3)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    scaler = torch.amp.GradScaler(device.type, enabled=False)
 
     def step(images, tokens):
-        batch = {"images": images, "tokens": tokens, "caption_ids": torch.arange(len(images))}
-        backward(obj, net, batch, p.train.accum_steps, torch.device("cpu"), p.train.precision, scaler)
+        batch = {"images": images, "tokens": tokens, "caption_ids": torch.arange(len(images), device=device)}
+        backward(obj, net, batch, p.train.accum_steps, device, p.train.precision, scaler)
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
@@ -126,20 +135,27 @@ def our_trainer(model: CLIP, p: Params, net: torch.nn.Module):
 def ours(rank: int, nproc: int, port: int, cfg: CLIPConfig, p: Params, data_dir: str, steps: int, warmup: int,
          out: str) -> None:
     """Our samples/s end to end and on one fixed batch, as one of `nproc` ranks (rank 0 writes them to `out`)."""
+    device = resolve_device(p.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
     if nproc > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // nproc))
-        dist.init_process_group("gloo", rank=rank, world_size=nproc)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=nproc)
     torch.manual_seed(0)
-    model = CLIP(cfg)
-    net = torch.nn.parallel.DistributedDataParallel(model) if nproc > 1 else model
+    model = CLIP(cfg).to(device)
+    net = model
+    if nproc > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     corpus = Corpus.load(data_dir)
     data = ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, 0, (0.8, 1.0))
     share = slice(rank * p.train.batch_size // nproc, (rank + 1) * p.train.batch_size // nproc)
-    e2e = timed(our_trainer(model, p, net), ((b["images"][share], b["tokens"][share])
-                                             for b in (data[k % len(data)] for k in range(steps))), warmup)
+    e2e = timed(our_trainer(model, p, net, device), ((b["images"][share], b["tokens"][share])
+                                                     for b in (data[k % len(data)] for k in range(steps))), warmup, device)
     fixed = fixed_batch(data, cfg.context_length)
-    model_only = timed(our_trainer(model, p, net), [(fixed["images"][share], fixed["tokens"][share])] * steps, warmup)
+    model_only = timed(our_trainer(model, p, net, device), [(fixed["images"][share], fixed["tokens"][share])] * steps,
+                       warmup, device)
     if rank == 0:
         Path(out).write_text(json.dumps([e2e * nproc, model_only * nproc]))  # every rank runs the same number of samples
     if nproc > 1:
@@ -155,13 +171,16 @@ def main() -> None:
     ap.add_argument("--accum-steps", type=int, default=1)
     ap.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
                     help="both sides' autocast precision (default: params.yaml train.precision)")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/train_throughput.json"))
     args = ap.parse_args()
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     m, bs, size = params["model"], params["train"]["batch_size"], params["data"]["image_size"]
-    precision = resolve_precision(args.precision or params["train"]["precision"], torch.device("cpu"))
+    device = resolve_device(args.device)
+    precision = resolve_precision(args.precision or params["train"]["precision"], device)
     p = Params.model_validate({**params, "train": {**params["train"], "accum_steps": args.accum_steps,
-                                                   "nproc": args.nproc, "precision": precision}})
+                                                   "nproc": args.nproc, "precision": precision,
+                                                   "device": device.type}})
     torch.manual_seed(0)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -181,7 +200,7 @@ def main() -> None:
                                      head_width=64 if cfg.vision == "resnet" else cfg.vision_width // cfg.vision_heads,
                                      image_size=size),
             text_cfg=CLIPTextCfg(context_length=ctx, vocab_size=vocab, width=cfg.text_width, heads=cfg.text_heads,
-                                 layers=cfg.text_layers, pool_type="eos", eos_id=2))
+                                 layers=cfg.text_layers, pool_type="eos", eos_id=2)).to(device)
         peer_loss = open_clip.ClipLoss()
         steps = args.steps + args.warmup
 
@@ -209,19 +228,23 @@ def main() -> None:
                 yield from loader
 
         batches = peer_batches()
-        peer_e2e = timed(trainer(peer, peer_loss, precision), (next(batches) for _ in range(steps)), args.warmup)
+        peer_e2e = timed(trainer(peer, peer_loss, precision, device), (next(batches) for _ in range(steps)),
+                         args.warmup, device)
 
         fixed = fixed_batch(ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0)), ctx)
-        peer_model = timed(trainer(peer, peer_loss, precision), [(fixed["images"], fixed["tokens"])] * steps, args.warmup)
+        peer_model = timed(trainer(peer, peer_loss, precision, device), [(fixed["images"], fixed["tokens"])] * steps,
+                           args.warmup, device)
 
     result = {
         "ours_samples_per_s": ours_e2e, "open_clip_samples_per_s": peer_e2e, "ratio": ours_e2e / peer_e2e,
         "model_only": {"ours_samples_per_s": ours_model, "open_clip_samples_per_s": peer_model,
                        "ratio": ours_model / peer_model},
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {}),
         "setup": {"batch_size": bs, "image_size": size, "model": m, "steps": args.steps, "warmup": args.warmup,
                   "ours_processes": args.nproc, "accum_steps": args.accum_steps, "precision": precision,
-                  "device": "cpu", "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                  "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                  "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
                   "torch": torch.__version__, "open_clip": open_clip.__version__},
     }
     write_json(args.out, result)
