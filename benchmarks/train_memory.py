@@ -3,7 +3,7 @@
 
 Every variant runs in a fresh process (peak RSS is a high-water mark), with the params.yaml model
 and batch size plus a ViT of the default ModelParams (the ResNet tower has no checkpointing: its
-BatchNorm would update running statistics twice). The step is the stage's own: `pipeline.train.backward`
+BatchNorm would update running statistics twice). The step is the stage's own: `pipeline.loop.backward`
 on the contrastive Objective, then AdamW. "activation_mb" is peak RSS minus the RSS before the first step.
 
     python benchmarks/train_memory.py [--steps 4] [--no-compile]
@@ -29,7 +29,8 @@ sys.path.insert(0, str(ROOT))
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, param_groups  # noqa: E402
 from pipeline.params import ModelParams, Params  # noqa: E402
-from pipeline.train import Objective, backward, clip_objective, clip_split, model_config  # noqa: E402
+from pipeline.loop import Objective, backward  # noqa: E402
+from pipeline.train import clip_objective, clip_split, model_config  # noqa: E402
 
 VARIANTS = {"plain": {}, "grad_checkpointing": {"grad_checkpointing": True}, "accum_4": {"accum_steps": 4},
             "grad_checkpointing+accum_4": {"grad_checkpointing": True, "accum_steps": 4}}

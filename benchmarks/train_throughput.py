@@ -7,7 +7,7 @@ AdamW, the contrastive loss and one optimiser step per batch, in this process:
   DataLoader), open_clip's CLIP and ClipLoss.
 A second pair of figures ("model_only") feeds both models the same pre-made tensors (captions
 padded to the context length), separating the model and loss from the data path. Results: reports/benchmarks/train_throughput.json.
-Our step is the stage's (`pipeline.train.backward`): `--accum-steps K` measures exact accumulation
+Our step is the stage's (`pipeline.loop.backward`): `--accum-steps K` measures exact accumulation
 over K micro-batches, `--nproc N` our side as N gloo processes with DDP, each on its slice of the
 global batch (open_clip stays one process: the ratio is then N processes against one).
 Both sides run under the same autocast: `--precision` (default: params.yaml's, `auto` is bf16 on
@@ -46,8 +46,8 @@ from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
-from pipeline.train import (Objective, autocast, backward, clip_objective, clip_split, resolve_device,  # noqa: E402
-                            resolve_precision)
+from pipeline.loop import Objective, autocast, backward, resolve_device, resolve_precision  # noqa: E402
+from pipeline.train import clip_objective, clip_split  # noqa: E402
 
 
 def make_workspace(root: Path, images: int) -> None:

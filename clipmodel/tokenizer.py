@@ -2,7 +2,8 @@
 
 Everything needed to encode (normalisation, SOT/EOT template, truncation that keeps EOT
 as the last real token, padding to the context length) lives inside tokenizer.json, so a
-downstream app that loads that one file with `tokenizers` encodes exactly as training did.
+downstream app that loads that one file with `tokenizers` encodes exactly as training did, once it
+sets `encode_special_tokens = True` (not kept in the file; `load_tokenizer` does it).
 """
 from __future__ import annotations
 
@@ -42,11 +43,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) 
         single=f"{SOT} $A {EOT}", special_tokens=[(SOT, SOT_ID), (EOT, EOT_ID)])
     tok.enable_truncation(max_length=context_length)  # room for SOT/EOT is reserved by the template
     tok.enable_padding(pad_id=PAD_ID, pad_token=PAD, length=context_length)
+    tok.encode_special_tokens = True
     return tok
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    """tokenizer.json with `encode_special_tokens` on, which the file format does not keep: a caption
+    that contains the text "<pad>" or "<end_of_text>" is then encoded as text, instead of putting a
+    pad or EOT id mid-caption where the text tower's EOT pooling would stop."""
+    tok = Tokenizer.from_file(str(path))
+    tok.encode_special_tokens = True
+    return tok
 
 
 def context_length(tok: Tokenizer) -> int:

@@ -3,7 +3,7 @@
     python -m pipeline.efficiency train contrastive|bow|decoder|encoder_decoder
     python -m pipeline.efficiency report
 
-Every objective trains with `pipeline.train.fit` on the same data, image encoder, batch, optimiser,
+Every objective trains with `pipeline.loop.fit` on the same data, image encoder, batch, optimiser,
 schedule and budget of images seen; only the model head and loss differ. Zero-shot top-1 on the
 test tasks is measured at log-spaced numbers of images seen (from `Objective.on_step`), each point
 logged to MLflow with step = images seen. `report` finds the images each objective needed to
@@ -39,8 +39,8 @@ from pipeline import tracking
 from pipeline.evaluate import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
 from pipeline.plots import efficiency_curves
-from pipeline.train import (DATA, Batch, Objective, clip_objective, fit, load_checkpoint, model_config,
-                            resolve_device, run_fingerprint)
+from pipeline.loop import Batch, Objective, fit, load_checkpoint, resolve_device
+from pipeline.train import DATA, clip_objective, model_config, run_fingerprint
 
 OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
 CAPTIONERS = ("decoder", "encoder_decoder")
@@ -145,7 +145,8 @@ def train(objective: str) -> None:
     tok = load_tokenizer(DATA / "tokenizer.json")
     model, loss, arch = build(objective, p, tok.get_vocab_size())
     model.to(device)
-    data = ContrastiveBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale)
+    data = ContrastiveBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale,
+                               p.train.crop_ratio)
     total, steps = e.budget_images // bs, set(eval_steps(e, bs))
     tests = probes(p, corpus, tok, device)
 

@@ -121,6 +121,7 @@ class TrainParams(Section):
     loss: Literal["contrastive", "sigmoid"] = "contrastive"
     multi_positive: bool = False  # identical normalised captions count as positives of each other
     crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratios of the random crops (1, 1: no stretching)
     checkpoint_every: int = Field(200, ge=1)
     resume: bool = True  # continue from checkpoints/ when its fingerprint matches these params and data
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
@@ -139,6 +140,8 @@ class TrainParams(Section):
                              f"= {self.nproc * self.accum_steps}")
         if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ValueError("crop_scale must be 0 < low <= high <= 1")
+        if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            raise ValueError("crop_ratio must be 0 < low <= high")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be in [0, 1)")
         return self

@@ -22,7 +22,8 @@ from clipmodel.model import vision_tower
 from clipmodel.tokenizer import load_tokenizer
 from pipeline import tracking
 from pipeline.params import load_params
-from pipeline.train import DATA, Objective, fit, load_checkpoint, model_config, resolve_device, run_fingerprint
+from pipeline.loop import Objective, fit, load_checkpoint, resolve_device
+from pipeline.train import DATA, model_config, run_fingerprint
 
 REPORT = Path("reports/supervised.json")
 
@@ -68,7 +69,8 @@ def main() -> None:
 
     single = np.flatnonzero(labels >= 0)
     train, val, test = (np.intersect1d(corpus.split(s), single) for s in ("train", "val", "test"))
-    data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.train.crop_scale)
+    data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.train.crop_scale,
+                              p.train.crop_ratio)
     steps = p.train.epochs * (len(corpus.split("train")) // p.train.batch_size)  # CLIP's steps: same images seen
     y = torch.from_numpy(labels).to(device)
 

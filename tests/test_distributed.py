@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel
 from clipmodel.model import CLIP, CLIPConfig, vision_tower
 from conftest import TINY, merge, run_stage, stage_env, write_params
 from pipeline.params import Params
-from pipeline.train import Objective, backward, clip_objective, clip_split
+from pipeline.loop import Objective, backward
+from pipeline.train import clip_objective, clip_split
 
 CFG = CLIPConfig(embed_dim=16, image_size=32, vision="vit", vision_width=32, vision_layers=2, vision_heads=2,
                  vision_patch_size=8, context_length=16, vocab_size=300, text_width=32, text_heads=2, text_layers=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from clipmodel.checkpoint import config_from_state_dict, load_state_dict_file, save_safetensors
-from clipmodel.model import CLIP, CLIPConfig, param_groups
+from clipmodel.model import CLIP, CLIPConfig, attention, param_groups
 
 open_clip_model = pytest.importorskip("open_clip.model")
 
@@ -212,6 +212,19 @@ def test_bf16_autocast_trains(cfg):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = m(images, text)[0]
     torch.testing.assert_close(low.float(), ref, rtol=0, atol=0.05)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_under_cpu_autocast_runs_in_fp32_and_returns_the_input_dtype(causal):
+    """CPU autocast would run SDPA in bf16, whose backward is slow there: it runs in fp32 instead."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 12, 16, generator=g, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, causal)
+    out.float().sum().backward()
+    assert out.dtype == torch.bfloat16 and all(x.grad is not None and x.grad.dtype == torch.bfloat16 for x in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=causal)
+    torch.testing.assert_close(out, expected.bfloat16(), rtol=0, atol=0)  # one rounding, at the end
 
 
 def test_safetensors_save_and_load(tmp_path):

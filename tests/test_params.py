@@ -28,6 +28,8 @@ def test_repo_params_validate():
     (lambda r: r["tokenize"].update(context_length=-1), "tokenize.context_length"),
     (lambda r: r["data"].update(source="csv"), "data"),
     (lambda r: r.update(trian={}), "trian"),
+    (lambda r: r["train"].update(crop_ratio=[1.2, 0.9]), "train"),
+    (lambda r: r["train"].update(precision="fp8"), "train.precision"),
 ])
 def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
     path = _write(tmp_path, mutate)

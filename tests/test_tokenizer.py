@@ -1,7 +1,8 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from clipmodel.tokenizer import EOT_ID, PAD_ID, SOT_ID, decode, encode, load_tokenizer, normalize, train_tokenizer
+from clipmodel.tokenizer import (EOT_ID, PAD_ID, SOT_ID, decode, encode, load_tokenizer, normalize, train_tokenizer,
+                                 trim_padding)
 
 CORPUS = ["a large red circle on the left", "two blue squares and a yellow star",
           "there is a small green triangle near the top", "Café crème, naïve façade!"] * 20
@@ -34,6 +35,22 @@ def test_overlong_caption_keeps_eot_last():
 def test_normalisation_is_nfc_lowercase_collapsed():
     assert normalize(TOK, "  A  Large\tRED\n circle ") == "a large red circle"
     assert normalize(TOK, "Cafe\u0301") == "caf\u00e9"
+
+
+def test_special_token_text_in_a_caption_is_encoded_as_text(tmp_path):
+    TOK.save(str(tmp_path / "tokenizer.json"))
+    for tok in (TOK, load_tokenizer(tmp_path / "tokenizer.json")):
+        ids = encode(tok, ["a <pad> b <end_of_text> c"])[0][0]
+        assert ids[0] == SOT_ID and (ids[1:] != SOT_ID).all()
+        real = ids[ids != PAD_ID]
+        assert real[-1] == EOT_ID and (real[:-1] != EOT_ID).all() and len(real) == (ids != PAD_ID).sum()
+        assert (ids[len(real):] == PAD_ID).all()  # pads only after EOT: pooling reads the true end
+
+
+def test_trim_padding_keeps_the_longest_row_whole():
+    ids = np.array([[1, 5, 2, 0, 0, 0], [1, 5, 6, 7, 2, 0], [1, 2, 0, 0, 0, 0]], dtype=np.int32)
+    np.testing.assert_array_equal(trim_padding(ids), ids[:, :5])
+    assert trim_padding(np.zeros((0, 6), dtype=np.int32)).shape == (0, 1)
 
 
 def test_save_and_load_encode_identically(tmp_path):
