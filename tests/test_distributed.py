@@ -212,3 +212,11 @@ def test_stage_resumed_on_two_processes_matches_one_process(workspace, tmp_path_
     diff = max_diff(one, workspace)
     print(f"max |w_2proc - w_1proc| = {diff:.2e}")
     assert diff < 1e-5
+
+
+def test_two_process_stage_trains_in_the_default_precision(workspace):
+    """precision: auto (bf16 on CPUs with AMX or AVX512-BF16): gloo gathers the bf16 features."""
+    write_params(workspace, merge(TINY, {"train": {"nproc": 2, "epochs": 1}}))
+    out = run_stage(workspace, "train")
+    assert "'processes': 2" in out.stdout
+    assert all(np.isfinite(w).all() for w in weights(workspace).values())
