@@ -13,7 +13,7 @@ global batch (open_clip stays one process: the ratio is then N processes against
 Both sides run under the same autocast: `--precision` (default: params.yaml's, `auto` is bf16 on
 CPUs with AMX or AVX512-BF16, as here).
 
-    python benchmarks/train_throughput.py [--steps 20] [--images 1024] [--nproc 2] [--accum-steps 4]
+    python benchmarks/train_throughput.py [--steps 40] [--images 1024] [--nproc 2] [--accum-steps 4]
         [--precision fp32|bf16] [--device cuda] [--out reports/benchmarks/train_throughput_fp32.json]
 """
 from __future__ import annotations
@@ -164,7 +164,7 @@ def ours(rank: int, nproc: int, port: int, cfg: CLIPConfig, p: Params, data_dir:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--images", type=int, default=1024)
     ap.add_argument("--nproc", type=int, default=1)

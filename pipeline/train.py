@@ -37,6 +37,7 @@ from pipeline.plots import plot_training_curves
 DATA = Path("data")
 MODELS = Path("models")
 
+
 def model_config(p: Params, vocab_size: int) -> CLIPConfig:
     m = p.model
     return CLIPConfig(
