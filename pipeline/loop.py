@@ -89,7 +89,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(precision, device))
+    """Autocast for a resolved precision (fp32, bf16, fp16): resolve 'auto' once, outside the step."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
@@ -190,7 +191,8 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
         raise SystemExit("train: data-parallel training needs an Objective with features and loss_from_features")
     opt = torch.optim.AdamW(param_groups(model, tp.weight_decay), lr=tp.lr, betas=tp.betas, eps=tp.eps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tp.warmup_steps, total))
-    scaler = torch.amp.GradScaler(device.type, enabled=tp.precision == "fp16" and device.type == "cuda")
+    precision = resolve_precision(tp.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
@@ -238,7 +240,7 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
     for step, batch in bar:
         n_last += tp.batch_size
         batch = {k: v[share].to(device, non_blocking=True) for k, v in batch.items()}
-        loss = backward(obj, net, batch, tp.accum_steps, device, tp.precision, scaler)
+        loss = backward(obj, net, batch, tp.accum_steps, device, precision, scaler)
         if not torch.isfinite(loss):
             bad += 1
             opt.zero_grad(set_to_none=True)

@@ -96,6 +96,7 @@ def clip_split(model: CLIP, p: Params) -> tuple[Callable, Callable]:
 @torch.no_grad()
 def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
     """Validation loss (in training-size batches) and image->text retrieval R@1 on the val split."""
+    precision = resolve_precision(p.train.precision, device)
     index = corpus.split("val")
     if len(index) == 0:
         return {}
@@ -106,7 +107,7 @@ def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> di
         batch = {"images": to_tensor(corpus.images(index[s:s + bs])).to(device),
                  "tokens": torch.from_numpy(trim_padding(corpus.tokens[caption[s:s + bs]]).astype(np.int64)).to(device),
                  "caption_ids": torch.from_numpy(corpus.caption_ids()[caption[s:s + bs]]).to(device)}
-        with autocast(device, p.train.precision):
+        with autocast(device, precision):
             img, txt, scale = model(batch["images"], batch["tokens"])
             if len(img) > 1:
                 losses.append(clip_loss(p, img, txt, scale, model.logit_bias, batch["caption_ids"]).item())
