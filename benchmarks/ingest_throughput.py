@@ -29,7 +29,7 @@ def write_pngs(folder: Path, n: int, size: int) -> Path:
     (folder / "img").mkdir(parents=True)
     lines = ["filepath\ttitle"]
     for i in range(n):
-        scene, caption = synthetic.sample(0, i, 3)
+        scene, (caption,) = synthetic.sample(0, i, 3)
         Image.fromarray(synthetic.render(scene, size)).save(folder / "img" / f"{i:06d}.png")
         lines.append(f"img/{i:06d}.png\t{caption}")
     (folder / "captions.tsv").write_text("\n".join(lines) + "\n")

@@ -42,7 +42,7 @@ def random_model_folder(folder: Path) -> Path:
     """A model folder like the train stage's, sized by params.yaml, with random weights."""
     p = yaml.safe_load(Path("params.yaml").read_text())
     m, ctx = p["model"], p["tokenize"]["context_length"]
-    captions = [synthetic.sample(0, i, 3)[1] for i in range(2000)]
+    captions = [synthetic.sample(0, i, 3)[1][0] for i in range(2000)]
     tok = train_tokenizer(captions, p["tokenize"]["vocab_size"], ctx)
     cfg = CLIPConfig(embed_dim=m["embed_dim"], image_size=p["data"]["image_size"], vision=m["vision"],
                      vision_width=m["vision_width"], vision_layers=m["vision_layers"],
@@ -137,7 +137,7 @@ def main() -> None:
         model, _ = load_model(folder)
         pre = runtime.Preprocess.read(onnx_dir / "preprocess.json")
         rng = np.random.default_rng(0)
-        captions = [synthetic.sample(1, i, 3)[1] for i in range(256)]
+        captions = [synthetic.sample(1, i, 3)[1][0] for i in range(256)]
         tokens = encode(load_tokenizer(onnx_dir / "tokenizer.json"), captions)[0].astype(np.int64)
         inputs = {name: (pre.normalise(rng.integers(0, 256, (n, pre.image_size, pre.image_size, 3), dtype=np.uint8))
                          if tower == "image" else tokens[:n]) for name, (tower, n) in CASES.items()}

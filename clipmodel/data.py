@@ -112,7 +112,10 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
                         generator: torch.Generator) -> torch.Tensor:
-    """Batched random resized crop (bilinear), one affine grid per image, same output size."""
+    """Batched random resized crop (bilinear), one affine grid per image, same output size.
+    Scale and ratio both (1, 1) mean no crop: the stored pixels, not a resampling of them."""
+    if tuple(scale) == tuple(ratio) == (1, 1):
+        return x
     b = x.shape[0]
     area = torch.empty(b).uniform_(*scale, generator=generator)
     log_r = torch.empty(b).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)

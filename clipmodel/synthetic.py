@@ -184,12 +184,15 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
     return template.format(body)
 
 
-def sample(seed: int, index: int, max_objects: int,
-           excluded: frozenset[tuple[str, str]] = frozenset()) -> tuple[Scene, str]:
-    """Scene and caption of item `index`: its own random stream, so items never depend on each other."""
+def sample(seed: int, index: int, max_objects: int, excluded: frozenset[tuple[str, str]] = frozenset(),
+           captions: int = 1) -> tuple[Scene, tuple[str, ...]]:
+    """Scene and captions of item `index`: its own random stream, so items never depend on each other.
+
+    Several captions per image (as COCO has five) each mention a different subset of the attributes,
+    so over the epochs every image is supervised on all of them rather than on one fixed phrasing."""
     rng = np.random.default_rng((seed, _ITEM_STREAM, index))
     scene = sample_scene(rng, max_objects, excluded)
-    return scene, caption(scene, rng)
+    return scene, tuple(caption(scene, rng) for _ in range(captions))
 
 
 def _muted(rng: np.random.Generator) -> np.ndarray:

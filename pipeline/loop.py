@@ -217,7 +217,8 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
         snapshot = {"step": step, "fingerprint": fingerprint, "run_id": run_id, "model": model.state_dict(),
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                     "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "log": rows}  # the curve so far: outputs deleted since (dvc repro -f) are rebuilt on resume
         with atomic_path(obj.checkpoint) as tmp:
             torch.save(snapshot, tmp)
 
@@ -231,7 +232,10 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
         loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
                                              num_workers=tp.workers, pin_memory=pin)
         share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)
-    rows = _read_log(obj.log_csv, start) if main else []
+    rows: list[dict] = []
+    if main and state is not None:  # older checkpoints hold no curve: read it back from the CSV
+        rows = state.get("log") or _read_log(obj.log_csv, start)
+        _write_log(obj.log_csv, rows)
     bad, t_last, n_last = 0, time.perf_counter(), 0
     model.train()
     bar = tqdm(zip(range(start, total), loader), total=total, initial=start, desc="train", unit="step",

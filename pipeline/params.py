@@ -23,6 +23,7 @@ class SyntheticSource(Section):
     num_images: int = Field(12000, ge=16)
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
+    captions_per_image: int = Field(1, ge=1)
 
 
 class CsvSource(Section):
@@ -147,6 +148,12 @@ class TrainParams(Section):
         return self
 
 
+class SupervisedParams(Section):
+    # The shape label does not change under crops, so the baseline keeps them whatever CLIP uses.
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+
+
 class EvaluateParams(Section):
     templates: str = "templates/synthetic.yaml"  # task -> templates; the first is the single-template baseline
     labels_csv: str | None = None  # user data: a CSV of image,label for zero-shot classification
@@ -200,6 +207,7 @@ class Params(Section):
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelParams = ModelParams()
     train: TrainParams = TrainParams()
+    supervised: SupervisedParams = SupervisedParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     efficiency: EfficiencyParams = EfficiencyParams()

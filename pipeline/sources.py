@@ -94,8 +94,9 @@ def read_synthetic(data: DataParams) -> Iterator[Item]:
     for i in range(p.num_images):
         key = f"synthetic-{i:06d}"
         train = split_of(key, data.val_fraction, data.test_fraction) == "train"
-        scene, text = synthetic.sample(data.seed, i, p.max_objects, held_out if train else frozenset())
-        yield Record(key, "synthetic", key, scene, (text,), scene.labels())
+        scene, texts = synthetic.sample(data.seed, i, p.max_objects, held_out if train else frozenset(),
+                                        p.captions_per_image)
+        yield Record(key, "synthetic", key, scene, texts, scene.labels())
 
 
 def read_csv(p: CsvSource) -> Iterator[Item]:

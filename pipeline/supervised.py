@@ -2,7 +2,8 @@
 
 The same image encoder, trained from scratch with cross-entropy on the shape label of the
 single-object training scenes, for the same number of images seen as CLIP's training run, with
-the same loop, optimiser and schedule. Its test top-1 on the shape task goes to
+the same loop, optimiser and schedule. Only the crops are its own (params `supervised`): a shape
+label survives a crop, a caption that names size and place does not. Its test top-1 on the shape task goes to
 reports/supervised.json, which the evaluate stage puts beside zero-shot and the linear probe.
 """
 from __future__ import annotations
@@ -69,8 +70,8 @@ def main() -> None:
 
     single = np.flatnonzero(labels >= 0)
     train, val, test = (np.intersect1d(corpus.split(s), single) for s in ("train", "val", "test"))
-    data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.train.crop_scale,
-                              p.train.crop_ratio)
+    data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.supervised.crop_scale,
+                              p.supervised.crop_ratio)
     steps = p.train.epochs * (len(corpus.split("train")) // p.train.batch_size)  # CLIP's steps: same images seen
     y = torch.from_numpy(labels).to(device)
 
@@ -78,7 +79,7 @@ def main() -> None:
                     validate=lambda: {"val_top1": accuracy(model, corpus, val, labels, device)},
                     checkpoint=Path("checkpoints/supervised.pt"), log_csv=Path("reports/supervised_log.csv"))
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet"])
-    fingerprint = run_fingerprint(p, data_fp, "supervised")
+    fingerprint = run_fingerprint(p, data_fp, f"supervised-{json.dumps(p.supervised.model_dump(), sort_keys=True)}")
     state = load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume else None
     fit(obj, data, p.train, device, steps, fingerprint, state, run_id=None)
     model.eval()

@@ -7,9 +7,11 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from torchvision import transforms
 
+from clipmodel.data import random_resized_crop
 from clipmodel.images import ImageError, load_rgb, preprocess
 from conftest_ingest_helpers import encode, noise, png_header, truncated
 
@@ -118,3 +120,11 @@ def test_preprocess_matches_torchvision_resize_and_centre_crop(size):
 def test_images_module_does_not_import_torch():
     code = "import sys, clipmodel.images; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_random_resized_crop_is_the_identity_only_without_crop():
+    x = torch.rand(4, 3, 16, 16)
+    g = torch.Generator().manual_seed(0)
+    assert random_resized_crop(x, (1, 1), (1, 1), g) is x
+    y = random_resized_crop(x, (0.5, 0.8), (3 / 4, 4 / 3), g)
+    assert y.shape == x.shape and not torch.allclose(y, x)

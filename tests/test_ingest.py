@@ -272,3 +272,11 @@ def test_synthetic_stage_writes_labels(tmp_path):
     assert manifest.source.eq("synthetic").all() and manifest.captions.map(len).eq(1).all()
     assert json.loads((tmp_path / "reports/ingest.json").read_text())["splits"] == \
         manifest.split.value_counts().reindex(["train", "val", "test"], fill_value=0).to_dict()
+
+
+def test_synthetic_captions_per_image_are_distinct_descriptions_of_one_scene(tmp_path):
+    run(params(synthetic={"num_images": 30, "captions_per_image": 4}), tmp_path)
+    manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
+    counts = manifest.captions.map(len)
+    assert counts.between(1, 4).all() and counts.mean() > 3  # identical phrasings are kept once
+    assert manifest.captions.map(lambda c: len(set(c)) == len(c)).all()

@@ -30,6 +30,12 @@ def test_same_seed_same_bytes_other_seed_other_data():
     assert [cap for _, cap in a] != [cap for _, cap in c]
 
 
+def test_more_captions_keep_the_first_and_describe_the_same_scene():
+    one, five = sample(0, 7, 3), sample(0, 7, 3, captions=5)
+    assert one[0] == five[0] and five[1][0] == one[1][0]  # scene and first caption do not depend on the count
+    assert len(five[1]) == 5 and len(set(five[1])) > 1
+
+
 def test_holdout_pairs_are_a_balanced_fixed_fraction():
     pairs = holdout_pairs(0, 0.2)
     assert pairs == holdout_pairs(0, 0.2) and pairs != holdout_pairs(1, 0.2)
@@ -41,7 +47,7 @@ def test_holdout_pairs_are_a_balanced_fixed_fraction():
 
 def test_labels_describe_the_scene():
     for i in range(50):
-        scene, text = sample(3, i, 3)
+        scene, (text,) = sample(3, i, 3)
         labels = json.loads(scene.labels())
         objects = labels["objects"]
         assert labels["count"] == len(objects) == len(scene.objects) and 1 <= len(objects) <= 3
@@ -52,7 +58,7 @@ def test_labels_describe_the_scene():
 
 
 def test_captions_vary_but_repeat():
-    captions = [sample(0, i, 3)[1] for i in range(2000)]
+    captions = [sample(0, i, 3)[1][0] for i in range(2000)]
     assert 0.5 * len(captions) < len(set(captions)) < len(captions)
     assert any(c.startswith(("two ", "a picture of two ", "an image of two ", "there are two ")) for c in captions)
 

@@ -73,6 +73,12 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     log = pd.read_csv(workspace / "reports/train_log.csv")
     assert log.step.tolist() == list(range(1, total + 1))
 
+    # `dvc repro -f` deletes the stage's outputs, then the stage finds its finished checkpoint
+    (workspace / "reports/train_log.csv").unlink()
+    out = run_stage(workspace, "train")
+    assert f"resuming at step {total}/{total}" in out.stdout
+    assert pd.read_csv(workspace / "reports/train_log.csv").equals(log)
+
 
 def test_nonfinite_losses_stop_training_and_keep_checkpoint(workspace):
     write_params(workspace, merge(TINY, {"train": {"lr": 1e30, "grad_clip": 0.0, "max_bad_steps": 2,
