@@ -264,4 +264,7 @@ def test_pipeline_trains_and_evaluates_from_tar_shards(tmp_path):
     steps = len(pd.read_parquet(tmp_path / "data/manifest.parquet").query("split == 'train'")) // 32
     assert train["steps"] == steps
     metrics = json.loads((tmp_path / "reports/metrics.json").read_text())
-    assert "shape" in metrics["linear_probe"] and metrics["retrieval"]["image_to_text"]["r1"] > 0
+    i2t = metrics["retrieval"]["image_to_text"]
+    # one epoch of a tiny model is near chance, where R@1 over ~40 test images is 0 about a third of
+    # the time: check the recalls are ordered, and R@10 (all but certain to hit even at chance) > 0
+    assert "shape" in metrics["linear_probe"] and 0 <= i2t["r1"] <= i2t["r5"] <= i2t["r10"] <= 1 and i2t["r10"] > 0
