@@ -151,7 +151,7 @@ def train(objective: str) -> None:
     tests = probes(p, corpus, tok, device)
 
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
-    fingerprint = run_fingerprint(p, data_fp, f"efficiency-{objective}-{json.dumps(e.model_dump(), sort_keys=True)}")
+    fingerprint = run_fingerprint(p, data_fp, f"efficiency-{objective}", e)
     checkpoint, curve_file = CHECKPOINTS / f"{objective}.pt", CHECKPOINTS / f"{objective}_curve.json"
     state = load_checkpoint(checkpoint, fingerprint) if p.train.resume else None
     curve = []  # points past the checkpoint being resumed are measured again

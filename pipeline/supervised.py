@@ -79,7 +79,7 @@ def main() -> None:
                     validate=lambda: {"val_top1": accuracy(model, corpus, val, labels, device)},
                     checkpoint=Path("checkpoints/supervised.pt"), log_csv=Path("reports/supervised_log.csv"))
     data_fp = tracking.data_fingerprint([DATA / "manifest.parquet"])
-    fingerprint = run_fingerprint(p, data_fp, f"supervised-{json.dumps(p.supervised.model_dump(), sort_keys=True)}")
+    fingerprint = run_fingerprint(p, data_fp, "supervised", p.supervised)
     state = load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume else None
     fit(obj, data, p.train, device, steps, fingerprint, state, run_id=None)
     model.eval()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
 from clipmodel import distributed
@@ -50,11 +51,13 @@ def model_config(p: Params, vocab_size: int) -> CLIPConfig:
     )
 
 
-def run_fingerprint(p: Params, data_fp: str, kind: str) -> str:
-    """What a checkpoint must match to be resumed: every setting that changes the weights."""
+def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:
+    """What a checkpoint must match to be resumed: every setting that changes the weights, with the
+    params section (`own`) of a stage that has one beside train's."""
     train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
                                         "local_loss", "grad_checkpointing", "compile"})
-    blob = json.dumps([kind, p.model.model_dump(), train, p.tokenize.model_dump(), p.data.image_size, data_fp],
+    blob = json.dumps([kind, own and own.model_dump(), p.model.model_dump(), train, p.tokenize.model_dump(),
+                       p.data.image_size, data_fp],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
