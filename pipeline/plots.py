@@ -46,7 +46,9 @@ def confusion(path: Path, name: str, classes: list[str], matrix: np.ndarray) -> 
 
 
 def per_class_accuracy(path: Path, name: str, classes: list[str], matrix: np.ndarray) -> Path:
-    acc = np.diag(matrix) / np.maximum(1, matrix.sum(1))
+    present = matrix.sum(1) > 0  # classes with no test images have no accuracy to draw
+    acc = np.diag(matrix)[present] / matrix.sum(1)[present]
+    classes = [c for c, keep in zip(classes, present) if keep]
     fig, ax = plt.subplots(figsize=(max(4, len(classes) * 0.22 + 2), 3))
     ax.bar(range(len(classes)), acc)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7 if len(classes) > 12 else 9)

@@ -7,6 +7,7 @@ import mlflow
 import pytest
 import yaml
 
+from clipmodel import synthetic
 from conftest import TINY, dvc, git_copy, merge
 
 pytestmark = pytest.mark.slow
@@ -53,6 +54,10 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     assert not missing, missing
     for plot in ("confusion_shape.png", "per_class_color.png", "similarity.png", "predictions.png"):
         assert (repo / "reports/plots/eval" / plot).stat().st_size > 0
+    # Per-class accuracy only for classes with test images: the unseen task never lists a seen pair.
+    per_class = json.loads((repo / "reports/per_class.json").read_text())
+    held = {f"{c} {s}" for c, s in synthetic.holdout_pairs(0, 0.2)}
+    assert per_class["composition_unseen"] and set(per_class["composition_unseen"]) <= held
     assert "Running stage" not in dvc(repo, "repro").stdout
 
     for lr in ("0.002", "0.0005"):
