@@ -60,6 +60,9 @@ def zero_shot(task: Task, features: torch.Tensor, encode_text, templates: list[s
         confusion = np.zeros((len(task.classes),) * 2, dtype=np.int64)
         np.add.at(confusion, (y.numpy(), top[:, 0].numpy()), 1)
         result["confusion"] = confusion
+        # Only classes with test images: a held-out pair has none in composition_seen, and 0.0 would read as a miss.
+        result["per_class"] = {c: float(confusion[i, i] / confusion[i].sum())
+                               for i, c in enumerate(task.classes) if confusion[i].sum()}
         result["predictions"] = top[:, :3].numpy()
     result["n"] = int(task.mask.sum())
     return result
@@ -134,9 +137,7 @@ def main() -> None:
         r = zero_shot(task, feats["test"], encode_text, templates[task.templates])
         results[task.name] = (task, r)
         metrics["zero_shot"][task.name] = {k: r[k] for k in ("top1", "top5", "top1_single_template") if k in r}
-        # Only classes with test images: a held-out pair has none in composition_seen, and 0.0 would read as a miss.
-        per_class[task.name] = {c: float(r["confusion"][i, i] / r["confusion"][i].sum())
-                                for i, c in enumerate(task.classes) if r["confusion"][i].sum()}
+        per_class[task.name] = r["per_class"]
         print(f"zero-shot {task.name}: top1 {r['top1']:.3f} (single template {r['top1_single_template']:.3f}, n={r['n']})")
 
     by_split = {name: {t.name: t for t in tasks_for(p, corpus, idx)} for name, idx in split.items()}

@@ -45,10 +45,8 @@ def confusion(path: Path, name: str, classes: list[str], matrix: np.ndarray) -> 
     return save(fig, path)
 
 
-def per_class_accuracy(path: Path, name: str, classes: list[str], matrix: np.ndarray) -> Path:
-    present = matrix.sum(1) > 0  # classes with no test images have no accuracy to draw
-    acc = np.diag(matrix)[present] / matrix.sum(1)[present]
-    classes = [c for c, keep in zip(classes, present) if keep]
+def per_class_accuracy(path: Path, name: str, accuracy: dict[str, float]) -> Path:
+    classes, acc = list(accuracy), list(accuracy.values())
     fig, ax = plt.subplots(figsize=(max(4, len(classes) * 0.22 + 2), 3))
     ax.bar(range(len(classes)), acc)
     ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7 if len(classes) > 12 else 9)
@@ -85,7 +83,7 @@ def evaluation_plots(out: Path, results: dict, corpus, test: np.ndarray, image_f
     paths = []
     for name, (task, r) in results.items():
         paths.append(confusion(out / f"confusion_{name}.png", name, task.classes, r["confusion"]))
-        paths.append(per_class_accuracy(out / f"per_class_{name}.png", name, task.classes, r["confusion"]))
+        paths.append(per_class_accuracy(out / f"per_class_{name}.png", name, r["per_class"]))
     n = min(sample, len(test))
     first = corpus.caption_start[test[:n]]  # each sample image's first caption
     row_of = {int(r): i for i, r in enumerate(caption_rows)}
