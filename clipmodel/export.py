@@ -121,6 +121,12 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
             # shapes; ONNX's own shape inference still runs.
             prepared = tmp / f"prepared-{name}"
             quant_pre_process(onnx_dir / name, prepared, skip_symbolic_shape=True)
+            # The fused graph can keep value_info from before the fusions, whose shapes the quantiser's
+            # strict shape inference rejects (onnxruntime 1.30 on the ResNet's attention pool): drop it,
+            # the quantiser infers every shape again.
+            model = onnx.load(prepared)
+            del model.graph.value_info[:]
+            onnx.save(model, prepared)
             quantize_dynamic(prepared, tmp / name, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
             prepared.unlink()
             stem = name.removesuffix(".onnx")
