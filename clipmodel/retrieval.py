@@ -22,8 +22,8 @@ def ranks(queries: torch.Tensor, gallery: torch.Tensor, query_keys: torch.Tensor
     the gallery items scoring strictly higher. A query without any hit gets rank len(gallery)+1.
     """
     n_q, n_g = len(queries), len(gallery)
-    best = torch.full((n_q,), float("-inf"))
-    above = torch.zeros(n_q, dtype=torch.long)
+    best = torch.full((n_q,), float("-inf"), device=queries.device)
+    above = torch.zeros(n_q, dtype=torch.long, device=queries.device)
     for g0 in range(0, n_g, chunk):
         g = gallery[g0:g0 + chunk].float()
         for q0 in range(0, n_q, chunk):

@@ -23,15 +23,22 @@ from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 from clipmodel.zeroshot import class_embeddings, classify
 from pipeline import plots, tracking
+from pipeline.loop import resolve_device
 from pipeline.params import Params, load_params
 from pipeline.tasks import Task, canonical_scene, csv_tasks, synthetic_tasks
 
 PLOTS = Path("reports/plots/eval")
 
 
+def _device(model: CLIP) -> torch.device:
+    return model.logit_scale.device
+
+
 @torch.no_grad()
 def embed_images(model: CLIP, corpus: Corpus, index: np.ndarray, batch_size: int) -> torch.Tensor:
-    out = [F.normalize(model.encode_image(to_tensor(corpus.images(index[s:s + batch_size]))), dim=-1)
+    """Normalised features on the CPU, computed on the model's device (a GPU embeds a large test set in seconds)."""
+    out = [F.normalize(model.encode_image(to_tensor(corpus.images(index[s:s + batch_size])).to(_device(model))),
+                       dim=-1).cpu()
            for s in tqdm(range(0, len(index), batch_size), desc="embed images", unit="batch", leave=False)]
     return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
 
@@ -40,7 +47,7 @@ def text_encoder(model: CLIP, tok, batch_size: int):
     @torch.no_grad()
     def encode_text(texts: list[str]) -> torch.Tensor:
         ids = encode(tok, texts)[0]
-        return torch.cat([model.encode_text(torch.from_numpy(ids[s:s + batch_size]).long())
+        return torch.cat([model.encode_text(torch.from_numpy(ids[s:s + batch_size]).long().to(_device(model))).cpu()
                           for s in range(0, len(ids), batch_size)])
     return encode_text
 
@@ -70,7 +77,8 @@ def zero_shot(task: Task, features: torch.Tensor, encode_text, templates: list[s
 
 def retrieval(image_features: torch.Tensor, text_features: torch.Tensor, image_keys: np.ndarray,
               text_keys: np.ndarray, chunk: int) -> dict[str, dict[str, float]]:
-    ik, tk = torch.from_numpy(image_keys), torch.from_numpy(text_keys)
+    """Ranks on the features' device: move them to the GPU first to rank a million items there."""
+    ik, tk = (torch.from_numpy(k).to(image_features.device) for k in (image_keys, text_keys))
     return {"image_to_text": summarize(ranks(image_features, text_features, ik, tk, chunk)),
             "text_to_image": summarize(ranks(text_features, image_features, tk, ik, chunk))}
 
@@ -122,6 +130,8 @@ def main() -> None:
     ev = p.evaluate
     torch.manual_seed(0)
     model, _ = load_model("models")
+    device = resolve_device(p.train.device)
+    model.to(device)
     tok = load_tokenizer("models/tokenizer.json")
     corpus = Corpus.load("data")
     templates: dict[str, list[str]] = yaml.safe_load(Path(ev.templates).read_text())
@@ -151,9 +161,10 @@ def main() -> None:
     rows, image_keys, text_keys = match_keys(corpus, test, corpus.caption_ids())
     with torch.no_grad():
         text_feats = torch.cat([F.normalize(model.encode_text(torch.from_numpy(
-            trim_padding(corpus.tokens[rows[s:s + ev.batch_size]])).long()), dim=-1)
+            trim_padding(corpus.tokens[rows[s:s + ev.batch_size]])).long().to(device)), dim=-1).cpu()
             for s in range(0, len(rows), ev.batch_size)])
-    metrics["retrieval"] = retrieval(feats["test"], text_feats, image_keys, text_keys, ev.retrieval_chunk)
+    metrics["retrieval"] = retrieval(feats["test"].to(device), text_feats.to(device), image_keys, text_keys,
+                                     ev.retrieval_chunk)
     print("retrieval:", json.dumps(metrics["retrieval"]))
 
     supervised = Path("reports/supervised.json")
