@@ -1,3 +1,4 @@
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -48,3 +49,19 @@ def test_stage_exits_cleanly_on_bad_params(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip() == "params.yaml: tokenize.vocab_size: Input should be greater than or equal to 300"
+
+
+def test_benchmark_overrides_follow_dvc_exp_run_set():
+    """benchmarks/pipeline_time.py's -S: YAML values into existing keys; a typo is an error, not a new key."""
+    spec = importlib.util.spec_from_file_location("pipeline_time", ROOT / "benchmarks" / "pipeline_time.py")
+    pipeline_time = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline_time)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for assignment in ("train.epochs=60", "train.betas=[0.9, 0.95]", "evaluate.labels_csv=null"):
+        pipeline_time.override(params, assignment)
+    assert params["train"]["epochs"] == 60 and params["train"]["betas"] == [0.9, 0.95]
+    assert params["evaluate"]["labels_csv"] is None
+    for bad, message in (("train.epoch=3", "no key 'train.epoch'"), ("trian.epochs=3", "no section 'trian'"),
+                         ("train.epochs", "expected key=value")):
+        with pytest.raises(SystemExit, match=message):
+            pipeline_time.override(params, bad)
