@@ -149,14 +149,15 @@ def _plural(shape: str) -> str:
 
 
 # Colour alone tells most scenes in a batch apart, so captions that always name it let the contrastive
-# task ignore shape and place (a shortcut). Leaving colour out of half the phrases forces the other cues.
+# task ignore shape and place (a shortcut). Leaving colour out of half the phrases forces the other cues;
+# leaving it out of more trades colour accuracy for shape and position (params data.synthetic.color_mention).
 COLOR_MENTION = 0.5
 
 
-def _object_phrase(obj: Object, rng: np.random.Generator) -> str:
+def _object_phrase(obj: Object, rng: np.random.Generator, color_mention: float) -> str:
     """'a large red circle on the left', with size, colour and place each sometimes left out."""
     words = [_pick(rng, SIZE_WORDS[obj.size])] if rng.random() < 0.6 else []
-    words += [obj.color] if rng.random() < COLOR_MENTION else []
+    words += [obj.color] if rng.random() < color_mention else []
     phrase = _a_or_an(" ".join([*words, obj.shape]))
     return f"{phrase} {_pick(rng, PLACE_WORDS[obj.position])}" if rng.random() < 0.6 else phrase
 
@@ -171,11 +172,11 @@ def _grouped(objects: tuple[Object, ...], with_color: bool) -> list[str]:
             for k, n in counts.items()]
 
 
-def caption(scene: Scene, rng: np.random.Generator) -> str:
+def caption(scene: Scene, rng: np.random.Generator, color_mention: float) -> str:
     if rng.random() < 0.6:
-        body = _join([_object_phrase(o, rng) for o in scene.objects])
+        body = _join([_object_phrase(o, rng, color_mention) for o in scene.objects])
     else:
-        body = _join(_grouped(scene.objects, with_color=rng.random() < COLOR_MENTION))
+        body = _join(_grouped(scene.objects, with_color=rng.random() < color_mention))
     if rng.random() < 0.25:
         body += f" on {_a_or_an(_pick(rng, BACKGROUND_WORDS[scene.background]))} background"
     template = _pick(rng, TEMPLATES)
@@ -185,14 +186,14 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 
 def sample(seed: int, index: int, max_objects: int, excluded: frozenset[tuple[str, str]] = frozenset(),
-           captions: int = 1) -> tuple[Scene, tuple[str, ...]]:
+           captions: int = 1, color_mention: float = COLOR_MENTION) -> tuple[Scene, tuple[str, ...]]:
     """Scene and captions of item `index`: its own random stream, so items never depend on each other.
 
     Several captions per image (as COCO has five) each mention a different subset of the attributes,
     so over the epochs every image is supervised on all of them rather than on one fixed phrasing."""
     rng = np.random.default_rng((seed, _ITEM_STREAM, index))
     scene = sample_scene(rng, max_objects, excluded)
-    return scene, tuple(caption(scene, rng) for _ in range(captions))
+    return scene, tuple(caption(scene, rng, color_mention) for _ in range(captions))
 
 
 def _muted(rng: np.random.Generator) -> np.ndarray:

@@ -24,6 +24,7 @@ class SyntheticSource(Section):
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
     captions_per_image: int = Field(1, ge=1)
+    color_mention: float = Field(0.5, ge=0.0, le=1.0)
 
 
 class CsvSource(Section):

@@ -95,7 +95,7 @@ def read_synthetic(data: DataParams) -> Iterator[Item]:
         key = f"synthetic-{i:06d}"
         train = split_of(key, data.val_fraction, data.test_fraction) == "train"
         scene, texts = synthetic.sample(data.seed, i, p.max_objects, held_out if train else frozenset(),
-                                        p.captions_per_image)
+                                        p.captions_per_image, p.color_mention)
         yield Record(key, "synthetic", key, scene, texts, scene.labels())
 
 

@@ -36,6 +36,15 @@ def test_more_captions_keep_the_first_and_describe_the_same_scene():
     assert len(five[1]) == 5 and len(set(five[1])) > 1
 
 
+def test_color_mention_sets_how_often_captions_name_colours():
+    def share(mention):  # fraction of captions naming any colour
+        texts = [t for i in range(400) for t in sample(0, i, 3, captions=2, color_mention=mention)[1]]
+        return np.mean([any(re.search(rf"\b{c}\b", t) for c in COLORS) for t in texts])
+    assert share(0.0) == 0.0 and share(1.0) == 1.0
+    assert share(0.25) < share(0.5) < share(0.75)
+    assert sample(0, 3, 3, captions=5) == sample(0, 3, 3, captions=5, color_mention=0.5)  # 0.5 is the default
+
+
 def test_holdout_pairs_are_a_balanced_fixed_fraction():
     pairs = holdout_pairs(0, 0.2)
     assert pairs == holdout_pairs(0, 0.2) and pairs != holdout_pairs(1, 0.2)
