@@ -31,6 +31,8 @@ COPIED = ("clipmodel", "pipeline", "templates", "dvc.yaml", "params.yaml")
 
 
 def override(params: dict, assignment: str) -> None:
+    """The part of `dvc exp run -S` the benchmark needs, without DVC (absent on a bare GPU machine):
+    an existing key gets a YAML value; adding keys (`+key=`) is not supported."""
     key, sep, value = assignment.partition("=")
     if not sep:
         raise SystemExit(f"-S {assignment!r}: expected key=value")

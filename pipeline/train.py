@@ -142,6 +142,7 @@ def main() -> None:
         distributed.relaunch(p.train.nproc, "pipeline.train")
     torch.manual_seed(p.train.seed)
     device = resolve_device(p.train.device)
+    gpu = device.type == "cuda"
     distributed.init(device)
     corpus = Corpus.load(DATA)
     tok = load_tokenizer(DATA / "tokenizer.json")
@@ -166,8 +167,7 @@ def main() -> None:
             tracking.mlflow.log_params(tracking.flatten(p.model_dump()))
             tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
                                         "precision_used": resolve_precision(p.train.precision, device),
-                                        "device_used": torch.cuda.get_device_name(device) if device.type == "cuda"
-                                        else "cpu",
+                                        "device_used": torch.cuda.get_device_name(device) if gpu else "cpu",
                                         "total_steps": p.train.epochs * len(data),
                                         "parameters": sum(x.numel() for x in model.parameters())})
     rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id)
@@ -181,7 +181,7 @@ def main() -> None:
     summary = {"steps": int(rows[-1]["step"]), "final_loss": rows[-1]["loss"],
                "samples_per_s": float(np.median(speeds)), "processes": processes,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})}
+               **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if gpu else {})}
     write_json("reports/train.json", summary)
     tracking.mlflow.log_metrics({"train_samples_per_s": summary["samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"]})
     tracking.mlflow.log_artifact(str(MODELS / "config.json"))

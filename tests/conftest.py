@@ -36,9 +36,9 @@ def write_params(workdir: Path, override: dict) -> None:
 
 def stage_env(workdir: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])), MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}",
-               MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1",
-               OMP_NUM_THREADS="2")
+    env.update(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),  # keep the caller's
+               MLFLOW_TRACKING_URI=f"sqlite:///{workdir / 'mlflow.db'}", MLFLOW_DISABLE_TELEMETRY="true",
+               DO_NOT_TRACK="1", DVC_NO_ANALYTICS="1", OMP_NUM_THREADS="2")
     return env
 
 
