@@ -15,6 +15,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,13 +27,16 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from clipmodel import runtime, synthetic
-from clipmodel.checkpoint import save_safetensors
-from clipmodel.data import MEAN, STD
-from clipmodel.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, load_model, quantize_int8
-from clipmodel.io import write_json
-from clipmodel.model import CLIP, CLIPConfig
-from clipmodel.tokenizer import encode, load_tokenizer, train_tokenizer
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks` is not an installed package
+from benchmarks.machine import cpu_name  # noqa: E402
+from clipmodel import runtime, synthetic  # noqa: E402
+from clipmodel.checkpoint import save_safetensors  # noqa: E402
+from clipmodel.data import MEAN, STD  # noqa: E402
+from clipmodel.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, load_model, quantize_int8  # noqa: E402
+from clipmodel.io import write_json  # noqa: E402
+from clipmodel.model import CLIP, CLIPConfig  # noqa: E402
+from clipmodel.tokenizer import encode, load_tokenizer, train_tokenizer  # noqa: E402
 
 OUT = Path("reports/benchmarks/onnx.json")
 CASES = {"image_b1": ("image", 1), "image_b32": ("image", 32), "text_b1": ("text", 1), "text_b256": ("text", 256)}
@@ -178,7 +182,7 @@ def main() -> None:
     shipped = ort_ms["shipped"]
     report = {
         "model": {"source": "models/" if trained else "random weights, params.yaml sizes", **model.cfg.to_dict()},
-        "machine": {"cpus": os.cpu_count(), "physical_cores_used": threads, "processor": platform.processor(),
+        "machine": {"cpus": os.cpu_count(), "physical_cores_used": threads, "processor": cpu_name(),
                     "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                     "onnxruntime": ort.__version__, "python": platform.python_version(),
                     "load_average_1min": {"before": load_before, "after": os.getloadavg()[0]}},

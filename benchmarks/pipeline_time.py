@@ -26,6 +26,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
 from clipmodel.io import write_json  # noqa: E402
+from benchmarks.machine import device_name  # noqa: E402
 from pipeline.dvcfile import key_metrics, read_metrics, stage_names  # noqa: E402
 COPIED = ("clipmodel", "pipeline", "templates", "dvc.yaml", "params.yaml")
 
@@ -45,15 +46,6 @@ def override(params: dict, assignment: str) -> None:
     if leaf not in node:
         raise SystemExit(f"-S {assignment!r}: params.yaml has no key {key!r}")
     node[leaf] = yaml.safe_load(value)
-
-
-def device_name() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    cpuinfo = Path("/proc/cpuinfo")
-    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-             if line.startswith("model name")] if cpuinfo.exists() else []
-    return names[0] if names else platform.machine()
 
 
 def main() -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, param_groups  # noqa: E402
 from pipeline.params import ModelParams, Params  # noqa: E402
@@ -93,7 +93,7 @@ def main() -> None:
         print(name, "compile", json.dumps(result[name]["compile"]), flush=True)
     result["setup"] = {"batch_size": raw["train"]["batch_size"], "image_size": raw["data"]["image_size"],
                        "steps": args.steps, "device": "cpu", "threads": torch.get_num_threads(),
-                       "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+                       "cpu": cpu_name(), "torch": torch.__version__}
     write_json(args.out, result)
 
 

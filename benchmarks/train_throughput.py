@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import socket
 import subprocess
@@ -42,6 +41,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.machine import cpu_name  # noqa: E402
 from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
@@ -244,7 +244,7 @@ def main() -> None:
         "setup": {"batch_size": bs, "image_size": size, "model": m, "steps": args.steps, "warmup": args.warmup,
                   "ours_processes": args.nproc, "accum_steps": args.accum_steps, "precision": precision,
                   "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                  "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+                  "threads": torch.get_num_threads(), "cpu": cpu_name(),
                   "torch": torch.__version__, "open_clip": open_clip.__version__},
     }
     write_json(args.out, result)
