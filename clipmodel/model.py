@@ -339,11 +339,18 @@ class CLIP(nn.Module):
             self.visual.transformer.grad_checkpointing = enable
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None = None) -> list[dict[str, Any]]:
     """AdamW groups for any of our models. Decay only on matrices and kernels: decaying gains, biases,
-    embeddings or the temperature just pulls them toward zero with no regularising benefit."""
-    decay, no_decay = [], []
+    embeddings or the temperature just pulls them toward zero with no regularising benefit.
+
+    `vision_lr` gives the image tower (`model.visual`) its own peak learning rate: the BatchNorm ResNet
+    learns shape several times faster at a rate the text Transformer and the temperature do not
+    tolerate (README, "What moved the numbers")."""
+    own = vision_lr is not None and isinstance(getattr(model, "visual", None), nn.Module)
+    visual = {id(p) for p in model.visual.parameters()} if own else set()
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(v, d): [] for v in (False, True) for d in (True, False)}
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups[id(p) in visual, not (p.ndim < 2 or "embedding" in name)].append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, **({"lr": vision_lr} if vis else {})}
+            for (vis, decay), params in groups.items() if params]

@@ -114,6 +114,7 @@ class TrainParams(Section):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
+    vision_lr: float | None = Field(None, gt=0)  # the image tower's peak lr; None: train.lr
     weight_decay: float = Field(0.2, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)

@@ -166,6 +166,22 @@ def test_param_groups_decay_only_matrices_and_kernels(cfg):
     assert all(p.ndim >= 2 and "embedding" not in name[id(p)] for p in decay["params"])
 
 
+def test_param_groups_vision_lr_covers_exactly_the_image_tower():
+    m = CLIP(RESNET)
+    groups = param_groups(m, 0.2, vision_lr=4e-3)
+    name = {id(p): n for n, p in m.named_parameters()}
+    tower = {name[id(p)] for g in groups if g.get("lr") == 4e-3 for p in g["params"]}
+    rest = {name[id(p)] for g in groups if "lr" not in g for p in g["params"]}
+    assert tower == {n for n, _ in m.named_parameters() if n.startswith("visual.")}
+    assert rest == {n for n, _ in m.named_parameters() if not n.startswith("visual.")}
+    assert {(g.get("lr"), g["weight_decay"]) for g in groups} == {(None, 0.2), (None, 0.0), (4e-3, 0.2), (4e-3, 0.0)}
+    # the optimiser takes the groups' own lr, and the schedule scales every group by the same factor
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
+    assert sorted({g["lr"] for g in opt.param_groups}) == [5e-4, 2e-3]
+    assert sched.get_last_lr()[0] == 5e-4
+
+
 def test_config_json_round_trip_keeps_tuples():
     for cfg in (VIT, RESNET):
         assert CLIPConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
