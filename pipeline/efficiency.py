@@ -186,7 +186,9 @@ def train(objective: str) -> None:
     obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
                     checkpoint=checkpoint, log_csv=RESULTS / f"{objective}_log.csv")
     start = time.perf_counter()
-    rows = fit(obj, data, p.train, device, total, fingerprint, state, run_id)
+    # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
+    schedule = p.train if e.warmup_steps is None else p.train.model_copy(update={"warmup_steps": e.warmup_steps})
+    rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id)
     wall = time.perf_counter() - start
     model.eval()
     save_folder(MODELS / objective, model, objective, arch, p, data_fp)

@@ -192,6 +192,7 @@ class EfficiencyParams(Section):
     decoder_layers: int = Field(3, ge=1)
     decoder_heads: int = Field(4, ge=1)
     encoder_layers: int = Field(1, ge=1)         # encoder-decoder captioner: Transformer layers over the image grid
+    warmup_steps: int | None = Field(100, ge=0)  # the study's own: its budget is train.warmup_steps long; null: train's
 
     @model_validator(mode="after")
     def _check(self) -> "EfficiencyParams":
