@@ -25,8 +25,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
-from clipmodel.io import write_json  # noqa: E402
 from benchmarks.machine import device_name  # noqa: E402
+from clipmodel.io import write_json  # noqa: E402
 from pipeline.dvcfile import key_metrics, read_metrics, stage_names  # noqa: E402
 COPIED = ("clipmodel", "pipeline", "templates", "dvc.yaml", "params.yaml")
 
