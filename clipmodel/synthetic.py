@@ -149,9 +149,10 @@ def _plural(shape: str) -> str:
 
 
 # Colour alone tells most scenes in a batch apart, so captions that always name it let the contrastive
-# task ignore shape and place (a shortcut). Leaving colour out of half the phrases forces the other cues;
-# leaving it out of more trades colour accuracy for shape and position (params data.synthetic.color_mention).
-COLOR_MENTION = 0.5
+# task ignore shape and place (a shortcut). Leaving colour out of about half the phrases forces the other
+# cues; leaving it out of more trades colour accuracy for shape and position, out of fewer the reverse
+# (params data.synthetic.color_mention; README, "Results").
+COLOR_MENTION = 0.5625
 
 
 def _object_phrase(obj: Object, rng: np.random.Generator, color_mention: float) -> str:

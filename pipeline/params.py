@@ -12,6 +12,8 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from clipmodel.synthetic import COLOR_MENTION
+
 PARAMS_FILE = Path("params.yaml")
 
 
@@ -24,7 +26,7 @@ class SyntheticSource(Section):
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
     captions_per_image: int = Field(1, ge=1)
-    color_mention: float = Field(0.5, ge=0.0, le=1.0)
+    color_mention: float = Field(COLOR_MENTION, ge=0.0, le=1.0)
 
 
 class CsvSource(Section):

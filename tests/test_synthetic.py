@@ -42,7 +42,7 @@ def test_color_mention_sets_how_often_captions_name_colours():
         return np.mean([any(re.search(rf"\b{c}\b", t) for c in COLORS) for t in texts])
     assert share(0.0) == 0.0 and share(1.0) == 1.0
     assert share(0.25) < share(0.5) < share(0.75)
-    assert sample(0, 3, 3, captions=5) == sample(0, 3, 3, captions=5, color_mention=0.5)  # 0.5 is the default
+    assert sample(0, 3, 3, captions=5) == sample(0, 3, 3, captions=5, color_mention=0.5625)  # the default
 
 
 def test_holdout_pairs_are_a_balanced_fixed_fraction():
