@@ -113,7 +113,9 @@ def _read_log(path: Path, upto: int) -> list[dict]:
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["step", "loss"])
+        # a run resumed from an older checkpoint may log more columns than its first rows have
+        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["step", "loss"]
+        writer = csv.DictWriter(f, fieldnames=fields, restval="nan")
         writer.writeheader()
         writer.writerows(rows)
 
@@ -269,7 +271,9 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
         obj.on_step(step + 1)
         if (step + 1) % tp.log_every == 0 or step + 1 == total:
             now = time.perf_counter()
-            metrics = {"loss": loss.item(), "lr": sched.get_last_lr()[0], **obj.step_metrics(),
+            lrs = sched.get_last_lr()  # param_groups puts the image tower's groups last
+            metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
+                       **obj.step_metrics(),
                        "samples_per_s": n_last / (now - t_last)}
             t_last, n_last = now, 0
             rows.append({"step": step + 1, **metrics})

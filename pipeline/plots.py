@@ -24,10 +24,12 @@ def save(fig: plt.Figure, path: Path) -> Path:
 def plot_training_curves(log_csv: Path, path: Path) -> Path:
     log = pd.read_csv(log_csv)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    for ax, key in zip(axes, ("loss", "logit_scale", "lr")):
-        ax.plot(log.step, log[key])
+    for ax, keys in zip(axes, (["loss"], ["logit_scale"], ["lr", "vision_lr"])):
+        for key in keys:
+            if key in log:
+                ax.plot(log.step, log[key], label=key)
         ax.set_xlabel("step")
-        ax.set_title(key)
+        ax.set_title(" / ".join(k for k in keys if k in log))
         ax.grid(alpha=0.3)
     return save(fig, path)
 

@@ -42,6 +42,8 @@ def test_same_seed_same_loss_curve_and_weights(workspace, tmp_path_factory):
     lb = pd.read_csv(other / "reports/train_log.csv")
     assert len(la) > 2
     assert la.loss.tolist() == lb.loss.tolist()
+    assert (la.vision_lr - 5 * la.lr).abs().max() < 1e-9  # the image tower's groups: 5e-3 against 1e-3
+    assert la.vision_lr.max() == 5e-3
     assert_same_weights(workspace, other)
 
 
