@@ -46,9 +46,9 @@ CLI::
 """
 import os
 
-TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
-for _key, _value in TELEMETRY_OFF.items():
+from pipeline.workspace import TELEMETRY_OFF
+
+for _key, _value in TELEMETRY_OFF.items():  # before prefect is imported: it reads them at import
     os.environ.setdefault(_key, _value)
 
 import argparse  # noqa: E402
@@ -58,7 +58,6 @@ import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import threading  # noqa: E402
 from collections import deque  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -71,6 +70,7 @@ from prefect.runtime import flow_run as current_flow_run  # noqa: E402
 from prefect.schedules import Cron  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
+from pipeline import workspace  # noqa: E402
 from pipeline.dvcfile import KEY_METRICS, key_metrics, read_metrics, stage_names, uncached_outputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -100,19 +100,6 @@ class StageFailed(RuntimeError):
         return (StageFailed, (self.stage, self.returncode, self.tail, self.params_errors))
 
 
-def subprocess_env(repo: Union[str, Path], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
-    """os.environ with telemetry off, this venv first on PATH (so `dvc` and the stages' `python`
-    are the flow's), unbuffered output, sparse tqdm updates, and an explicit MLflow store."""
-    env = dict(os.environ)
-    env.update(TELEMETRY_OFF)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("TQDM_MININTERVAL", "10")  # one progress line per 10 s in the logs, not per step
-    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(repo).resolve() / 'mlflow.db'}")
-    env.update(extra or {})
-    return env
-
-
 def stream(cmd: list[str], cwd: Union[str, Path], env: dict[str, str], name: str) -> list[str]:
     """Run `cmd`, logging each line of its stdout+stderr; raise StageFailed on a non-zero exit.
     Returns the last 200 lines."""
@@ -134,15 +121,6 @@ def stream(cmd: list[str], cwd: Union[str, Path], env: dict[str, str], name: str
     if proc.returncode:
         raise StageFailed(name, proc.returncode, list(tail), params_errors)
     return list(tail)
-
-
-def _git(repo: Union[str, Path], *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
-                          text=True).stdout.strip()
-
-
-def _dvc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,9 +145,9 @@ def run_stage(stage: str, repo: str, extra_env: Optional[dict[str, str]] = None,
     """Reproduce one DVC stage (`dvc repro --single-item`); `command` replaces the DVC call
     (tests inject a flaky script). Returns what DVC did: "ran", "skipped" (unchanged) or
     "restored" (from the run cache)."""
-    cmd = command or _dvc("repro", "--single-item", stage)
+    cmd = command or workspace.dvc("repro", "--single-item", stage)
     try:
-        lines = stream(cmd, repo, subprocess_env(repo, extra_env), stage)
+        lines = stream(cmd, repo, workspace.subprocess_env(repo, extra_env), stage)
     except StageFailed as e:
         if e.bad_params:
             get_run_logger().error("%s: bad params.yaml, not retrying: %s", stage, "; ".join(e.params_errors))
@@ -182,37 +160,16 @@ def run_stage(stage: str, repo: str, extra_env: Optional[dict[str, str]] = None,
     return "ran"
 
 
-def _fresh_name(repo: Union[str, Path], name: str) -> None:
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name or name.endswith((".", ".lock")):
-        raise ValueError(f"experiment name {name!r}: use letters, digits, '.', '_' and '-'")
-    refs = _git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
-    if any(ref.rsplit("/", 1)[-1] == name for ref in refs if "/exec/" not in ref):
-        raise ValueError(f"experiment {name!r} exists already (dvc exp remove {name}, or pick another name)")
-
-
-def hydra_value(value: Any) -> str:
-    """A Python value in `dvc exp run -S` (Hydra override) syntax; strings are passed verbatim."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, bool) or value is None:
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    return repr(value)
-
-
 @task(name="apply-overrides", cache_policy=NO_CACHE)
 def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
     """Check the experiment name is free, then write the overrides into params.yaml exactly as
     `dvc exp run -S key=value` would. Returns the original params.yaml text."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
-    _fresh_name(repo, experiment)
+    workspace.check_fresh_name(repo, experiment)
     path = Path(repo) / PARAMS
     original = path.read_text()
-    patterns = [f"{key}={hydra_value(value)}" for key, value in overrides.items()]
+    patterns = [f"{key}={workspace.hydra_value(value)}" for key, value in overrides.items()]
     get_run_logger().info("params.yaml overrides: %s", " ".join(patterns))
     try:
         dvc_apply_overrides(path, patterns)
@@ -229,8 +186,8 @@ def save_experiment(repo: str, experiment: str) -> str:
     .gitignore would otherwise leave out. Limited to the root pipeline's stages: the efficiency
     study's (efficiency/dvc.yaml) outputs need not exist."""
     include = [p for p in uncached_outputs(repo) if (Path(repo) / p).exists()]
-    cmd = _dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include), "dvc.yaml")
-    stream(cmd, repo, subprocess_env(repo), "exp-save")
+    cmd = workspace.dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include), "dvc.yaml")
+    stream(cmd, repo, workspace.subprocess_env(repo), "exp-save")
     return experiment
 
 
@@ -240,45 +197,6 @@ def collect(repo: str) -> dict[str, Any]:
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
     return {"metrics": read_metrics(repo), "mlflow_run_id": run.get("run_id"),
             "mlflow_experiment_id": run.get("experiment_id")}
-
-
-# ---------------------------------------------------------------------------------------------
-# isolated workspaces (concurrent sweep points)
-
-
-def _clone(repo: Path) -> Path:
-    """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
-    work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
-    try:
-        _populate_clone(repo, work)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return work
-
-
-def _populate_clone(repo: Path, work: Path) -> None:
-    _git(repo, "clone", "--quiet", "--shared", str(repo), str(work))
-    _git(work, "checkout", "--quiet", "--detach", _git(repo, "rev-parse", "HEAD"))
-    changed = _git(repo, "ls-files", "--modified", "--others", "--exclude-standard", "-z").split("\0")
-    for rel in filter(None, changed):
-        src = repo / rel
-        if src.is_file():
-            (work / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / rel)
-    for rel in filter(None, _git(repo, "ls-files", "--deleted", "-z").split("\0")):
-        (work / rel).unlink(missing_ok=True)
-    cache = subprocess.run(_dvc("cache", "dir"), cwd=repo, env=subprocess_env(repo), check=True,
-                           capture_output=True, text=True).stdout.strip()
-    subprocess.run(_dvc("config", "--local", "cache.dir", cache), cwd=work, env=subprocess_env(repo),
-                   check=True, capture_output=True)
-
-
-def _fetch_experiment(repo: Path, work: Path, name: str) -> None:
-    refs = [r for r in _git(work, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
-            if r.rsplit("/", 1)[-1] == name]
-    for ref in refs:
-        _git(repo, "fetch", "--quiet", str(work), f"+{ref}:{ref}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,24 +223,24 @@ def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Option
     name = experiment or str(current_flow_run.get_name() or "")
     flow_run_id = str(current_flow_run.get_id())
     env = {"PREFECT__FLOW_RUN_ID": flow_run_id, "DVC_EXP_NAME": name,
-           "MLFLOW_TRACKING_URI": subprocess_env(repo_path)["MLFLOW_TRACKING_URI"]}
+           "MLFLOW_TRACKING_URI": workspace.subprocess_env(repo_path)["MLFLOW_TRACKING_URI"]}
     stage_task = run_stage.with_options(
         retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)(retries) or 0)
     original, work = None, repo_path
     try:
         if isolated:
-            work = _clone(repo_path)
+            work = workspace.clone(repo_path)
         if overrides:
             original = apply_overrides(str(work), overrides, name)
         else:
-            _fresh_name(work, name)
+            workspace.check_fresh_name(work, name)
         stages = {}
         for stage in stage_names(work):
             stages[stage] = stage_task(stage, str(work), env)
         save_experiment(str(work), name)
         result = collect(str(work))
         if isolated:
-            _fetch_experiment(repo_path, work, name)
+            workspace.fetch_experiment(repo_path, work, name)
     finally:
         if original is not None and not isolated:
             (work / PARAMS).write_text(original)

@@ -18,6 +18,7 @@ import yaml
 from conftest import ROOT, TINY, merge, write_params
 
 from pipeline import flows  # sets the telemetry env vars before importing prefect
+from pipeline.workspace import hydra_value, subprocess_env
 
 from prefect import flow  # noqa: E402
 from prefect.client.orchestration import get_client  # noqa: E402
@@ -83,7 +84,7 @@ def train_repo(tmp_path_factory, mlflow_store):
 def dvc_experiments(repo: Path) -> dict[str, dict]:
     """name -> `dvc exp show --json` data of every experiment."""
     proc = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo,
-                          env=flows.subprocess_env(repo), capture_output=True, text=True, check=True)
+                          env=subprocess_env(repo), capture_output=True, text=True, check=True)
     return {e["name"]: rev["data"] for row in json.loads(proc.stdout) for e in (row.get("experiments") or [])
             for rev in e["revs"]}
 
@@ -183,7 +184,7 @@ def test_grid_expansion_and_override_syntax():
         {"train.lr": 1e-3, "train.loss": "sigmoid"}, {"train.lr": 3e-4, "train.loss": "sigmoid"}]
     assert flows.expand_grid([{"train.lr": 1e-3}, {"model.vision": "resnet"}]) == [
         {"train.lr": 1e-3}, {"model.vision": "resnet"}]
-    assert [flows.hydra_value(v) for v in (3e-4, True, None, [1, 1, 1, 1], "resnet")] == [
+    assert [hydra_value(v) for v in (3e-4, True, None, [1, 1, 1, 1], "resnet")] == [
         "0.0003", "true", "null", "[1,1,1,1]", "resnet"]
     assert flows.parse_sets(["train.lr=3e-4", "model.vision_layers=[1,1,1,1]"]) == {
         "train.lr": "3e-4", "model.vision_layers": "[1,1,1,1]"}

@@ -1,0 +1,95 @@
+"""Git and DVC plumbing for the Prefect flows (pipeline/flows.py), with no Prefect in it: the
+stages' environment, experiment names, and the shared clones that concurrent sweep points run in."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+
+
+def subprocess_env(repo: Union[str, Path], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """os.environ with telemetry off, this venv first on PATH (so `dvc` and the stages' `python`
+    are the flow's), unbuffered output, sparse tqdm updates, and an explicit MLflow store."""
+    env = dict(os.environ)
+    env.update(TELEMETRY_OFF)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("TQDM_MININTERVAL", "10")  # one progress line per 10 s in the logs, not per step
+    env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{Path(repo).resolve() / 'mlflow.db'}")
+    env.update(extra or {})
+    return env
+
+
+def git(repo: Union[str, Path], *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def dvc(*args: str) -> list[str]:
+    return [sys.executable, "-m", "dvc", *args]
+
+
+def check_fresh_name(repo: Union[str, Path], name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name or name.endswith((".", ".lock")):
+        raise ValueError(f"experiment name {name!r}: use letters, digits, '.', '_' and '-'")
+    refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
+    if any(ref.rsplit("/", 1)[-1] == name for ref in refs if "/exec/" not in ref):
+        raise ValueError(f"experiment {name!r} exists already (dvc exp remove {name}, or pick another name)")
+
+
+def hydra_value(value: Any) -> str:
+    """A Python value in `dvc exp run -S` (Hydra override) syntax; strings are passed verbatim."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{hydra_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
+
+
+
+def clone(repo: Path) -> Path:
+    """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
+    work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
+    try:
+        _populateclone(repo, work)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return work
+
+
+def _populateclone(repo: Path, work: Path) -> None:
+    git(repo, "clone", "--quiet", "--shared", str(repo), str(work))
+    git(work, "checkout", "--quiet", "--detach", git(repo, "rev-parse", "HEAD"))
+    changed = git(repo, "ls-files", "--modified", "--others", "--exclude-standard", "-z").split("\0")
+    for rel in filter(None, changed):
+        src = repo / rel
+        if src.is_file():
+            (work / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / rel)
+    for rel in filter(None, git(repo, "ls-files", "--deleted", "-z").split("\0")):
+        (work / rel).unlink(missing_ok=True)
+    cache = subprocess.run(dvc("cache", "dir"), cwd=repo, env=subprocess_env(repo), check=True,
+                           capture_output=True, text=True).stdout.strip()
+    subprocess.run(dvc("config", "--local", "cache.dir", cache), cwd=work, env=subprocess_env(repo),
+                   check=True, capture_output=True)
+
+
+def fetch_experiment(repo: Path, work: Path, name: str) -> None:
+    refs = [r for r in git(work, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
+            if r.rsplit("/", 1)[-1] == name]
+    for ref in refs:
+        git(repo, "fetch", "--quiet", str(work), f"+{ref}:{ref}")
