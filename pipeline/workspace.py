@@ -59,19 +59,18 @@ def hydra_value(value: Any) -> str:
     return repr(value)
 
 
-
 def clone(repo: Path) -> Path:
     """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
     work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
     try:
-        _populateclone(repo, work)
+        _populate_clone(repo, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return work
 
 
-def _populateclone(repo: Path, work: Path) -> None:
+def _populate_clone(repo: Path, work: Path) -> None:
     git(repo, "clone", "--quiet", "--shared", str(repo), str(work))
     git(work, "checkout", "--quiet", "--detach", git(repo, "rev-parse", "HEAD"))
     changed = git(repo, "ls-files", "--modified", "--others", "--exclude-standard", "-z").split("\0")
