@@ -1,6 +1,8 @@
 """`clipmodel`: zero-shot classification, embeddings and captions from a trained model folder (torch).
 
     clipmodel classify --model models/ IMAGE... --labels "red circle,blue square" [--templates FILE] [--top 5]
+    clipmodel classify --model models/ IMAGE... --labels-file classes.txt
+    clipmodel zeroshot --model models/ test.csv [--classnames FILE] [--templates FILE] [--json metrics.json]
     clipmodel embed --model models/ --images IMAGE... --out image_emb.npy
     clipmodel embed --model models/ --texts "a red circle" "a blue star" --out text_emb.npy
     clipmodel caption --model models/efficiency/decoder IMAGE... [--beam 4]
@@ -13,15 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from clipmodel import cli_args
 from clipmodel.captioner import Captioner
-from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
-from clipmodel.images import ImageError, load_rgb, preprocess
+from clipmodel.encoder import Encoder
+from clipmodel.images import ImageError, load_image
 from clipmodel.io import atomic_path
-from clipmodel.tokenizer import decode, encode, load_tokenizer
-from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
+from clipmodel.tokenizer import decode, load_tokenizer
 from clipmodel.zeroshot import class_embeddings, classify
 
 
@@ -37,10 +38,9 @@ def load_pixels(paths: list[str], pre: dict) -> torch.Tensor:
     pixels = []
     for path in paths:
         try:
-            rgb = load_rgb(path, tuple(pre["background"]))
+            pixels.append(load_image(path, pre["image_size"], tuple(pre["background"])))
         except (ImageError, OSError) as e:
             raise SystemExit(f"clipmodel: {path}: {e}") from None
-        pixels.append(preprocess(rgb, pre["image_size"]))
     return to_tensor(np.stack(pixels))
 
 
@@ -52,37 +52,13 @@ def caption(folder: str | Path, paths: list[str], beam: int = 1) -> list[str]:
     return [decode(tok, row) for row in ids.tolist()]
 
 
-class Encoder:
-    """A model folder's encoders with its own preprocessing and tokenizer: L2-normalised outputs."""
-
-    def __init__(self, folder: str | Path, batch_size: int = 64):
-        folder = model_folder(folder)
-        self.model, config = load_model(folder)
-        self.tok = load_tokenizer(folder / config["tokenizer"])
-        self.pre = config["preprocess"]
-        self.batch_size = batch_size
-
-    @torch.no_grad()
-    def images(self, paths: list[str]) -> torch.Tensor:
-        x = load_pixels(paths, self.pre)
-        return torch.cat([F.normalize(self.model.encode_image(x[s:s + self.batch_size]), dim=-1)
-                          for s in range(0, len(x), self.batch_size)])
-
-    @torch.no_grad()
-    def texts(self, texts: list[str]) -> torch.Tensor:
-        ids = torch.from_numpy(encode(self.tok, texts)[0]).long()
-        return torch.cat([F.normalize(self.model.encode_text(ids[s:s + self.batch_size]), dim=-1)
-                          for s in range(0, len(ids), self.batch_size)])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="clipmodel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="zero-shot top-k labels for each image")
     c.add_argument("--model", required=True)
     c.add_argument("images", nargs="+")
-    c.add_argument("--labels", required=True, help="comma-separated class names")
-    c.add_argument("--templates", help="file of prompt templates, one per line with {}")
+    cli_args.add_label_args(c)
     c.add_argument("--top", type=int, default=5)
     e = sub.add_parser("embed", help="write image or text embeddings to .npy")
     e.add_argument("--model", required=True)
@@ -94,7 +70,13 @@ def main(argv: list[str] | None = None) -> None:
     k.add_argument("--model", required=True)
     k.add_argument("images", nargs="+")
     k.add_argument("--beam", type=int, default=1, help="beam width; 1 is greedy")
+    z = cli_args.add_zeroshot_command(sub, [])
+    z.add_argument("--model", required=True)
     args = parser.parse_args(argv)
+    if getattr(args, "top", 1) < 1:
+        parser.error("--top must be at least 1")
+    if args.command == "embed" and not args.out.endswith(".npy"):
+        parser.error("--out must name a .npy file")
 
     if args.command == "caption":
         if args.beam < 1:
@@ -102,19 +84,27 @@ def main(argv: list[str] | None = None) -> None:
         for path, text in zip(args.images, caption(args.model, args.images, args.beam)):
             print(f"{path}\t{text}")
         return
-    enc = Encoder(args.model)
+    enc = Encoder.load(model_folder(args.model), batch_size=64)
+    try:
+        run(args, parser, enc)
+    except ImageError as e:
+        raise SystemExit(f"clipmodel: {e}") from None
+
+
+def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder) -> None:
+    if args.command == "zeroshot":
+        cli_args.zeroshot(args, parser, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)
+        return
     if args.command == "embed":
         emb = enc.images(args.images) if args.images else enc.texts(args.texts)
         with atomic_path(args.out) as tmp:
-            np.save(tmp, emb.numpy().astype(np.float32))
+            np.save(tmp, emb.astype(np.float32))
         print(f"wrote {args.out}: {tuple(emb.shape)}")
         return
-    labels = [s.strip() for s in args.labels.split(",") if s.strip()]
-    if not labels:
-        raise SystemExit("clipmodel: --labels is empty")
-    templates = load_templates(args.templates) if args.templates else list(DEFAULT_TEMPLATES)
-    classes = class_embeddings(enc.texts, labels, templates)
-    top, probs = classify(enc.images(args.images), classes, enc.model.logit_scale.exp().item(), args.top)
+    labels = cli_args.labels_of(args, parser)
+    classes = class_embeddings(lambda texts: torch.from_numpy(enc.texts(texts)), labels,
+                               cli_args.templates_of(args, parser))
+    top, probs = classify(torch.from_numpy(enc.images(args.images)), classes, enc.logit_scale, args.top)
     for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
         print(path)
         for i, p in zip(idx, pr):

@@ -59,6 +59,8 @@ def decode(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Im
         raise ImageError("too_many_pixels", str(e)) from None
     except OSError as e:  # a directory, no permission
         raise ImageError("unreadable_file", f"{type(e).__name__}: {e}") from None
+    except Exception as e:  # a decoder's own error while reading the header (e.g. ValueError on a huge text chunk)
+        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
     with img:
         if img.width * img.height > max_pixels:
             raise ImageError("too_many_pixels", f"{img.width}x{img.height} > {max_pixels}")
@@ -88,6 +90,13 @@ def load_rgb(source: bytes | str | Path, background: tuple[int, int, int] = (255
              max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """uint8 [H, W, 3] from encoded bytes or a path; raises ImageError with a reason code."""
     return np.asarray(to_rgb(decode(source, max_pixels), background))
+
+
+def load_image(source: bytes | str | Path, size: int, background: tuple[int, int, int] = (255, 255, 255),
+               max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """uint8 [size, size, 3], exactly as ingest stores a training image: decode, composite alpha onto
+    `background`, resize the shorter side, centre-crop. Raises ImageError with a reason code."""
+    return preprocess(load_rgb(source, background, max_pixels), size)
 
 
 def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:

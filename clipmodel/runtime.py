@@ -1,6 +1,6 @@
 """Serving an exported model without torch: onnxruntime, numpy, PIL and tokenizers only.
 
-Images go through the very functions ingest used (`images.load_rgb`, `images.preprocess`) and text
+Images go through the very function ingest used (`images.load_image`) and text
 through the same tokenizer.json, so the encoders see what they were trained on. Everything else that
 was fixed at training time (size, background, mean/std, temperature) comes from preprocess.json.
 """
@@ -20,7 +20,8 @@ import psutil
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
-from clipmodel.images import ImageError, load_rgb, preprocess, to_rgb
+from clipmodel.evaluation import class_vectors, unit
+from clipmodel.images import ImageError, load_image, preprocess, to_rgb
 from clipmodel.io import atomic_path
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer
@@ -50,18 +51,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """L2-normalised rows; the epsilon matches torch's F.normalize."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def ensemble(prompt_embeddings: np.ndarray, n_classes: int) -> np.ndarray:
-    """[C, D] class vectors from [C*T, D] prompt embeddings (class-major): normalise each prompt, average
-    per class, renormalise. The numpy twin of `zeroshot.class_embeddings`, which needs torch."""
-    per_class = unit(prompt_embeddings.astype(np.float32)).reshape(n_classes, -1, prompt_embeddings.shape[-1])
-    return unit(per_class.mean(1))
 
 
 def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scale: float,
@@ -97,10 +86,8 @@ class Preprocess:
     def rgb(self, image: ImageSource) -> np.ndarray:
         """uint8 [S, S, 3] from a path, encoded bytes or a PIL image, as ingest stored training images."""
         if isinstance(image, Image.Image):
-            rgb = np.asarray(to_rgb(ImageOps.exif_transpose(image), self.background))
-        else:
-            rgb = load_rgb(image, self.background)
-        return preprocess(rgb, self.image_size)
+            return preprocess(np.asarray(to_rgb(ImageOps.exif_transpose(image), self.background)), self.image_size)
+        return load_image(image, self.image_size, self.background)
 
     def normalise(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] -> float32 [N, 3, S, S], the image encoder's `pixels` input."""
@@ -166,8 +153,8 @@ class ClipRuntime:
         return out
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-        prompts = [t.format(label) for label in labels for t in templates]
-        return ensemble(self.encode_texts(prompts), len(labels))
+        """[C, D] class vectors: each label's prompt embeddings averaged (clipmodel.evaluation.class_vectors)."""
+        return class_vectors(self.encode_texts, labels, templates)
 
     def classify(self, images: Sequence[ImageSource], labels: Sequence[str],
                  templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5) -> list[list[tuple[str, float]]]:

@@ -1,24 +1,25 @@
-"""clip-onnx: zero-shot classification and text-to-image search with an exported model, no torch.
+"""clip-onnx: zero-shot classification, zero-shot accuracy and text-to-image search with an exported model, no torch.
 
     clip-onnx classify --model models/onnx cat.jpg dog.png --labels "cat,dog" [--templates FILE] [--top 5]
+    clip-onnx classify --model models/onnx cat.jpg --labels-file classes.txt
+    clip-onnx zeroshot --model models/onnx test.csv [--classnames FILE] [--templates FILE] [--json metrics.json]
     clip-onnx search --model models/onnx --images photos/ "a red circle" [--top 5]
 """
 from __future__ import annotations
 
 import argparse
 import warnings
-from pathlib import Path
 
+import numpy as np
+
+from clipmodel import cli_args
 from clipmodel.images import ImageError
 from clipmodel.runtime import ClipRuntime
-from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
 
 
-def classify(rt: ClipRuntime, args: argparse.Namespace) -> None:
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
-    if not labels:
-        raise ValueError("--labels needs at least one comma-separated label")
-    templates = load_templates(args.templates) if args.templates else DEFAULT_TEMPLATES
+def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    labels = cli_args.labels_of(args, parser)
+    templates = cli_args.templates_of(args, parser)
     width = max(map(len, labels))
     for image, top in zip(args.images, rt.classify(args.images, labels, templates, args.top)):
         print(image)
@@ -26,7 +27,11 @@ def classify(rt: ClipRuntime, args: argparse.Namespace) -> None:
             print(f"  {label:<{width}}  {prob:.4f}")
 
 
-def search(rt: ClipRuntime, args: argparse.Namespace) -> None:
+def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    cli_args.zeroshot(args, parser, rt.pre.rgb, lambda batch: rt.embed_pixels(np.stack(batch)), rt.encode_texts)
+
+
+def search(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for path, score in rt.search(args.query, args.images, args.top, args.cache):
         print(f"{score:.4f}  {path}")
 
@@ -35,25 +40,27 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="clip-onnx", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="models/onnx", help="folder written by `python -m clipmodel.export`")
-    common.add_argument("--top", type=int, default=5, help="results to show (default 5)")
     common.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
+    top = argparse.ArgumentParser(add_help=False)
+    top.add_argument("--top", type=int, default=5, help="results to show (default 5)")
     sub = parser.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("classify", parents=[common], help="top labels for each image")
+    c = sub.add_parser("classify", parents=[common, top], help="top labels for each image")
     c.add_argument("images", nargs="+", metavar="IMAGE")
-    c.add_argument("--labels", required=True, help='comma-separated, e.g. "red circle,blue square"')
-    c.add_argument("--templates", metavar="FILE", help="prompt templates, one per line with {} for the label")
+    cli_args.add_label_args(c)
     c.set_defaults(run=classify)
-    s = sub.add_parser("search", parents=[common], help="images in a folder that best match a text")
+    z = cli_args.add_zeroshot_command(sub, [common])
+    z.set_defaults(run=zeroshot)
+    s = sub.add_parser("search", parents=[common, top], help="images in a folder that best match a text")
     s.add_argument("query")
     s.add_argument("--images", required=True, metavar="DIR", help="searched recursively")
     s.add_argument("--cache", metavar="DIR", help="embedding cache folder (default: ~/.cache/clip-onnx)")
     s.set_defaults(run=search)
     args = parser.parse_args(argv)
-    if args.top < 1:
+    if getattr(args, "top", 1) < 1:
         parser.error("--top must be at least 1")
     warnings.formatwarning = lambda message, *_, **__: f"clip-onnx: warning: {message}\n"
     try:
-        args.run(ClipRuntime.load(args.model, args.threads), args)
+        args.run(ClipRuntime.load(args.model, args.threads), args, parser)
     except (FileNotFoundError, ImageError, ValueError) as e:
         raise SystemExit(f"clip-onnx: {e}") from None
 

@@ -36,7 +36,7 @@ from clipmodel.model import CLIP
 from clipmodel.tokenizer import encode, load_tokenizer
 from clipmodel.zeroshot import class_embeddings
 from pipeline import tracking
-from pipeline.evaluate import tasks_for
+from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
 from pipeline.plots import efficiency_curves
 from pipeline.loop import Batch, Objective, fit, load_checkpoint, resolve_device
@@ -89,7 +89,7 @@ def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
     e = p.efficiency
     test = corpus.split("test")
     templates = yaml.safe_load(Path(p.evaluate.templates).read_text())
-    tasks = {t.name: t for t in tasks_for(p, corpus, test)}
+    tasks = {t.name: t for t in tasks_for(p.data, corpus.manifest.labels.to_numpy()[test])}
     missing = [name for name in e.tasks if name not in tasks]
     if missing:
         raise SystemExit(f"efficiency: params.yaml efficiency.tasks: {', '.join(missing)} has no test images "
@@ -187,7 +187,7 @@ def train(objective: str) -> None:
                     checkpoint=checkpoint, log_csv=RESULTS / f"{objective}_log.csv")
     start = time.perf_counter()
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
-    schedule = p.train if e.warmup_steps is None else p.train.model_copy(update={"warmup_steps": e.warmup_steps})
+    schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id)
     wall = time.perf_counter() - start
     model.eval()

@@ -1,4 +1,5 @@
-"""Stage `evaluate`: zero-shot classification, retrieval and a linear probe on the test split.
+"""Stage `evaluate`: zero-shot classification on the synthetic tasks and on held-out labelled sets
+(`evaluate.datasets`), retrieval and a linear probe on the test split.
 
 Writes reports/metrics.json (DVC's metrics file; key schema in the README), PNG plots under
 reports/plots/eval/, and logs both into the pipeline's MLflow run.
@@ -10,73 +11,35 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-import yaml
 from sklearn.linear_model import LogisticRegression
 from tqdm import tqdm
 
-from clipmodel.data import Corpus, to_tensor
-from clipmodel.checkpoint import load_model
+from clipmodel import evaluation
+from clipmodel.data import Corpus
+from clipmodel.encoder import Encoder
 from clipmodel.io import write_json
-from clipmodel.model import CLIP
 from clipmodel.retrieval import ranks, summarize
-from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
-from clipmodel.zeroshot import class_embeddings, classify
 from pipeline import plots, tracking
 from pipeline.loop import resolve_device
-from pipeline.params import Params, load_params
-from pipeline.tasks import Task, canonical_scene, csv_tasks, synthetic_tasks
+from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
+from pipeline.params import load_params
+from pipeline.tasks import Task, canonical_scene, tasks_for
 
 PLOTS = Path("reports/plots/eval")
 
 
-def _device(model: CLIP) -> torch.device:
-    return model.logit_scale.device
+def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
+    """[N, D] normalised features of corpus images, a batch of pixels in memory at a time."""
+    bs = enc.batch_size
+    out = [enc.pixels(corpus.images(index[s:s + bs]))
+           for s in tqdm(range(0, len(index), bs), desc="embed images", unit="batch", leave=False)]
+    return np.concatenate(out) if out else np.empty((0, enc.model.cfg.embed_dim), np.float32)
 
 
-@torch.no_grad()
-def embed_images(model: CLIP, corpus: Corpus, index: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Normalised features on the CPU, computed on the model's device (a GPU embeds a large test set in seconds)."""
-    out = [F.normalize(model.encode_image(to_tensor(corpus.images(index[s:s + batch_size])).to(_device(model))),
-                       dim=-1).cpu()
-           for s in tqdm(range(0, len(index), batch_size), desc="embed images", unit="batch", leave=False)]
-    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
-
-
-@torch.no_grad()
-def embed_tokens(model: CLIP, ids: np.ndarray, batch_size: int) -> torch.Tensor:
-    """Normalised features on the CPU; each batch trimmed to its longest text (exact, and faster)."""
-    out = [F.normalize(model.encode_text(torch.from_numpy(trim_padding(ids[s:s + batch_size])).long()
-                                         .to(_device(model))), dim=-1).cpu()
-           for s in range(0, len(ids), batch_size)]
-    return torch.cat(out) if out else torch.empty(0, model.cfg.embed_dim)
-
-
-def text_encoder(model: CLIP, tok, batch_size: int):
-    return lambda texts: embed_tokens(model, encode(tok, texts)[0], batch_size)
-
-
-def zero_shot(task: Task, features: torch.Tensor, encode_text, templates: list[str]) -> dict:
-    x, y = features[task.mask], torch.from_numpy(task.targets[task.mask])
-    result: dict = {}
-    for name, used in (("single_template", templates[:1]), ("ensemble", templates)):
-        top, _ = classify(x, class_embeddings(encode_text, task.texts, used), k=5)
-        top1 = (top[:, 0] == y).float().mean().item()
-        if name == "single_template":
-            result["top1_single_template"] = top1
-            continue
-        result["top1"] = top1
-        if len(task.classes) > 5:
-            result["top5"] = (top == y[:, None]).any(1).float().mean().item()
-        confusion = np.zeros((len(task.classes),) * 2, dtype=np.int64)
-        np.add.at(confusion, (y.numpy(), top[:, 0].numpy()), 1)
-        result["confusion"] = confusion
-        # Only classes with test images: a held-out pair has none in composition_seen, and 0.0 would read as a miss.
-        result["per_class"] = {c: float(confusion[i, i] / confusion[i].sum())
-                               for i, c in enumerate(task.classes) if confusion[i].sum()}
-        result["predictions"] = top[:, :3].numpy()
-    result["n"] = int(task.mask.sum())
-    return result
+def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str]) -> tuple[dict, np.ndarray]:
+    """A synthetic task's metrics (clipmodel.evaluation.metrics) and top-5 predictions on the images it covers."""
+    return evaluation.zero_shot(features[task.mask], task.targets[task.mask], task.classes, embed_texts, templates,
+                                class_texts=task.texts)
 
 
 def retrieval(image_features: torch.Tensor, text_features: torch.Tensor, image_keys: np.ndarray,
@@ -107,10 +70,10 @@ def match_keys(corpus: Corpus, index: np.ndarray, caption_id: np.ndarray) -> tup
     return rows, image_keys, text_keys
 
 
-def linear_probe(task: Task, feats: dict[str, torch.Tensor], targets: dict[str, np.ndarray],
+def linear_probe(task: Task, feats: dict[str, np.ndarray], targets: dict[str, np.ndarray],
                  grid: list[float]) -> dict[str, float] | None:
     """Logistic regression (L-BFGS) on frozen features; C chosen on val, reported on test."""
-    xs = {k: feats[k][targets[k] >= 0].numpy() for k in feats}
+    xs = {k: feats[k][targets[k] >= 0] for k in feats}
     ys = {k: targets[k][targets[k] >= 0] for k in targets}
     if min(len(v) for v in ys.values()) == 0 or len(np.unique(ys["train"])) < 2:
         return None
@@ -120,41 +83,50 @@ def linear_probe(task: Task, feats: dict[str, torch.Tensor], targets: dict[str, 
     return {"top1": float(clf.score(xs["test"], ys["test"])), "C": best}
 
 
-def tasks_for(p: Params, corpus: Corpus, index: np.ndarray) -> list[Task]:
-    """The zero-shot tasks of a split: built from the synthetic labels, or from a user's labels CSV."""
-    if p.data.source == "synthetic":
-        return synthetic_tasks(corpus.manifest.labels.to_numpy()[index], p.data.seed, p.data.synthetic.holdout_fraction)
-    if p.evaluate.labels_csv:
-        return csv_tasks(p.evaluate.labels_csv, corpus.manifest.source.to_numpy()[index], p.evaluate.classnames)
-    return []
+SCALARS = ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n", "classes", "templates", "rejected")
 
 
 def main() -> None:
     p = load_params()
     ev = p.evaluate
+    table = read_templates(ev.templates)
+    sets = held_out_sets(ev, table)
     torch.manual_seed(0)
-    model, _ = load_model("models")
     device = resolve_device(p.train.device)
-    model.to(device)
-    tok = load_tokenizer("models/tokenizer.json")
+    enc = Encoder.load("models", ev.batch_size, device)
     corpus = Corpus.load("data")
-    templates: dict[str, list[str]] = yaml.safe_load(Path(ev.templates).read_text())
-    encode_text = text_encoder(model, tok, ev.batch_size)
     split = {name: corpus.split(name) for name in ("train", "val", "test")}
     test = split["test"]
-    feats = {name: embed_images(model, corpus, idx, ev.batch_size) for name, idx in split.items()}
+    labels = corpus.manifest.labels.to_numpy()
+    feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items()}
 
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}
     per_class: dict = {}
-    results = {}
-    for task in tasks_for(p, corpus, test):
-        r = zero_shot(task, feats["test"], encode_text, templates[task.templates])
-        results[task.name] = (task, r)
-        metrics["zero_shot"][task.name] = {k: r[k] for k in ("top1", "top5", "top1_single_template") if k in r}
-        per_class[task.name] = r["per_class"]
-        print(f"zero-shot {task.name}: top1 {r['top1']:.3f} (single template {r['top1_single_template']:.3f}, n={r['n']})")
+    plotted: list[plots.Scored] = []
+    for task in tasks_for(p.data, labels[test]):
+        r, top = zero_shot(task, feats["test"], enc.texts, templates_of(table, task.templates, f"task {task.name}"))
+        metrics["zero_shot"][task.name] = {k: r[k] for k in SCALARS if k in r}
+        per_class[task.name] = {"recall": r["per_class_recall"], "most_confused": r["most_confused"]}
+        where = test[task.mask]
+        plotted.append(plots.Scored(task.name, task.classes, task.targets[task.mask], top, r,
+                                    lambda rows, where=where: corpus.images(where[rows])))
+        print(f"zero-shot {task.name}: top1 {r['top1']:.3f} (single template {r['top1_single_template']:.3f}, "
+              f"n={r['n']})")
+    for ds, templates in sets:
+        r = evaluation.score(ds, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts, templates,
+                             ev.batch_size)
+        metrics["zero_shot"][ds.name] = {k: r[k] for k in SCALARS if k in r}
+        per_class[ds.name] = {"recall": r["per_class_recall"], "most_confused": r["most_confused"],
+                              "rejected_images": r["rejected_images"]}
+        kept = r["kept"]
+        plotted.append(plots.Scored(ds.name, ds.classnames, ds.targets()[kept], r["predictions"], r,
+                                    lambda rows, kept=kept, ds=ds: np.stack([enc.load_image(ds.images[i])
+                                                                              for i in kept[rows]])))
+        print(f"zero-shot {ds.name}: top1 {r['top1']:.3f}, top5 {r.get('top5', float('nan')):.3f} "
+              f"(single template {r['top1_single_template']:.3f}, n={r['n']}, {r['classes']} classes, "
+              f"{r['rejected']} undecodable image(s){' listed in reports/per_class.json' if r['rejected'] else ''})")
 
-    by_split = {name: {t.name: t for t in tasks_for(p, corpus, idx)} for name, idx in split.items()}
+    by_split = {name: {t.name: t for t in tasks_for(p.data, labels[idx])} for name, idx in split.items()}
     for name in ("shape", "color", "size", "position", "count"):
         if all(name in by_split[s] for s in split):
             probe = linear_probe(by_split["test"][name], feats, {s: by_split[s][name].targets for s in split},
@@ -162,11 +134,18 @@ def main() -> None:
             if probe:
                 metrics["linear_probe"][name] = probe
 
-    rows, image_keys, text_keys = match_keys(corpus, test, corpus.caption_ids())
-    text_feats = embed_tokens(model, corpus.tokens[rows], ev.batch_size)
-    metrics["retrieval"] = retrieval(feats["test"].to(device), text_feats.to(device), image_keys, text_keys,
-                                     ev.retrieval_chunk)
-    print("retrieval:", json.dumps(metrics["retrieval"]))
+    text_feats, rows = None, None
+    if len(test):
+        rows, image_keys, text_keys = match_keys(corpus, test, corpus.caption_ids())
+        text_feats = enc.tokens(np.asarray(corpus.tokens[rows]))
+        metrics["retrieval"] = retrieval(torch.from_numpy(feats["test"]).to(device),
+                                         torch.from_numpy(text_feats).to(device), image_keys, text_keys,
+                                         ev.retrieval_chunk)
+        print("retrieval:", json.dumps(metrics["retrieval"]))
+    else:
+        print("evaluate: no test split (data.test_fraction is 0): retrieval and the linear probe are skipped")
+    if not metrics["zero_shot"] and "retrieval" not in metrics:
+        raise SystemExit("evaluate: nothing to evaluate: no test split and no evaluate.datasets")
 
     supervised = Path("reports/supervised.json")
     if supervised.exists():
@@ -174,8 +153,10 @@ def main() -> None:
 
     write_json("reports/metrics.json", metrics)
     write_json("reports/per_class.json", per_class)
-    figures = plots.evaluation_plots(PLOTS, results, corpus, test, feats["test"], text_feats, rows,
-                                     tok, model.logit_scale.exp().item())
+    figures = plots.evaluation_plots(PLOTS, plotted)
+    if text_feats is not None:
+        figures.append(plots.test_similarity(PLOTS / "similarity.png", corpus, test, feats["test"], text_feats, rows,
+                                             enc.tokenizer))
     with tracking.pipeline_run():
         tracking.mlflow.log_metrics({k: v for k, v in tracking.flatten(metrics).items()
                                      if isinstance(v, (int, float))})

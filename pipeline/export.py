@@ -1,8 +1,9 @@
 """Stage `export`: ONNX encoders for downstream apps, checked against torch, registered in MLflow.
 
 Parity is enforced, not just reported: the stage fails when onnxruntime's embeddings drift past
-the tolerance or when any zero-shot task's top-1 differs from torch's. The int8 variant is
-published (models/onnx/int8) only when it loses at most `export.int8_max_drop` top-1 on every task.
+the tolerance or when any zero-shot task's or held-out set's top-1 differs from torch's. The int8
+variant is published (models/onnx/int8) only when it loses at most `export.int8_max_drop` top-1 on
+every task and set; with none to check it on, it is not published.
 """
 from __future__ import annotations
 
@@ -10,30 +11,73 @@ import json
 import shutil
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
-import yaml
 
-from clipmodel.checkpoint import load_model
+from clipmodel import evaluation
 from clipmodel.data import Corpus, to_tensor
+from clipmodel.encoder import Encoder
 from clipmodel.export import export_onnx, parity, quantize_int8
 from clipmodel.io import write_json
 from clipmodel.runtime import ClipRuntime
-from clipmodel.tokenizer import load_tokenizer
 from pipeline import registry, tracking
-from pipeline.evaluate import embed_images, tasks_for, text_encoder, zero_shot
-from pipeline.params import load_params
+from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
+from pipeline.params import Params, load_params
+from pipeline.tasks import tasks_for
 
 ONNX_DIR = Path("models/onnx")
 INT8_DIR = ONNX_DIR / "int8"  # inside the stage output, so DVC tracks it when published
+PARITY_IMAGES = 256  # images checked for embedding parity when there is no test split
 
 
-def onnx_top1(rt: ClipRuntime, tasks, pixels: np.ndarray, templates: dict) -> dict[str, float]:
-    feats = torch.from_numpy(rt.embed_pixels(pixels))
-    encode = lambda texts: torch.from_numpy(rt.encode_texts(texts))  # noqa: E731
-    return {t.name: zero_shot(t, feats, encode, templates[t.templates])["top1"] for t in tasks}
+def champion_metric(p: Params, metrics: dict[str, float]) -> str:
+    """export.champion_metric, or the data's natural one: the first held-out set's top-1, the synthetic
+    shape task, or image->text R@1. Checked before anything is written."""
+    name = p.export.champion_metric
+    if name is None:
+        candidates = [f"zero_shot.{s}.top1" for s in p.evaluate.datasets]
+        candidates += ["zero_shot.shape.top1"] if p.data.source == "synthetic" else []
+        name = next((c for c in candidates + ["retrieval.image_to_text.r1"] if c in metrics), None)
+        if name is None:
+            raise SystemExit("export: reports/metrics.json has no metric to rank models by; "
+                             "set export.champion_metric")
+    if name not in metrics:
+        raise SystemExit(f"export: params.yaml export.champion_metric: {name!r} is not in reports/metrics.json "
+                         f"(it has e.g. {', '.join(k for k in metrics if k.endswith(('.top1', '.r1')))})")
+    return name
+
+
+class Checks:
+    """The zero-shot top-1 that parity and the int8 check compare: the synthetic tasks on the test split
+    and every held-out set, each computed from one encoder's embeddings."""
+
+    def __init__(self, p: Params, corpus: Corpus, test: np.ndarray, enc: Encoder):
+        table = read_templates(p.evaluate.templates)
+        self.tasks = [(t, templates_of(table, t.templates, f"task {t.name}"))
+                      for t in tasks_for(p.data, corpus.manifest.labels.to_numpy()[test])]
+        self.test_pixels = corpus.images(test) if self.tasks else None
+        self.sets = []
+        for ds, templates in held_out_sets(p.evaluate, table):
+            pixels, kept, _ = evaluation.embed_images(ds.images, enc.load_image, np.stack)
+            self.sets.append((ds, templates, pixels, ds.targets()[kept]))
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.sets)
+
+    def top1(self, embed_pixels: Callable[[np.ndarray], np.ndarray],
+             embed_texts: Callable[[list[str]], np.ndarray]) -> dict[str, float]:
+        out = {}
+        if self.tasks:
+            feats = embed_pixels(self.test_pixels)
+            for task, templates in self.tasks:
+                out[task.name] = evaluation.zero_shot(feats[task.mask], task.targets[task.mask], task.classes,
+                                                      embed_texts, templates, task.texts)[0]["top1"]
+        for ds, templates, pixels, targets in self.sets:
+            out[ds.name] = evaluation.zero_shot(embed_pixels(pixels), targets, ds.classnames, embed_texts,
+                                                templates)[0]["top1"]
+        return out
 
 
 def median_ms(fn, repeats: int = 10) -> float:
@@ -49,29 +93,30 @@ def median_ms(fn, repeats: int = 10) -> float:
 def main() -> None:
     p = load_params()
     ex = p.export
-    export_onnx("models", ONNX_DIR, opset=ex.opset)
+    metrics = tracking.flatten(json.loads(Path("reports/metrics.json").read_text()))
+    metric = champion_metric(p, metrics)
     corpus = Corpus.load("data")
     test = corpus.split("test")
-    pixels = corpus.images(test)
-    tokens = np.asarray(corpus.tokens[corpus.caption_start[test]])
-    check = parity("models", ONNX_DIR, pixels, tokens)
+    enc = Encoder.load("models", p.evaluate.batch_size)
+    checks = Checks(p, corpus, test, enc)
+    # Embedding parity on the test split, or on the first images of the corpus when there is none.
+    sample = test if len(test) else np.arange(min(PARITY_IMAGES, len(corpus.manifest)))
+    pixels = corpus.images(sample)
+    tokens = np.asarray(corpus.tokens[corpus.caption_start[sample]])
 
-    model, _ = load_model("models")
-    templates = yaml.safe_load(Path(p.evaluate.templates).read_text())
-    tasks = tasks_for(p, corpus, test)
-    feats = embed_images(model, corpus, test, p.evaluate.batch_size)
-    encode = text_encoder(model, load_tokenizer("models/tokenizer.json"), p.evaluate.batch_size)
-    torch_top1 = {t.name: zero_shot(t, feats, encode, templates[t.templates])["top1"] for t in tasks}
+    export_onnx("models", ONNX_DIR, opset=ex.opset)
+    check = parity("models", ONNX_DIR, pixels, tokens)
     rt = ClipRuntime.load(ONNX_DIR)
-    ort_top1 = onnx_top1(rt, tasks, pixels, templates)
+    torch_top1 = checks.top1(enc.pixels, enc.texts)
+    ort_top1 = checks.top1(rt.embed_pixels, rt.encode_texts)
     report = {**check, "torch_top1": torch_top1, "onnx_top1": ort_top1}
 
     sizes = quantize_int8(ONNX_DIR, INT8_DIR)
     rt8 = ClipRuntime.load(INT8_DIR)
-    int8_top1 = onnx_top1(rt8, tasks, pixels, templates)
+    int8_top1 = checks.top1(rt8.embed_pixels, rt8.encode_texts) if checks else {}
     batch = pixels[:32]
-    drop = max((ort_top1[k] - int8_top1[k] for k in ort_top1), default=0.0)
-    published = drop <= ex.int8_max_drop
+    drop = max((ort_top1[k] - int8_top1[k] for k in ort_top1), default=None)
+    published = drop is not None and drop <= ex.int8_max_drop
     report["int8"] = {"top1": int8_top1, "max_top1_drop": drop, "published": published, "bytes": sizes,
                       "image_batch32_ms": {"fp32": median_ms(lambda: rt.embed_pixels(batch)),
                                            "int8": median_ms(lambda: rt8.embed_pixels(batch))}}
@@ -87,24 +132,22 @@ def main() -> None:
     if failures:
         raise SystemExit("export: ONNX parity failed: " + "; ".join(failures))
 
-    metrics = tracking.flatten(json.loads(Path("reports/metrics.json").read_text()))
-    if ex.champion_metric not in metrics:
-        raise SystemExit(f"export: params.yaml export.champion_metric: {ex.champion_metric!r} is not in reports/metrics.json")
     with tracking.pipeline_run() as run_id:
         info = tracking.mlflow.get_run(run_id)
         tags = {"git_commit": info.data.tags.get("git_commit", "unknown"),
                 "data_fingerprint": info.data.tags.get("data_fingerprint", "unknown"), "mlflow_run_id": run_id}
         key_metrics = {k: str(v) for k, v in metrics.items() if k.endswith(".top1") or k.endswith(".r1")}
-        sample = to_tensor(pixels[:2]).numpy()
-        versions = registry.register(ONNX_DIR, sample, tokens[:2].astype(np.int64),
+        example = to_tensor(pixels[:2]).numpy()
+        versions = registry.register(ONNX_DIR, example, tokens[:2].astype(np.int64),
                                      {registry.IMAGE_MODEL: rt.embed_pixels(pixels[:2]),
                                       registry.TEXT_MODEL: rt.embed_tokens(tokens[:2])},
-                                     ex.champion_metric, float(metrics[ex.champion_metric]), {**tags, **key_metrics})
+                                     metric, float(metrics[metric]), {**tags, **key_metrics})
         tracking.mlflow.log_metrics({"export.max_abs_diff": check["max_abs_diff"], "export.min_cosine": check["min_cosine"]})
         tracking.mlflow.log_artifact("reports/export.json")
     report["registry"] = versions
     write_json("reports/export.json", report)
-    print(f"export: parity {check}; registry {versions}; int8 published: {published} (max drop {drop:.4f})")
+    why = f"max drop {drop:.4f}" if drop is not None else "no zero-shot task or held-out set to check it on"
+    print(f"export: parity {check}; registry {versions} by {metric}; int8 published: {published} ({why})")
 
 
 if __name__ == "__main__":

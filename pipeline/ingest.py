@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from clipmodel.images import ImageError, load_rgb, preprocess
+from clipmodel.images import ImageError, load_image
 from clipmodel.io import atomic_path, write_json
 from clipmodel.synthetic import Scene, render
 from pipeline.params import DataParams, load_params
@@ -62,7 +62,7 @@ def decode(record: Record, size: int, background: tuple[int, int, int], max_pixe
         if isinstance(record.image, Scene):
             pixels = render(record.image, size)
         else:
-            pixels = preprocess(load_rgb(record.image, background, max_pixels), size)
+            pixels = load_image(record.image, size, background, max_pixels)
     except ImageError as e:
         return Rejection(record.origin, e.reason, e.detail)
     return pixels, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest(), encode_png(pixels) if png else None

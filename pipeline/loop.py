@@ -192,7 +192,7 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
     if world > 1 and obj.features is None:
         raise SystemExit("train: data-parallel training needs an Objective with features and loss_from_features")
     opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.vision_lr), lr=tp.lr, betas=tp.betas, eps=tp.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(tp.warmup_steps, total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(round(tp.warmup_fraction * total), total))
     precision = resolve_precision(tp.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
     start = 0

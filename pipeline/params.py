@@ -120,7 +120,7 @@ class TrainParams(Section):
     weight_decay: float = Field(0.2, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_fraction: float = Field(0.1, ge=0, le=0.5)  # linear warmup over this share of all steps, then cosine
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
     loss: Literal["contrastive", "sigmoid"] = "contrastive"
@@ -158,19 +158,19 @@ class SupervisedParams(Section):
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
 
 
+class HeldOutSet(Section):
+    """A labelled set scored zero-shot (clipmodel.evaluation): a CSV of image,label rows or an ImageFolder."""
+    path: str
+    classnames: list[str] | str | None = None  # the class list, or a file with one per line; null: sorted labels
+    templates: str | None = None  # a key of evaluate.templates; null: clipmodel.templates.DEFAULT_TEMPLATES
+
+
 class EvaluateParams(Section):
-    templates: str = "templates/synthetic.yaml"  # task -> templates; the first is the single-template baseline
-    labels_csv: str | None = None  # user data: a CSV of image,label for zero-shot classification
-    classnames: list[str] | None = None
+    templates: str = "templates/prompts.yaml"  # key -> templates; the first is the single-template baseline
+    datasets: dict[str, HeldOutSet] = {}  # name -> held-out labelled set, scored into zero_shot.<name>
     batch_size: int = Field(256, ge=1)
     retrieval_chunk: int = Field(2048, ge=1)
     probe_grid: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0]  # logistic-regression C values tried on val
-
-    @model_validator(mode="after")
-    def _check(self) -> "EvaluateParams":
-        if (self.labels_csv is None) != (self.classnames is None):
-            raise ValueError("labels_csv and classnames go together")
-        return self
 
 
 class ExportParams(Section):
@@ -178,7 +178,9 @@ class ExportParams(Section):
     max_abs_diff: float = Field(1e-4, gt=0)      # onnxruntime vs torch embeddings: fail above this
     min_cosine: float = Field(0.99999, gt=0, le=1)
     int8_max_drop: float = Field(0.01, ge=0)     # publish the int8 variant only within this top-1 loss
-    champion_metric: str = "zero_shot.shape.top1"  # a key of reports/metrics.json; higher wins `champion`
+    # A key of reports/metrics.json; higher wins `champion`. null: the first held-out set's top1, else
+    # zero_shot.shape.top1 on synthetic data, else retrieval.image_to_text.r1.
+    champion_metric: str | None = None
 
 
 class EfficiencyParams(Section):
@@ -194,7 +196,7 @@ class EfficiencyParams(Section):
     decoder_layers: int = Field(3, ge=1)
     decoder_heads: int = Field(4, ge=1)
     encoder_layers: int = Field(1, ge=1)         # encoder-decoder captioner: Transformer layers over the image grid
-    warmup_steps: int | None = Field(100, ge=0)  # the study's own: its budget is train.warmup_steps long; null: train's
+    warmup_fraction: float | None = Field(0.2, ge=0, le=0.5)  # the study's own share of its budget; null: train's
 
     @model_validator(mode="after")
     def _check(self) -> "EfficiencyParams":

@@ -1,6 +1,8 @@
 """PNG plots for reports/plots/: DVC renders them (`dvc plots show`) and MLflow stores them."""
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -34,26 +36,61 @@ def plot_training_curves(log_csv: Path, path: Path) -> Path:
     return save(fig, path)
 
 
-def confusion(path: Path, name: str, classes: list[str], matrix: np.ndarray) -> Path:
-    n = len(classes)
+MATRIX_CLASSES = 40  # past this many classes a confusion matrix is unreadable (and N x N memory): top pairs instead
+
+
+@dataclass
+class Scored:
+    """One zero-shot task or held-out set, as evaluate scored it (clipmodel.evaluation.metrics)."""
+    name: str
+    classes: list[str]
+    targets: np.ndarray                         # int64 [N]
+    top: np.ndarray                             # int64 [N, k] predictions, best first
+    result: dict                                # metrics, with per_class_recall and most_confused
+    images: Callable[[np.ndarray], np.ndarray]  # rows of the N -> uint8 [n, S, S, 3]
+
+
+def confusion(path: Path, s: Scored) -> Path:
+    n = len(s.classes)
+    matrix = np.zeros((n, n), dtype=np.int64)
+    np.add.at(matrix, (s.targets, s.top[:, 0]), 1)
     fig, ax = plt.subplots(figsize=(max(4, n * 0.28 + 2), max(3.5, n * 0.28 + 1.5)))
     norm = matrix / np.maximum(1, matrix.sum(1, keepdims=True))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(n), classes, rotation=90, fontsize=7 if n > 12 else 9)
-    ax.set_yticks(range(n), classes, fontsize=7 if n > 12 else 9)
+    ax.set_xticks(range(n), s.classes, rotation=90, fontsize=7 if n > 12 else 9)
+    ax.set_yticks(range(n), s.classes, fontsize=7 if n > 12 else 9)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(f"zero-shot {name}: confusion (row-normalised)")
+    ax.set_title(f"zero-shot {s.name}: confusion (row-normalised)")
     return save(fig, path)
 
 
-def per_class_accuracy(path: Path, name: str, accuracy: dict[str, float]) -> Path:
-    classes, acc = list(accuracy), list(accuracy.values())
-    fig, ax = plt.subplots(figsize=(max(4, len(classes) * 0.22 + 2), 3))
-    ax.bar(range(len(classes)), acc)
-    ax.set_xticks(range(len(classes)), classes, rotation=90, fontsize=7 if len(classes) > 12 else 9)
-    ax.set_ylim(0, 1)
-    ax.set_title(f"zero-shot {name}: per-class top-1")
+def top_confusions(path: Path, s: Scored) -> Path:
+    """The most frequent (true -> predicted) mistakes: a confusion plot whose size does not grow with classes."""
+    pairs = s.result["most_confused"]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(pairs) + 1.2))
+    ax.barh(range(len(pairs)), [p["count"] for p in pairs])
+    ax.set_yticks(range(len(pairs)), [f"{p['true'][:40]} -> {p['predicted'][:40]}" for p in pairs], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("images")
+    ax.set_title(f"zero-shot {s.name}: most frequent confusions ({len(s.classes)} classes)")
+    return save(fig, path)
+
+
+def per_class_recall(path: Path, s: Scored) -> Path:
+    """A bar per class when they fit, else the distribution of per-class recall."""
+    recall = s.result["per_class_recall"]
+    if len(recall) <= MATRIX_CLASSES:
+        fig, ax = plt.subplots(figsize=(max(4, len(recall) * 0.22 + 2), 3))
+        ax.bar(range(len(recall)), list(recall.values()))
+        ax.set_xticks(range(len(recall)), list(recall), rotation=90, fontsize=7 if len(recall) > 12 else 9)
+        ax.set_ylim(0, 1)
+    else:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.hist(list(recall.values()), bins=20, range=(0, 1))
+        ax.set_xlabel("recall")
+        ax.set_ylabel("classes")
+    ax.set_title(f"zero-shot {s.name}: per-class recall")
     return save(fig, path)
 
 
@@ -75,31 +112,37 @@ def prediction_grid(path: Path, images: np.ndarray, truths: list[str], predictio
         ax.axis("off")
     for ax, img, truth, preds in zip(np.atleast_1d(axes).ravel(), images, truths, predictions):
         ax.imshow(img)
-        ax.set_title(f"true: {truth}\n" + "\n".join(f"{i + 1}. {p}" for i, p in enumerate(preds)), fontsize=7)
+        ax.set_title(f"true: {truth[:30]}\n" + "\n".join(f"{i + 1}. {p[:30]}" for i, p in enumerate(preds)), fontsize=7)
     return save(fig, path)
 
 
-def evaluation_plots(out: Path, results: dict, corpus, test: np.ndarray, image_feats, text_feats,
-                     caption_rows: np.ndarray, tok, logit_scale: float, sample: int = 12) -> list[Path]:
-    """Confusion and per-class plots per task, a similarity heat-map and a prediction grid."""
+def evaluation_plots(out: Path, scored: list[Scored], sample: int = 12) -> list[Path]:
+    """Per task or set: a confusion matrix (or its top pairs past MATRIX_CLASSES classes) and per-class
+    recall; one grid of sample predictions (of `composition_seen`, else the first)."""
     paths = []
-    for name, (task, r) in results.items():
-        paths.append(confusion(out / f"confusion_{name}.png", name, task.classes, r["confusion"]))
-        paths.append(per_class_accuracy(out / f"per_class_{name}.png", name, r["per_class"]))
-    n = min(sample, len(test))
-    first = corpus.caption_start[test[:n]]  # each sample image's first caption
-    row_of = {int(r): i for i, r in enumerate(caption_rows)}
-    sims = (image_feats[:n] @ text_feats[[row_of[int(c)] for c in first]].T).numpy()
-    captions = [decode(tok, corpus.tokens[c]) for c in first]
-    paths.append(similarity_heatmap(out / "similarity.png", sims, captions))
-    grid_task = results.get("composition_seen") or next(iter(results.values()), None)
-    if grid_task:
-        task, r = grid_task
-        where = np.flatnonzero(task.mask)[:sample]
-        paths.append(prediction_grid(out / "predictions.png", corpus.images(test[where]),
-                                     [task.classes[t] for t in task.targets[where]],
-                                     [[task.classes[k] for k in row] for row in r["predictions"][: len(where)]]))
+    for s in scored:
+        if len(s.classes) <= MATRIX_CLASSES:
+            paths.append(confusion(out / f"confusion_{s.name}.png", s))
+        elif s.result["most_confused"]:
+            paths.append(top_confusions(out / f"confusions_{s.name}.png", s))
+        paths.append(per_class_recall(out / f"per_class_{s.name}.png", s))
+    grid = next((s for s in scored if s.name == "composition_seen"), scored[0] if scored else None)
+    if grid:
+        rows = np.arange(min(sample, len(grid.targets)))
+        paths.append(prediction_grid(out / "predictions.png", grid.images(rows),
+                                     [grid.classes[t] for t in grid.targets[rows]],
+                                     [[grid.classes[k] for k in row[:3]] for row in grid.top[rows]]))
     return paths
+
+
+def test_similarity(path: Path, corpus, test: np.ndarray, image_feats: np.ndarray, text_feats: np.ndarray,
+                    caption_rows: np.ndarray, tok, sample: int = 12) -> Path:
+    """Cosine similarities of the first test images with their first captions."""
+    n = min(sample, len(test))
+    first = corpus.caption_start[test[:n]]
+    row_of = {int(r): i for i, r in enumerate(caption_rows)}
+    sims = image_feats[:n] @ text_feats[[row_of[int(c)] for c in first]].T
+    return similarity_heatmap(path, sims, [decode(tok, corpus.tokens[c]) for c in first])
 
 
 def efficiency_curves(path: Path, curves: dict[str, tuple[list[int], list[float]]], target: float) -> Path:

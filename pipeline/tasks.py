@@ -2,19 +2,19 @@
 
 On the synthetic data the manifest's labels give shape, colour, size and position of single-object
 scenes, the object count of every scene, and colour+shape compositions split by whether the pair
-was ever seen in training. On user data the tasks come from a labels CSV.
+was ever seen in training. User data has no such labels: its zero-shot sets are `evaluate.datasets`
+(clipmodel.evaluation).
 """
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from clipmodel import synthetic
+from pipeline.params import DataParams
 
 
 @dataclass
@@ -67,15 +67,12 @@ def synthetic_tasks(labels: Sequence[str], seed: int, holdout_fraction: float) -
     return [t for t in tasks if t.mask.any()]
 
 
-def csv_tasks(labels_csv: str | Path, sources: Sequence[str], classnames: Sequence[str]) -> list[Task]:
-    """One task from a CSV of (image, label) rows, matched to the manifest by source path."""
-    path = Path(labels_csv)
-    table = pd.read_csv(path)
-    if not {"image", "label"} <= set(table.columns):
-        raise SystemExit(f"evaluate: {path} needs columns image,label (has {', '.join(table.columns)})")
-    by_source = {str((path.parent / p).resolve()): label for p, label in zip(table.image, table.label)}
-    targets = _index([by_source.get(str(Path(s).resolve())) for s in sources], classnames)
-    return [Task("labels", list(classnames), list(classnames), targets, "default")]
+def tasks_for(data: DataParams, labels: Sequence[str]) -> list[Task]:
+    """The zero-shot tasks the corpus's own labels define: the synthetic scenes' attributes; none for
+    other sources, whose labelled sets are `evaluate.datasets`."""
+    if data.source == "synthetic":
+        return synthetic_tasks(labels, data.seed, data.synthetic.holdout_fraction)
+    return []
 
 
 def canonical_scene(labels: str) -> str | None:

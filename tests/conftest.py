@@ -18,7 +18,7 @@ TINY = {
     "tokenize": {"vocab_size": 300, "context_length": 16},
     "model": {"vision": "vit", "embed_dim": 16, "vision_width": 32, "vision_layers": 1, "vision_heads": 2,
               "vision_patch_size": 8, "text_width": 32, "text_layers": 1, "text_heads": 2},
-    "train": {"epochs": 2, "batch_size": 32, "warmup_steps": 2, "checkpoint_every": 1, "log_every": 1},
+    "train": {"epochs": 2, "batch_size": 32, "warmup_fraction": 0.1, "checkpoint_every": 1, "log_every": 1},
 }
 
 

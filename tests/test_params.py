@@ -57,10 +57,10 @@ def test_benchmark_overrides_follow_dvc_exp_run_set():
     pipeline_time = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline_time)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for assignment in ("train.epochs=60", "train.betas=[0.9, 0.95]", "evaluate.labels_csv=null"):
+    for assignment in ("train.epochs=60", "train.betas=[0.9, 0.95]", "export.champion_metric=null"):
         pipeline_time.override(params, assignment)
     assert params["train"]["epochs"] == 60 and params["train"]["betas"] == [0.9, 0.95]
-    assert params["evaluate"]["labels_csv"] is None
+    assert params["export"]["champion_metric"] is None
     for bad, message in (("train.epoch=3", "no key 'train.epoch'"), ("trian.epochs=3", "no section 'trian'"),
                          ("train.epochs", "expected key=value")):
         with pytest.raises(SystemExit, match=message):

@@ -15,7 +15,8 @@ from clipmodel import zeroshot
 from clipmodel.data import MEAN, STD, to_tensor
 from clipmodel.export import export_onnx
 from clipmodel.images import ImageError, load_rgb, preprocess
-from clipmodel.runtime import ClipRuntime, ensemble, top_k
+from clipmodel.evaluation import class_vectors
+from clipmodel.runtime import ClipRuntime, top_k
 from test_export import build_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,23 +92,23 @@ def test_encode_images_batches_and_names_bad_files(rt, tmp_path):
         rt.encode_images([paths[0], tmp_path / "broken.png"])
 
 
-def test_ensemble_hand_checked():
+def test_class_vectors_hand_checked():
     prompts = np.array([[3.0, 0.0], [0.0, 1.0],     # class 0: normalised first, so [3,0] counts as [1,0]
                         [0.0, -2.0], [0.0, -1.0]])  # class 1
-    classes = ensemble(prompts, 2)
+    classes = class_vectors(lambda texts: prompts, ['0', '1'], ['{}', 'a {}'])
     assert np.allclose(classes, [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]])
     index, probs = top_k(np.array([[2.0, 0.0]]), classes, logit_scale=10.0, k=5)
     p0 = 1 / (1 + np.exp(-10 * 2 ** -0.5))  # softmax of logits (10 * 0.7071, 10 * 0)
     assert index.tolist() == [[0, 1]] and np.allclose(probs, [[p0, 1 - p0]])
 
 
-def test_ensemble_matches_torch_zeroshot():
+def test_class_vectors_match_torch_zeroshot():
     rng = np.random.default_rng(0)
     prompts = rng.normal(size=(5 * 3, 8)).astype(np.float32)
     images = rng.normal(size=(4, 8)).astype(np.float32)
     theirs = zeroshot.class_embeddings(lambda texts: torch.from_numpy(prompts), [str(i) for i in range(5)],
                                        ["{}", "a {}", "the {}"])
-    ours = ensemble(prompts, 5)
+    ours = class_vectors(lambda texts: prompts, [str(i) for i in range(5)], ['{}', 'a {}', 'the {}'])
     assert np.allclose(ours, theirs.numpy(), atol=1e-6)
     t_index, t_probs = zeroshot.classify(torch.from_numpy(images), theirs, logit_scale=20.0, k=3)
     index, probs = top_k(images, ours, logit_scale=20.0, k=3)
@@ -229,9 +230,16 @@ def test_cli_errors_are_one_line(onnx_dir, tmp_path):
         (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "empty"), "q"), "no readable images"),
         (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "missing"), "q"), "not found"),
         (("classify", "--model", str(onnx_dir), str(tmp_path / "x.png"), "--labels", "a"), "missing_file"),
-        (("classify", "--model", str(onnx_dir), str(tmp_path / "x.png"), "--labels", " , "), "--labels"),
     ]
     for args, message in cases:
         proc = clip_onnx(*args, env_home=tmp_path)
         assert proc.returncode == 1 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("clip-onnx: "), proc.stderr
+    # Usage errors are argparse's: its usage line, then one line naming the problem, exit 2.
+    for args, message in [(("classify", "--model", str(onnx_dir), "x.png", "--labels", " , "), "no class names"),
+                          (("classify", "--model", str(onnx_dir), "x.png", "--labels", "a", "--top", "0"), "--top"),
+                          (("zeroshot", "--model", str(onnx_dir), "set.csv", "--templates", str(tmp_path / "no")),
+                           "--templates")]:
+        proc = clip_onnx(*args, env_home=tmp_path)
+        assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], (args, proc.stderr)
+        assert "Traceback" not in proc.stderr

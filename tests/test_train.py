@@ -84,7 +84,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
 
 def test_nonfinite_losses_stop_training_and_keep_checkpoint(workspace):
     write_params(workspace, merge(TINY, {"train": {"lr": 1e30, "grad_clip": 0.0, "max_bad_steps": 2,
-                                                   "warmup_steps": 0}}))
+                                                   "warmup_fraction": 0}}))
     proc = run_stage(workspace, "train", check=False)
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]

@@ -1,0 +1,240 @@
+"""Zero-shot transfer of two CLIP recipes trained on the same real captioned data, scored by one evaluator.
+
+Both sides train from scratch on ../shared/real-emoji/train.csv (OpenMoji artwork, CLDR names + tags)
+for the same epochs and batch, then classify its two held-out labelled sets, eval_cross_style.csv
+(the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never trained on), with
+clipmodel.evaluation.score, once per template list of the templates YAML:
+
+- open_clip: its own trainer (`python -m open_clip_train.main`, CPU) with a small ViT (OPEN_CLIP_CONFIG,
+  registered through open_clip.add_model_config), open_clip's tokenizer and its defaults except warmup
+  (10% of the steps; its default of 10,000 is longer than the run). Its transforms keep alpha as
+  open_clip would not: transparent pixels are composited onto the project's data.background, as
+  ingest does, instead of convert("RGB") revealing the black stored under them.
+- project: ingest, tokenize and train of real/params.yaml, run in a scratch copy of the repo's code.
+
+Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other side's last result):
+
+    python benchmarks/real_zero_shot.py [--epochs 30] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import types
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
+from benchmarks.machine import device_name  # noqa: E402
+from clipmodel.checkpoint import load_model  # noqa: E402
+from clipmodel.data import to_tensor  # noqa: E402
+from clipmodel.images import decode, load_rgb, preprocess, to_rgb  # noqa: E402
+from clipmodel.io import write_json  # noqa: E402
+from clipmodel.tokenizer import encode, load_tokenizer, trim_padding  # noqa: E402
+# TODO(real_zero_shot): import from clipmodel.evaluation once it lands; this stand-in lives outside the repo.
+sys.path.insert(0, "/tmp/rzs_standin")
+from evaluation_standin import LabelledSet, score  # noqa: E402
+
+EVAL_SETS = ("eval_cross_style", "eval_unseen")
+BATCH = 128
+OPEN_CLIP_MODEL = "ViT-192-8-64"  # "vit" in the name selects open_clip's ViT defaults: lr 5e-4, betas (0.9, 0.98), eps 1e-6
+OPEN_CLIP_CONFIG = {
+    "embed_dim": 192,
+    "vision_cfg": {"image_size": 64, "patch_size": 8, "width": 192, "layers": 4, "head_width": 64},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 192, "heads": 3, "layers": 4},
+}
+OPEN_CLIP_PRECISION = "amp_bf16"
+LAUNCHER = "import sys; from benchmarks.real_zero_shot import launch; launch(sys.argv[1:])"
+
+
+def composite_alpha(background: list[int]) -> None:
+    """Make open_clip's transforms turn PIL images to RGB as ingest does (alpha onto `background`)
+    where open_clip's MaybeConvertMode calls convert("RGB")."""
+    import open_clip.transform
+
+    def convert(self: Any, pic: Any) -> Any:
+        return to_rgb(pic, tuple(background)) if isinstance(pic, Image.Image) else pic
+    open_clip.transform.MaybeConvertMode.__call__ = convert
+
+
+def _placeholder(attr: str) -> type:
+    """A stand-in module's attributes: an empty class for each public name."""
+    if attr.startswith("__"):
+        raise AttributeError(attr)
+    return type(attr, (), {})
+
+
+def launch(argv: list[str]) -> None:
+    """open_clip_train.main with our model config registered and alpha composited; argv: config JSON
+    path, background as JSON, then open_clip_train's arguments. Its data module imports webdataset
+    and braceexpand, absent here and unused by CSV data: empty stand-ins satisfy the imports."""
+    for package, modules in (("braceexpand", ["braceexpand"]),
+                             ("webdataset", ["webdataset", "webdataset.filters", "webdataset.tariterators"])):
+        if importlib.util.find_spec(package) is None:
+            for name in modules:
+                stub = sys.modules[name] = types.ModuleType(name)
+                stub.__getattr__ = _placeholder
+    import open_clip
+    import open_clip_train.main
+
+    open_clip.add_model_config(argv[0])
+    composite_alpha(json.loads(argv[1]))
+    open_clip_train.main.main(argv[2:])
+
+
+def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
+    """Run `cmd`, output to `log`; wall seconds, or exit with the log's tail."""
+    start = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+    if code:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); {log}:\n" + "\n".join(log.read_text().splitlines()[-25:]))
+    return round(time.perf_counter() - start, 1)
+
+
+def score_sets(data: Path, templates: dict[str, list[str]], load_image: Callable[[Path], Any],
+               embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+    scores = {}
+    for name in EVAL_SETS:
+        ds = LabelledSet.load(data / f"{name}.csv")
+        scores[name] = {key: score(ds, load_image, embed_images, embed_texts, tmpl) for key, tmpl in templates.items()}
+    return scores
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], background: list[int]) -> dict:
+    import open_clip
+
+    work.mkdir()
+    config = work / f"{OPEN_CLIP_MODEL}.json"
+    config.write_text(json.dumps(OPEN_CLIP_CONFIG))
+    rows = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
+    rows["filepath"] = [str(data / p) for p in rows["filepath"]]  # open_clip opens paths relative to its cwd
+    rows.to_csv(work / "train.csv", index=False)
+    warmup = max(1, epochs * (len(rows) // BATCH) // 10)  # drop_last: full batches only
+    argv = ["--train-data", str(work / "train.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
+            "--csv-caption-key", "caption", "--csv-separator", ",", "--model", OPEN_CLIP_MODEL,
+            "--batch-size", str(BATCH), "--epochs", str(epochs), "--warmup", str(warmup),
+            "--precision", OPEN_CLIP_PRECISION, "--device", "cpu", "--workers", "1",
+            "--logs", str(work / "logs"), "--name", "run", "--save-frequency", "0"]  # 0: the last epoch only
+    print(f"open_clip: {epochs} epochs of {len(rows) // BATCH} steps, warmup {warmup} steps, {OPEN_CLIP_PRECISION}", flush=True)
+    cmd = [sys.executable, "-c", LAUNCHER, str(config), json.dumps(background), *argv]
+    seconds = run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)}, work / "train.log")
+    checkpoint = work / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt"
+
+    open_clip.add_model_config(config)
+    composite_alpha(background)
+    model, _, preprocess_val = open_clip.create_model_and_transforms(OPEN_CLIP_MODEL, pretrained=str(checkpoint))
+    model.eval()
+    tokenizer = open_clip.get_tokenizer(OPEN_CLIP_MODEL)
+
+    @torch.inference_mode()
+    def embed_images(images: list[torch.Tensor]) -> np.ndarray:
+        return model.encode_image(torch.stack(images), normalize=True).numpy()
+
+    @torch.inference_mode()
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        return model.encode_text(tokenizer(texts), normalize=True).numpy()
+
+    return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "params": n_params(model),
+            "epochs": epochs, "batch": BATCH, "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION,
+            "train_seconds": seconds, "checkpoint": str(checkpoint),
+            "command": ["python", "-m", "open_clip_train.main", *argv],
+            "scores": score_sets(data, templates, lambda p: preprocess_val(decode(p)),
+                                 embed_images, embed_texts)}
+
+
+def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], params: dict) -> dict:
+    work.mkdir()
+    for name in ("clipmodel", "pipeline", "templates"):
+        shutil.copytree(ROOT / name, work / name)
+    params["data"]["csv"]["path"] = str(data / "train.csv")
+    params["train"]["epochs"] = epochs
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    seconds = {stage: run_logged([sys.executable, "-m", f"pipeline.{stage}"], work, env, work / f"{stage}.log")
+               for stage in ("ingest", "tokenize", "train")}
+    print(f"project: {seconds}", flush=True)
+
+    model, config = load_model(work / "models")
+    tok = load_tokenizer(work / "models" / "tokenizer.json")
+    size, background = config["preprocess"]["image_size"], tuple(config["preprocess"]["background"])
+
+    @torch.inference_mode()
+    def embed_images(images: list[np.ndarray]) -> np.ndarray:
+        return F.normalize(model.encode_image(to_tensor(np.stack(images))), dim=-1).numpy()
+
+    @torch.inference_mode()
+    def embed_texts(texts: list[str]) -> np.ndarray:
+        ids = torch.from_numpy(trim_padding(encode(tok, texts)[0])).long()
+        return F.normalize(model.encode_text(ids), dim=-1).numpy()
+
+    return {"model": config["model"], "params": n_params(model), "epochs": epochs,
+            "batch": params["train"]["batch_size"], "precision": params["train"]["precision"],
+            "train_seconds": seconds["train"], "stage_seconds": seconds,
+            "scores": score_sets(data, templates, lambda p: preprocess(load_rgb(p, background), size),
+                                 embed_images, embed_texts)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
+    ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
+    ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "real.yaml")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "real_zero_shot.json")
+    ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
+    ap.add_argument("--skip-openclip", action="store_true")
+    ap.add_argument("--skip-project", action="store_true")
+    args = ap.parse_args()
+    start = time.perf_counter()
+    data = args.data.resolve()
+    templates = {k: list(v) for k, v in yaml.safe_load(args.templates.read_text()).items()}
+    params = yaml.safe_load(args.params.read_text())
+    result = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
+        work = args.keep.resolve() if args.keep else Path(tmp)
+        work.mkdir(parents=True, exist_ok=work == Path(tmp))
+        if not args.skip_openclip:
+            result["open_clip"] = train_open_clip(work / "open_clip", data, args.epochs, templates, params["data"]["background"])
+        if not args.skip_project:
+            result["project"] = train_project(work / "project", data, args.epochs, templates, params)
+
+    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), templates=str(args.templates),
+                  total_seconds=round(time.perf_counter() - start, 1))
+    if "open_clip" in result and "project" in result:
+        a, b = result["open_clip"]["scores"], result["project"]["scores"]
+        result["top1_ratio_project_over_open_clip"] = {
+            s: {k: round(b[s][k]["top1"] / a[s][k]["top1"], 3) if a[s][k]["top1"] else None for k in a[s] if k in b[s]}
+            for s in EVAL_SETS}
+    write_json(args.out, result)
+
+    print(f"{'side':10} {'set':17} {'templates':10} {'top1':>6} {'top5':>6} {'recall':>6}")
+    for side in ("open_clip", "project"):
+        for s, by_key in result.get(side, {}).get("scores", {}).items():
+            for k, m in by_key.items():
+                print(f"{side:10} {s:17} {k:10} {m['top1']:6.3f} {m['top5']:6.3f} {m['mean_per_class_recall']:6.3f}")
+    print(f"wrote {args.out} in {result['total_seconds']} s on {result['machine']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""What `clipmodel` (torch) and `clip-onnx` (onnxruntime) share: label and template arguments and the
+`zeroshot` command, so both CLIs parse, score and print identically."""
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from clipmodel.evaluation import DatasetError, LabelledSet, read_lines, score
+from clipmodel.io import write_json
+from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
+
+
+def add_label_args(parser: argparse.ArgumentParser) -> None:
+    labels = parser.add_mutually_exclusive_group(required=True)
+    labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
+    labels.add_argument("--labels-file", metavar="FILE", help="one class name per line (names may hold commas)")
+    add_templates_arg(parser)
+
+
+def add_templates_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--templates", metavar="FILE",
+                        help=f"prompt templates, one per line with {{}} for the class (default: {list(DEFAULT_TEMPLATES)})")
+
+
+def labels_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """The class names of --labels or --labels-file; an empty or unreadable list is a usage error (exit 2)."""
+    try:
+        labels = read_lines(args.labels_file) if args.labels_file else [s.strip() for s in args.labels.split(",")]
+    except DatasetError as e:
+        parser.error(str(e))
+    labels = [s for s in labels if s]
+    if not labels:
+        parser.error("no class names given")
+    return labels
+
+
+def templates_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """--templates FILE, or DEFAULT_TEMPLATES; a bad file is a usage error (exit 2)."""
+    if not args.templates:
+        return list(DEFAULT_TEMPLATES)
+    try:
+        return load_templates(args.templates)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        parser.error(f"--templates {args.templates}: {e}")
+
+
+def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    z = sub.add_parser("zeroshot", parents=parents, help="zero-shot accuracy on a labelled set (CSV or ImageFolder)")
+    z.add_argument("dataset", metavar="SET", help="CSV with image (or filepath) and label columns, or a folder "
+                                                   "with one subfolder of images per class")
+    z.add_argument("--classnames", metavar="FILE", help="the class list, one per line (default: the sorted labels)")
+    add_templates_arg(z)
+    z.add_argument("--json", metavar="OUT", help="also write the metrics, per-class recall and rejections here")
+    return z
+
+
+def zeroshot(args: argparse.Namespace, parser: argparse.ArgumentParser, load_image: Callable[[Path], Any],
+             embed_batch: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+    """Score SET and print its metrics: the same function and output for either CLI's encoders."""
+    templates = templates_of(args, parser)
+    try:
+        ds = LabelledSet.load(args.dataset, args.classnames)
+        result = score(ds, load_image, embed_batch, embed_texts, templates)
+    except DatasetError as e:
+        raise SystemExit(f"{parser.prog}: {e}") from None
+    for r in result["rejected_images"]:
+        print(f"{parser.prog}: skipped {r['image']}: {r['reason']}")
+    summary = {k: result[k] for k in ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n",
+                                      "classes", "templates", "rejected") if k in result}
+    print(json.dumps({ds.name: summary}, indent=2))
+    if args.json:
+        write_json(args.json, {ds.name: {**summary, **{k: result[k] for k in ("per_class_recall", "most_confused",
+                                                                               "rejected_images")}}})
+    return result

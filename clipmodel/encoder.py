@@ -1,0 +1,67 @@
+"""A trained model folder's two towers as numpy-in, numpy-out encoders (torch), with its own
+tokenizer and the preprocessing its training images went through."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from clipmodel.checkpoint import load_model
+from clipmodel.data import to_tensor
+from clipmodel.images import load_image
+from clipmodel.model import CLIP
+from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
+
+
+class Encoder:
+    """L2-normalised float32 embeddings [N, embed_dim] of images and texts, `batch_size` at a time on `device`."""
+
+    def __init__(self, model: CLIP, tokenizer, preprocess: dict, batch_size: int = 256,
+                 device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.tokenizer, self.preprocess, self.batch_size = tokenizer, preprocess, batch_size
+
+    @classmethod
+    def load(cls, folder: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Encoder:
+        """From a folder the train stage wrote (config.json, clip.safetensors, tokenizer.json).
+
+        Raises FileNotFoundError when `folder` has no config.json."""
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} has no config.json: not a model folder written by the train stage")
+        model, config = load_model(folder)
+        return cls(model, load_tokenizer(folder / config["tokenizer"]), config["preprocess"], batch_size, device)
+
+    @property
+    def logit_scale(self) -> float:
+        return self.model.logit_scale.exp().item()
+
+    def load_image(self, source: str | Path | bytes) -> np.ndarray:
+        """uint8 [S, S, 3] as the model's training images were stored; raises ImageError naming why not."""
+        return load_image(source, self.preprocess["image_size"], tuple(self.preprocess["background"]))
+
+    @torch.no_grad()
+    def pixels(self, images: np.ndarray) -> np.ndarray:
+        """uint8 [N, S, S, 3] preprocessed images -> [N, D]."""
+        out = [F.normalize(self.model.encode_image(to_tensor(images[s:s + self.batch_size]).to(self.device)).float(),
+                           dim=-1).cpu().numpy() for s in range(0, len(images), self.batch_size)]
+        return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
+
+    @torch.no_grad()
+    def tokens(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [N, context] -> [N, D]; each batch trimmed to its longest text (exact, and faster)."""
+        out = [F.normalize(self.model.encode_text(torch.from_numpy(trim_padding(ids[s:s + self.batch_size]))
+                                                  .long().to(self.device)).float(), dim=-1).cpu().numpy()
+               for s in range(0, len(ids), self.batch_size)]
+        return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
+
+    def texts(self, texts: list[str]) -> np.ndarray:
+        """[N, D] for raw strings, tokenized as in training (over-long texts cut, EOT kept last)."""
+        return self.tokens(encode(self.tokenizer, list(texts))[0])
+
+    def images(self, sources: list[str | Path | bytes]) -> np.ndarray:
+        """[N, D] for image files or encoded bytes; raises ImageError on the first that cannot be decoded."""
+        return self.pixels(np.stack([self.load_image(s) for s in sources]))

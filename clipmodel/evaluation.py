@@ -1,0 +1,230 @@
+"""Zero-shot classification of a labelled image set the model never trained on: the paper's evaluation.
+
+The evaluate stage, `clipmodel zeroshot` (torch) and `clip-onnx zeroshot` (onnxruntime) all call
+`score`, so the three report the same numbers for the same embeddings. Only numpy here: the caller
+brings the encoders as callables, which also lets a benchmark score another project's model with
+this very code.
+
+Memory is bounded by chunking: class vectors are built a few classes at a time and logits are
+computed for `chunk` images at a time, so 10,000 classes x 100,000 images needs about
+chunk x classes floats of scratch beside the [N, D] image and [C, D] class embeddings.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from clipmodel.templates import DEFAULT_TEMPLATES
+
+IMAGE_COLUMNS = ("image", "filepath")  # `filepath` is the column ingest's CSV source reads
+
+
+class DatasetError(ValueError):
+    """A labelled set that cannot be scored; the message names the file and, where there is one, the row."""
+
+
+@dataclass(frozen=True)
+class LabelledSet:
+    """Images with one class label each, and the class list zero-shot chooses among.
+
+    Labels are strings, always: `1`, `NA` and `null` are class names, never numbers or missing values.
+    """
+    name: str
+    images: list[Path]
+    labels: list[str]
+    classnames: list[str]
+
+    @classmethod
+    def load(cls, path: str | Path, classnames: Sequence[str] | str | Path | None = None,
+             name: str | None = None) -> LabelledSet:
+        """A CSV (columns `image` or `filepath`, and `label`; image paths relative to the CSV) or an
+        ImageFolder (one subfolder per class, images anywhere below it).
+
+        `classnames`: the class list in order, or a text file with one class per line; by default the
+        sorted distinct labels. Raises DatasetError for a missing file, missing columns, an empty set,
+        or labels outside the class list (naming the first such row).
+        """
+        path = Path(path)
+        if path.is_dir():
+            images, labels, rows = _image_folder(path)
+        elif path.is_file():
+            images, labels, rows = _labels_csv(path)
+        else:
+            raise DatasetError(f"{path}: no such file or folder")
+        if not images:
+            raise DatasetError(f"{path}: no labelled images")
+        if classnames is None:
+            classes = sorted(set(labels))
+        elif isinstance(classnames, (str, Path)):
+            classes = read_lines(classnames)
+        else:
+            classes = [str(c) for c in classnames]
+        if len(set(classes)) != len(classes) or not classes:
+            raise DatasetError(f"{path}: the class list is empty or repeats a name")
+        known = set(classes)
+        missing = [i for i, label in enumerate(labels) if label not in known]
+        if missing:
+            i = missing[0]
+            raise DatasetError(f"{path}: {rows[i]}: label {labels[i]!r} is not in the class list "
+                               f"({len(missing)} of {len(labels)} images have labels outside it)")
+        return cls(name or path.stem, images, labels, classes)
+
+    def targets(self) -> np.ndarray:
+        """int64 [N]: each image's index into `classnames`."""
+        lookup = {c: i for i, c in enumerate(self.classnames)}
+        return np.array([lookup[label] for label in self.labels], dtype=np.int64)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Non-empty lines of a UTF-8 text file, stripped: a label file (commas and colons stay inside a label)."""
+    try:
+        return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read: {e}") from None
+
+
+def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix == ".tsv" else ",")
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"{path}: not a readable CSV: {e}".replace("\n", " ")) from None
+    column = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
+    if column is None or "label" not in table.columns:
+        raise DatasetError(f"{path}: needs columns image (or filepath) and label; has {', '.join(table.columns)}")
+    if (table[column] == "").any():
+        raise DatasetError(f"{path}: line {int(np.flatnonzero(table[column] == '')[0]) + 2}: empty image path")
+    rows = [f"line {i + 2}" for i in range(len(table))]  # line 1 is the header
+    return [path.parent / p for p in table[column]], list(table.label), rows
+
+
+def _image_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
+    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    images, labels = [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        for f in sorted(folder.rglob("*")):
+            if f.suffix.lower() in extensions and f.is_file():
+                images.append(f)
+                labels.append(folder.name)
+    return images, labels, [str(p) for p in images]
+
+
+def class_vectors(embed_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
+                  templates: Sequence[str], batch_prompts: int = 4096) -> np.ndarray:
+    """float32 [C, D] unit vectors: each prompt normalised, averaged per class, renormalised (the
+    paper's prompt ensembling, Radford et al. 2021 sec. 3.1.4), a few classes per text batch."""
+    per_batch = max(1, batch_prompts // len(templates))
+    out = []
+    for start in range(0, len(classnames), per_batch):
+        names = classnames[start:start + per_batch]
+        emb = unit(np.asarray(embed_texts([t.format(c) for c in names for t in templates]), dtype=np.float32))
+        out.append(unit(emb.reshape(len(names), len(templates), -1).mean(1)))
+    return np.concatenate(out)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    """L2-normalised rows (the epsilon of torch's F.normalize)."""
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def top_k(image_features: np.ndarray, classes: np.ndarray, k: int = 5, chunk: int = 1024) -> np.ndarray:
+    """int64 [N, min(k, C)]: the classes nearest each image by cosine, best first, `chunk` images at a time."""
+    k = min(k, len(classes))
+    out = np.empty((len(image_features), k), dtype=np.int64)
+    for s in range(0, len(image_features), chunk):
+        sims = unit(image_features[s:s + chunk].astype(np.float32)) @ classes.T
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
+        out[s:s + chunk] = np.take_along_axis(part, order, 1)
+    return out
+
+
+def metrics(top: np.ndarray, targets: np.ndarray, classnames: Sequence[str], confusions: int = 20) -> dict[str, Any]:
+    """Accuracy of top-k predictions [N, k] against targets [N] (class indices).
+
+    top1, top5 (only with more than 5 classes), mean per-class recall (the mean over classes with images of the
+    fraction of each class's images predicted right), n, classes, per-class recall and the most
+    frequent (true, predicted) confusions. Raises DatasetError when there is nothing to score.
+    """
+    if len(targets) == 0:
+        raise DatasetError("no images left to score")
+    hit1 = top[:, 0] == targets
+    c = len(classnames)
+    count = np.bincount(targets, minlength=c)
+    right = np.bincount(targets[hit1], minlength=c)
+    present = np.flatnonzero(count)
+    wrong = targets[~hit1] * c + top[~hit1, 0]
+    pairs, n_pairs = np.unique(wrong, return_counts=True)
+    worst = np.argsort(-n_pairs, kind="stable")[:confusions]
+    return {
+        "top1": float(hit1.mean()),
+        **({"top5": float((top[:, :5] == targets[:, None]).any(1).mean())} if c > 5 else {}),
+        "mean_per_class_recall": float((right[present] / count[present]).mean()),
+        "n": int(len(targets)),
+        "classes": c,
+        "per_class_recall": {classnames[i]: float(right[i] / count[i]) for i in present},
+        "most_confused": [{"true": classnames[p // c], "predicted": classnames[p % c], "count": int(m)}
+                          for p, m in zip(pairs[worst], n_pairs[worst])],
+    }
+
+
+def zero_shot(image_features: np.ndarray, targets: np.ndarray, classnames: Sequence[str],
+              embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str],
+              class_texts: Sequence[str] | None = None, chunk: int = 1024) -> tuple[dict[str, Any], np.ndarray]:
+    """Metrics of the template ensemble, plus top-1 with the first template alone, and the ensemble's
+    top-5 predictions [N, 5]. Features [N, D] need not be normalised. `class_texts` fill the templates'
+    `{}` where they differ from the names reported (default: the class names)."""
+    templates = list(templates) or list(DEFAULT_TEMPLATES)
+    texts = list(class_texts or classnames)
+    ensemble = class_vectors(embed_texts, texts, templates)
+    top = top_k(image_features, ensemble, 5, chunk)
+    result = metrics(top, targets, classnames)
+    single = top if len(templates) == 1 else top_k(image_features, class_vectors(embed_texts, texts, templates[:1]),
+                                                   1, chunk)
+    result["top1_single_template"] = float((single[:, 0] == targets).mean())
+    result["templates"] = len(templates)
+    return result, top
+
+
+def embed_images(paths: Sequence[Path], load_image: Callable[[Path], Any],
+                 embed_batch: Callable[[list[Any]], np.ndarray], batch_size: int = 256,
+                 progress: Callable[[Any], Any] = lambda it: it) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """`embed_batch`'s outputs for the images that load (e.g. [M, D] embeddings), their positions [M] in
+    `paths`, and the rest with a reason.
+
+    Anything that goes wrong decoding one image (a missing file, a corrupt PNG, a decoder's own
+    ValueError) rejects that image, never the run.
+    """
+    feats, kept, rejected = [], [], []
+    for start in progress(range(0, len(paths), batch_size)):
+        batch = []
+        for i in range(start, min(start + batch_size, len(paths))):
+            try:
+                batch.append(load_image(paths[i]))
+                kept.append(i)
+            except Exception as e:  # noqa: BLE001 - one bad file is a rejection, whatever the decoder raised
+                rejected.append({"image": str(paths[i]), "reason": str(e) or type(e).__name__})
+        if batch:
+            feats.append(np.asarray(embed_batch(batch)))
+    return (np.concatenate(feats) if feats else np.empty((0, 0), np.float32)), np.array(kept, np.int64), rejected
+
+
+def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch: Callable[[list[Any]], np.ndarray],
+          embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str] = DEFAULT_TEMPLATES,
+          batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it) -> dict[str, Any]:
+    """Zero-shot metrics of a labelled set (see `metrics`), with `rejected` (count) and `rejected_images`,
+    and for plots the positions of the scored images in `ds.images` (`kept`) and their top-5 (`predictions`).
+
+    Raises DatasetError when no image of the set could be decoded.
+    """
+    feats, kept, rejected = embed_images(ds.images, load_image, embed_images_batch, batch_size, progress)
+    if len(kept) == 0:
+        raise DatasetError(f"{ds.name}: none of its {len(ds.images)} images could be decoded "
+                           f"(first: {rejected[0]['image']}: {rejected[0]['reason']})")
+    result, top = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, templates)
+    return {**result, "rejected": len(rejected), "rejected_images": rejected, "kept": kept, "predictions": top}

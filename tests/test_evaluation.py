@@ -1,0 +1,158 @@
+"""Zero-shot on held-out labelled sets: loading (CSV, ImageFolder, string labels), the metrics, and the
+evaluate stage and both CLIs scoring the same set to the same numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from clipmodel.evaluation import DatasetError, LabelledSet, metrics, score, top_k, unit
+from conftest import ROOT, run_stage, stage_env
+
+COLOURS = {"1": (220, 30, 30), "NA": (30, 30, 220), "null": (30, 200, 30)}  # labels that pandas would not keep
+
+
+def write_set(folder, per_class: int = 3, broken: bool = True) -> tuple:
+    """A CSV set and the same images as an ImageFolder; the CSV also lists one undecodable file."""
+    rows = []
+    for label, colour in COLOURS.items():
+        (folder / "tree" / label).mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.new("RGBA", (40 + 7 * i, 32), (0, 0, 0, 0))  # transparent, non-square
+            img.paste(colour + (255,), (4 + i, 4, 28, 28))
+            img.save(folder / "tree" / label / f"{i}.png")
+            rows.append((f"tree/{label}/{i}.png", label))
+    if broken:
+        (folder / "broken.png").write_bytes(b"not a png")
+        rows.append(("broken.png", "1"))
+    lines = ["image,label"] + [f"{p},{label}" for p, label in rows]
+    (folder / "set.csv").write_text("\n".join(lines) + "\n")
+    return folder / "set.csv", folder / "tree"
+
+
+def test_labels_stay_strings_and_classes_default_to_sorted_labels(tmp_path):
+    csv_path, tree = write_set(tmp_path)
+    ds = LabelledSet.load(csv_path)
+    assert ds.classnames == ["1", "NA", "null"] and ds.name == "set"
+    assert ds.labels[:3] == ["1"] * 3 and len(ds.images) == 10
+    folder = LabelledSet.load(tree, name="tree")
+    assert folder.classnames == ["1", "NA", "null"] and len(folder.images) == 9
+    assert folder.targets().tolist() == [0] * 3 + [1] * 3 + [2] * 3
+
+
+def test_classnames_from_file_with_commas_and_filepath_column(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"")
+    (tmp_path / "set.csv").write_text('filepath,label\na.png,"family: man, girl"\n')
+    (tmp_path / "classes.txt").write_text("family: man, girl\nother\n")
+    ds = LabelledSet.load(tmp_path / "set.csv", tmp_path / "classes.txt")
+    assert ds.classnames == ["family: man, girl", "other"] and ds.targets().tolist() == [0]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("image,label\na.png,cat\nb.png,dog\n", "line 3: label 'dog' is not in the class list"),
+    ("picture,label\na.png,cat\n", "needs columns image (or filepath) and label"),
+    ("image,label\n", "no labelled images"),
+])
+def test_bad_sets_are_one_line_errors(tmp_path, content, message):
+    (tmp_path / "set.csv").write_text(content)
+    with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")) as e:
+        LabelledSet.load(tmp_path / "set.csv", ["cat"] if "dog" in content else None)
+    assert "\n" not in str(e.value)
+
+
+def test_metrics_hand_checked():
+    classes = ["a", "b", "c", "d", "e", "f"]
+    targets = np.array([0, 0, 1, 1, 2, 2])
+    top = np.array([[0, 1, 2, 3, 4], [1, 0, 2, 3, 4], [0, 1, 2, 3, 4], [0, 2, 3, 4, 5],
+                    [2, 0, 1, 3, 4], [5, 4, 3, 1, 0]])
+    m = metrics(top, targets, classes)
+    assert m["top1"] == pytest.approx(2 / 6) and m["top5"] == pytest.approx(4 / 6)
+    assert m["mean_per_class_recall"] == pytest.approx((0.5 + 0 + 0.5) / 3)
+    assert m["per_class_recall"] == {"a": 0.5, "b": 0.0, "c": 0.5}  # classes without images are not listed
+    assert m["most_confused"][0] == {"true": "b", "predicted": "a", "count": 2}
+    assert m["n"] == 6 and m["classes"] == 6
+
+
+def test_top_k_chunked_equals_full_and_is_sorted():
+    rng = np.random.default_rng(0)
+    images, classes = rng.normal(size=(50, 8)), unit(rng.normal(size=(30, 8)))
+    full = np.argsort(-(unit(images) @ classes.T), axis=1)[:, :5]
+    assert (top_k(images, classes, 5, chunk=7) == full).all()
+
+
+def test_score_counts_undecodable_images_and_never_fails_on_them(tmp_path):
+    csv_path, _ = write_set(tmp_path)
+    ds = LabelledSet.load(csv_path)
+
+    def load(path):
+        return np.asarray(Image.open(path).convert("RGBA"))[8, 8, :3].astype(np.float32)  # the paste colour
+
+    r = score(ds, load, np.stack, lambda texts: np.array([COLOURS[t] for t in texts], np.float32), ["{}"])
+    assert r["rejected"] == 1 and r["rejected_images"][0]["image"].endswith("broken.png")
+    assert r["n"] == 9 and r["top1"] == 1.0 and r["top1_single_template"] == 1.0
+
+
+def run(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=stage_env(cwd), capture_output=True, text=True)
+
+
+@pytest.mark.slow
+def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
+    csv_path, tree = write_set(workspace / "heldout")
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["evaluate"]["templates"] = str(ROOT / "templates/prompts.yaml")
+    params["evaluate"]["datasets"] = {"colours": {"path": str(csv_path), "templates": "label"},
+                                      "tree": {"path": str(tree)}}
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    run_stage(workspace, "train")
+    out = run_stage(workspace, "evaluate").stdout
+    assert "1 undecodable image(s)" in out
+    zs = json.loads((workspace / "reports/metrics.json").read_text())["zero_shot"]
+    assert zs["colours"]["n"] == 9 and zs["colours"]["rejected"] == 1 and zs["colours"]["classes"] == 3
+    assert zs["tree"]["n"] == 9 and zs["shape"]["n"] > 0  # the synthetic tasks stay
+    per_class = json.loads((workspace / "reports/per_class.json").read_text())
+    assert set(per_class["colours"]["recall"]) <= set(COLOURS)
+
+    label = workspace / "label.txt"
+    label.write_text("{}\n")
+    assert run("-m", "clipmodel.export", "--model", "models", "--out", "onnx", cwd=workspace).returncode == 0
+    for cli, model in (("clipmodel.cli", "models"), ("clipmodel.runtime_cli", "onnx")):
+        proc = run("-m", cli, "zeroshot", "--model", model, str(csv_path), "--templates", str(label),
+                   "--json", f"{model}.json", cwd=workspace)
+        assert proc.returncode == 0, proc.stderr
+        got = json.loads((workspace / f"{model}.json").read_text())["set"]
+        for key in ("top1", "top1_single_template", "mean_per_class_recall", "n", "rejected"):
+            assert got[key] == pytest.approx(zs["colours"][key], abs=1e-9), (cli, key)
+        assert "broken.png" in proc.stdout
+    bad = run("-m", "clipmodel.cli", "zeroshot", "--model", "models", str(tree), "--classnames", str(label),
+              cwd=workspace)
+    assert bad.returncode == 1 and "is not in the class list" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_data, tmp_path):
+    """data.val_fraction = test_fraction = 0: no test split, so evaluate scores the held-out sets and
+    skips retrieval with a line; export checks parity on what exists and ranks by the set's top-1."""
+    import shutil
+    shutil.copy(tiny_data / "params.yaml", tmp_path / "params.yaml")
+    csv_path, _ = write_set(tmp_path / "heldout", broken=False)
+    params = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    params["data"].update(val_fraction=0.0, test_fraction=0.0)
+    params["evaluate"].update(templates=str(ROOT / "templates/prompts.yaml"), datasets={"colours": {"path": str(csv_path)}})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in ("ingest", "tokenize", "train"):
+        run_stage(tmp_path, stage)
+    out = run_stage(tmp_path, "evaluate").stdout
+    assert "retrieval and the linear probe are skipped" in out
+    metrics_json = json.loads((tmp_path / "reports/metrics.json").read_text())
+    assert "retrieval" not in metrics_json and metrics_json["zero_shot"]["colours"]["n"] == 9
+    out = run_stage(tmp_path, "export").stdout
+    assert "by zero_shot.colours.top1" in out
+    report = json.loads((tmp_path / "reports/export.json").read_text())
+    assert report["onnx_top1"]["colours"] == report["torch_top1"]["colours"]
+    assert "zero_shot.colours.top1" in json.dumps(report["registry"]) or report["registry"]
