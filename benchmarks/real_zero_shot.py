@@ -44,13 +44,12 @@ from benchmarks.machine import device_name  # noqa: E402
 from clipmodel.checkpoint import load_model  # noqa: E402
 from clipmodel.data import to_tensor  # noqa: E402
 from clipmodel.images import decode, load_rgb, preprocess, to_rgb  # noqa: E402
+from clipmodel.evaluation import LabelledSet, score  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding  # noqa: E402
-# TODO(real_zero_shot): import from clipmodel.evaluation once it lands; this stand-in lives outside the repo.
-sys.path.insert(0, "/tmp/rzs_standin")
-from evaluation_standin import LabelledSet, score  # noqa: E402
 
 EVAL_SETS = ("eval_cross_style", "eval_unseen")
+REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")
 BATCH = 128
 OPEN_CLIP_MODEL = "ViT-192-8-64"  # "vit" in the name selects open_clip's ViT defaults: lr 5e-4, betas (0.9, 0.98), eps 1e-6
 OPEN_CLIP_CONFIG = {
@@ -112,7 +111,9 @@ def score_sets(data: Path, templates: dict[str, list[str]], load_image: Callable
     scores = {}
     for name in EVAL_SETS:
         ds = LabelledSet.load(data / f"{name}.csv")
-        scores[name] = {key: score(ds, load_image, embed_images, embed_texts, tmpl) for key, tmpl in templates.items()}
+        for key, tmpl in templates.items():
+            result = score(ds, load_image, embed_images, embed_texts, tmpl)
+            scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED}
     return scores
 
 
@@ -199,7 +200,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=30)
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
-    ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "real.yaml")
+    ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "prompts.yaml")
+    ap.add_argument("--template-keys", nargs="+", default=["label", "clip", "label_and_clip"],
+                    help="the lists of --templates to score each side with")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "real_zero_shot.json")
     ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
     ap.add_argument("--skip-openclip", action="store_true")
@@ -207,7 +210,7 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     data = args.data.resolve()
-    templates = {k: list(v) for k, v in yaml.safe_load(args.templates.read_text()).items()}
+    templates = {k: yaml.safe_load(args.templates.read_text())[k] for k in args.template_keys}
     params = yaml.safe_load(args.params.read_text())
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
 

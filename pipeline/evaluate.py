@@ -83,6 +83,7 @@ def linear_probe(task: Task, feats: dict[str, np.ndarray], targets: dict[str, np
     return {"top1": float(clf.score(xs["test"], ys["test"])), "C": best}
 
 
+PROBED = ("shape", "color", "size", "position", "count")  # synthetic tasks with a linear probe
 SCALARS = ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n", "classes", "templates", "rejected")
 
 
@@ -98,12 +99,15 @@ def main() -> None:
     split = {name: corpus.split(name) for name in ("train", "val", "test")}
     test = split["test"]
     labels = corpus.manifest.labels.to_numpy()
-    feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items()}
+    by_split = {name: {t.name: t for t in tasks_for(p.data, labels[idx])} for name, idx in split.items()}
+    probed = [name for name in PROBED if all(name in by_split[s] for s in split)]
+    # train and val images are embedded only for the linear probe, which needs labels in every split
+    feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items() if name == "test" or probed}
 
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}
     per_class: dict = {}
     plotted: list[plots.Scored] = []
-    for task in tasks_for(p.data, labels[test]):
+    for task in by_split["test"].values():
         r, top = zero_shot(task, feats["test"], enc.texts, templates_of(table, task.templates, f"task {task.name}"))
         metrics["zero_shot"][task.name] = {k: r[k] for k in SCALARS if k in r}
         per_class[task.name] = {"recall": r["per_class_recall"], "most_confused": r["most_confused"]}
@@ -126,13 +130,11 @@ def main() -> None:
               f"(single template {r['top1_single_template']:.3f}, n={r['n']}, {r['classes']} classes, "
               f"{r['rejected']} undecodable image(s){' listed in reports/per_class.json' if r['rejected'] else ''})")
 
-    by_split = {name: {t.name: t for t in tasks_for(p.data, labels[idx])} for name, idx in split.items()}
-    for name in ("shape", "color", "size", "position", "count"):
-        if all(name in by_split[s] for s in split):
-            probe = linear_probe(by_split["test"][name], feats, {s: by_split[s][name].targets for s in split},
-                                 ev.probe_grid)
-            if probe:
-                metrics["linear_probe"][name] = probe
+    for name in probed:
+        probe = linear_probe(by_split["test"][name], feats, {s: by_split[s][name].targets for s in split},
+                             ev.probe_grid)
+        if probe:
+            metrics["linear_probe"][name] = probe
 
     text_feats, rows = None, None
     if len(test):
