@@ -122,8 +122,6 @@ def n_params(model: torch.nn.Module) -> int:
 
 
 def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], background: list[int]) -> dict:
-    import open_clip
-
     work.mkdir()
     config = work / f"{OPEN_CLIP_MODEL}.json"
     config.write_text(json.dumps(OPEN_CLIP_CONFIG))
@@ -140,6 +138,16 @@ def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, li
     cmd = [sys.executable, "-c", LAUNCHER, str(config), json.dumps(background), *argv]
     seconds = run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)}, work / "train.log")
     checkpoint = work / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt"
+    return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": BATCH,
+            "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "train_seconds": seconds,
+            "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
+            **score_open_clip(config, checkpoint, data, templates, background)}
+
+
+def score_open_clip(config: Path, checkpoint: Path, data: Path, templates: dict[str, list[str]],
+                    background: list[int]) -> dict:
+    """Parameter count and scores of an open_clip checkpoint, its images preprocessed as in training."""
+    import open_clip
 
     open_clip.add_model_config(config)
     composite_alpha(background)
@@ -155,10 +163,7 @@ def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, li
     def embed_texts(texts: list[str]) -> np.ndarray:
         return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
-    return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "params": n_params(model),
-            "epochs": epochs, "batch": BATCH, "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION,
-            "train_seconds": seconds, "checkpoint": str(checkpoint),
-            "command": ["python", "-m", "open_clip_train.main", *argv],
+    return {"params": n_params(model),
             "scores": score_sets(data, templates, lambda p: preprocess_val(decode(p)),
                                  embed_images, embed_texts)}
 
@@ -174,9 +179,14 @@ def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list
     seconds = {stage: run_logged([sys.executable, "-m", f"pipeline.{stage}"], work, env, work / f"{stage}.log")
                for stage in ("ingest", "tokenize", "train")}
     print(f"project: {seconds}", flush=True)
+    return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": params["train"]["precision"],
+            "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", data, templates)}
 
-    model, config = load_model(work / "models")
-    tok = load_tokenizer(work / "models" / "tokenizer.json")
+
+def score_project(folder: Path, data: Path, templates: dict[str, list[str]]) -> dict:
+    """Architecture, parameter count and scores of a model folder the train stage wrote."""
+    model, config = load_model(folder)
+    tok = load_tokenizer(folder / "tokenizer.json")
     size, background = config["preprocess"]["image_size"], tuple(config["preprocess"]["background"])
 
     @torch.inference_mode()
@@ -188,9 +198,7 @@ def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list
         ids = torch.from_numpy(trim_padding(encode(tok, texts)[0])).long()
         return F.normalize(model.encode_text(ids), dim=-1).numpy()
 
-    return {"model": config["model"], "params": n_params(model), "epochs": epochs,
-            "batch": params["train"]["batch_size"], "precision": params["train"]["precision"],
-            "train_seconds": seconds["train"], "stage_seconds": seconds,
+    return {"model": config["model"], "params": n_params(model),
             "scores": score_sets(data, templates, lambda p: preprocess(load_rgb(p, background), size),
                                  embed_images, embed_texts)}
 

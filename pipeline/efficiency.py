@@ -19,12 +19,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
 from clipmodel.bow import BagOfWords, bow_loss, score_prompts
@@ -36,6 +36,9 @@ from clipmodel.model import CLIP
 from clipmodel.tokenizer import encode, load_tokenizer
 from clipmodel.zeroshot import class_embeddings
 from pipeline import tracking
+from clipmodel.evaluation import embed_images
+from clipmodel.images import load_image
+from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
 from pipeline.plots import efficiency_curves
@@ -86,22 +89,33 @@ class Probe:
 
 
 def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
+    """efficiency.tasks as probes: synthetic tasks on the test split, or held-out sets of evaluate.datasets
+    (a seeded sample of efficiency.eval_images images each)."""
     e = p.efficiency
     test = corpus.split("test")
-    templates = yaml.safe_load(Path(p.evaluate.templates).read_text())
+    table = read_templates(p.evaluate.templates)
     tasks = {t.name: t for t in tasks_for(p.data, corpus.manifest.labels.to_numpy()[test])}
-    missing = [name for name in e.tasks if name not in tasks]
+    sets = {ds.name: (ds, templates) for ds, templates in held_out_sets(p.evaluate, table)}
+    missing = [name for name in e.tasks if name not in tasks and name not in sets]
     if missing:
-        raise SystemExit(f"efficiency: params.yaml efficiency.tasks: {', '.join(missing)} has no test images "
-                         f"on this data (available: {', '.join(tasks) or 'none'})")
+        raise SystemExit(f"efficiency: params.yaml efficiency.tasks: {', '.join(missing)} is neither a task with test "
+                         f"images on this data nor an evaluate.datasets set (available: "
+                         f"{', '.join([*tasks, *sets]) or 'none'})")
     out = []
     for name in e.tasks:
-        task = tasks[name]
-        sel = np.flatnonzero(task.mask)[: e.eval_images]
-        used = templates[task.templates]
-        ids = encode(tok, [t.format(c) for c in task.texts for t in used])[0]
-        out.append(Probe(name, to_tensor(corpus.images(test[sel])).to(device),
-                         torch.from_numpy(task.targets[sel]).to(device), task.texts, used,
+        if name in tasks:
+            task = tasks[name]
+            sel = np.flatnonzero(task.mask)[: e.eval_images]
+            images, targets, texts = corpus.images(test[sel]), task.targets[sel], task.texts
+            used = templates_of(table, task.templates, f"task {name}")
+        else:
+            ds, used = sets[name]
+            sel = np.sort(np.random.default_rng(p.data.seed).permutation(len(ds.images))[: e.eval_images])
+            images, kept, _ = embed_images([ds.images[i] for i in sel], partial(load_image, size=p.data.image_size,
+                                           background=p.data.background), np.stack)
+            targets, texts = ds.targets()[sel[kept]], ds.classnames
+        ids = encode(tok, [t.format(c) for c in texts for t in used])[0]
+        out.append(Probe(name, to_tensor(images).to(device), torch.from_numpy(targets).to(device), list(texts), used,
                          torch.from_numpy(ids).long().to(device)))
     return out
 

@@ -57,7 +57,7 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     # Per-class accuracy only for classes with test images: the unseen task never lists a seen pair.
     per_class = json.loads((repo / "reports/per_class.json").read_text())
     held = {f"{c} {s}" for c, s in synthetic.holdout_pairs(0, 0.2)}
-    assert per_class["composition_unseen"] and set(per_class["composition_unseen"]) <= held
+    assert per_class["composition_unseen"]["recall"] and set(per_class["composition_unseen"]["recall"]) <= held
     assert "Running stage" not in dvc(repo, "repro").stdout
 
     for lr in ("0.002", "0.0005"):

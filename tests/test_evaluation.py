@@ -156,3 +156,15 @@ def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_dat
     report = json.loads((tmp_path / "reports/export.json").read_text())
     assert report["onnx_top1"]["colours"] == report["torch_top1"]["colours"]
     assert "zero_shot.colours.top1" in json.dumps(report["registry"]) or report["registry"]
+
+
+def test_every_pipelines_held_out_sets_are_deps_of_its_evaluate_stage():
+    """A changed label file or image must rerun evaluate: each evaluate.datasets path is a dep."""
+    checked = 0
+    for dvc_file in (ROOT / "dvc.yaml", ROOT / "real" / "dvc.yaml"):
+        stage = yaml.safe_load(dvc_file.read_text())["stages"]["evaluate"]
+        params = yaml.safe_load((dvc_file.parent / "params.yaml").read_text())
+        for name, spec in (params["evaluate"].get("datasets") or {}).items():
+            assert spec["path"] in stage["deps"], (dvc_file, name)
+            checked += 1
+    assert checked >= 2  # the real pipeline's two sets
