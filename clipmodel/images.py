@@ -15,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 89_478_485  # PIL's own default limit
 ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
+STRIP_RATIO = 8  # aspect ratios past this are cropped before the resize (`preprocess`)
 SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # "I": how older PIL opens 16-bit greyscale
 
 
@@ -103,12 +104,20 @@ def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
     """Shorter side resized to `size` (bicubic, antialiased), then centre-cropped: uint8 [size, size, 3].
 
     Sizes and crop offsets follow torchvision's Resize(size) + CenterCrop(size) on PIL images, so
-    the stored pixels equal CLIP's reference preprocessing before normalisation.
+    the stored pixels equal CLIP's reference preprocessing before normalisation. Past an aspect ratio
+    of STRIP_RATIO only the cropped region is resampled, so memory never grows with the aspect ratio.
     """
     h, w = rgb.shape[:2]
     short, long = min(h, w), max(h, w)
     new_long = int(size * long / short)
     new_w, new_h = (size, new_long) if w <= h else (new_long, size)
-    img = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
     top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+    if new_long > STRIP_RATIO * size:
+        # A strip (say 1 x 1,000,000): resizing it whole would build a size x (size * aspect) image, gigabytes
+        # for a file of a few hundred bytes. Resample only the source region under the centre crop instead,
+        # with the same filter and scale: memory follows the output, pixels within a few levels of the full path.
+        sx, sy = w / new_w, h / new_h
+        box = (left * sx, top * sy, (left + size) * sx, (top + size) * sy)
+        return np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BICUBIC, box=box))
+    img = Image.fromarray(rgb).resize((new_w, new_h), Image.Resampling.BICUBIC)
     return np.asarray(img.crop((left, top, left + size, top + size)))

@@ -128,3 +128,15 @@ def test_random_resized_crop_is_the_identity_only_without_crop():
     assert random_resized_crop(x, (1, 1), (1, 1), g) is x
     y = random_resized_crop(x, (0.5, 0.8), (3 / 4, 4 / 3), g)
     assert y.shape == x.shape and not torch.allclose(y, x)
+
+
+def test_extreme_strip_costs_memory_of_the_output_not_of_its_aspect_ratio(tmp_path):
+    """A 1 x 1,000,000 PNG (a few KB) would need gigabytes resized whole; under a 1.5 GB address-space
+    limit it must still preprocess."""
+    strip = tmp_path / "strip.png"
+    Image.fromarray(np.tile(np.arange(256, dtype=np.uint8), 1_000_000 // 256 + 1)[None, :1_000_000]).save(strip)
+    code = ("import resource, sys; resource.setrlimit(resource.RLIMIT_AS, (1_500_000_000,) * 2)\n"
+            "from clipmodel.images import load_image\n"
+            f"x = load_image({str(strip)!r}, 64); assert x.shape == (64, 64, 3), x.shape; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
