@@ -43,10 +43,11 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or n
 from benchmarks.machine import device_name  # noqa: E402
 from clipmodel.checkpoint import load_model  # noqa: E402
 from clipmodel.data import to_tensor  # noqa: E402
-from clipmodel.images import decode, load_rgb, preprocess, to_rgb  # noqa: E402
 from clipmodel.evaluation import LabelledSet, score  # noqa: E402
+from clipmodel.images import decode, load_rgb, preprocess, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding  # noqa: E402
+from pipeline.loop import resolve_device, resolve_precision  # noqa: E402
 
 EVAL_SETS = ("eval_cross_style", "eval_unseen")
 REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")
@@ -163,7 +164,7 @@ def score_open_clip(config: Path, checkpoint: Path, data: Path, templates: dict[
     def embed_texts(texts: list[str]) -> np.ndarray:
         return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
-    return {"params": n_params(model),
+    return {"version": open_clip.__version__, "params": n_params(model),
             "scores": score_sets(data, templates, lambda p: preprocess_val(decode(p)),
                                  embed_images, embed_texts)}
 
@@ -179,7 +180,8 @@ def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list
     seconds = {stage: run_logged([sys.executable, "-m", f"pipeline.{stage}"], work, env, work / f"{stage}.log")
                for stage in ("ingest", "tokenize", "train")}
     print(f"project: {seconds}", flush=True)
-    return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": params["train"]["precision"],
+    precision = resolve_precision(params["train"]["precision"], resolve_device(params["train"]["device"]))
+    return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": precision,
             "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", data, templates)}
 
 
@@ -218,7 +220,8 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     data = args.data.resolve()
-    templates = {k: yaml.safe_load(args.templates.read_text())[k] for k in args.template_keys}
+    lists = yaml.safe_load(args.templates.read_text())
+    templates = {k: lists[k] for k in args.template_keys}
     params = yaml.safe_load(args.params.read_text())
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
 
@@ -230,7 +233,7 @@ def main() -> None:
         if not args.skip_project:
             result["project"] = train_project(work / "project", data, args.epochs, templates, params)
 
-    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), templates=str(args.templates),
+    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), templates={"file": str(args.templates), **templates},
                   total_seconds=round(time.perf_counter() - start, 1))
     if "open_clip" in result and "project" in result:
         a, b = result["open_clip"]["scores"], result["project"]["scores"]
@@ -239,11 +242,11 @@ def main() -> None:
             for s in EVAL_SETS}
     write_json(args.out, result)
 
-    print(f"{'side':10} {'set':17} {'templates':10} {'top1':>6} {'top5':>6} {'recall':>6}")
+    print(f"{'side':10} {'set':17} {'templates':15} {'top1':>6} {'top5':>6} {'recall':>6}")
     for side in ("open_clip", "project"):
         for s, by_key in result.get(side, {}).get("scores", {}).items():
             for k, m in by_key.items():
-                print(f"{side:10} {s:17} {k:10} {m['top1']:6.3f} {m['top5']:6.3f} {m['mean_per_class_recall']:6.3f}")
+                print(f"{side:10} {s:17} {k:15} {m['top1']:6.3f} {m['top5']:6.3f} {m['mean_per_class_recall']:6.3f}")
     print(f"wrote {args.out} in {result['total_seconds']} s on {result['machine']}")
 
 

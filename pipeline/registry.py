@@ -6,6 +6,7 @@ commit, the data fingerprint and its metrics, so the registry alone says where a
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -19,22 +20,34 @@ from pipeline import tracking
 IMAGE_MODEL, TEXT_MODEL = "clip-image-encoder", "clip-text-encoder"
 
 
-def champion_value(client: MlflowClient, name: str, metric: str) -> float | None:
-    try:
-        version = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
+def champion_value(client: MlflowClient, metric: str) -> float | None:
+    """The metric of the current champion pair, or None when there is no intact pair to beat: no champion,
+    a champion alias on one encoder only, the two aliases on versions of different runs, or a non-finite value."""
+    versions = []
+    for name in (IMAGE_MODEL, TEXT_MODEL):
+        try:
+            versions.append(client.get_model_version_by_alias(name, "champion"))
+        except MlflowException:
+            return None
+    if len({v.tags.get("mlflow_run_id") for v in versions}) != 1 or metric not in versions[0].tags:
         return None
-    value = version.tags.get(metric)
-    return float(value) if value is not None else None
+    value = float(versions[0].tags[metric])
+    return value if math.isfinite(value) else None
 
 
 def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings: dict[str, np.ndarray],
              metric: str, value: float, tags: dict[str, str]) -> dict[str, dict]:
-    """Log both encoders (signature and input example) into the active run and register new versions."""
+    """Log both encoders (signature and input example) into the active run and register new versions.
+
+    The encoders are a pair: both versions get the same alias, so `@champion` always names the two towers
+    of one run. A non-finite metric never becomes champion."""
     client = MlflowClient(tracking.tracking_uri())
+    previous = champion_value(client, metric)
+    wins = math.isfinite(value) and (previous is None or value > previous)
+    alias = "champion" if wins else "challenger"
+    tags = {**tags, "mlflow_run_id": tags.get("mlflow_run_id") or tracking.mlflow.active_run().info.run_id}
     out = {}
     for name, file, example in ((IMAGE_MODEL, "image_encoder.onnx", pixels), (TEXT_MODEL, "text_encoder.onnx", tokens)):
-        previous = champion_value(client, name, metric)
         info = tracking.mlflow.onnx.log_model(
             onnx.load(str(onnx_dir / file)), name=name.removeprefix("clip-").replace("-", "_"),
             registered_model_name=name, input_example=example,
@@ -42,7 +55,6 @@ def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings:
         version = str(info.registered_model_version)
         for key, val in {**tags, metric: str(value)}.items():
             client.set_model_version_tag(name, version, key, val)
-        alias = "champion" if previous is None or value > previous else "challenger"
         client.set_registered_model_alias(name, alias, version)
         out[name] = {"version": version, "alias": alias, "previous_champion": previous}
     return out

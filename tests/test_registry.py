@@ -44,3 +44,36 @@ def test_champion_moves_only_when_the_metric_improves(onnx_dir, tmp_path, monkey
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = session.run(None, {"pixels": pixels})[0]
     assert np.allclose(got, outputs[registry.IMAGE_MODEL], atol=1e-6)
+
+
+def test_champion_is_always_a_pair_of_one_run_and_never_non_finite(onnx_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    rt = ClipRuntime.load(onnx_dir)
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
+    tokens = np.array([[1, 40, 41, 2] + [0] * 12, [1, 50, 2] + [0] * 13], dtype=np.int64)
+    outputs = {registry.IMAGE_MODEL: rt.image.run(None, {"pixels": pixels})[0],
+               registry.TEXT_MODEL: rt.text.run(None, {"tokens": tokens})[0]}
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    client = mlflow.MlflowClient()
+
+    def register(value: float) -> str:
+        with mlflow.start_run() as run:
+            registry.register(onnx_dir, pixels, tokens, outputs, "m", value, {"mlflow_run_id": run.info.run_id})
+            return run.info.run_id
+
+    def champion_runs() -> set[str]:
+        return {client.get_model_version_by_alias(n, "champion").tags["mlflow_run_id"]
+                for n in (registry.IMAGE_MODEL, registry.TEXT_MODEL)}
+
+    register(float("nan"))
+    with pytest.raises(mlflow.exceptions.MlflowException):  # a NaN first is challenger, not champion
+        client.get_model_version_by_alias(registry.IMAGE_MODEL, "champion")
+    first = register(0.5)
+    assert champion_runs() == {first}
+    register(0.6)
+    client.delete_model_version(registry.TEXT_MODEL, "3")  # the text half of the 0.6 champion
+    third = register(0.55)  # no intact pair to beat: this run's pair becomes champion, both towers
+    assert champion_runs() == {third}
+    fourth = register(0.9)
+    register(float("nan"))
+    assert champion_runs() == {fourth}
