@@ -240,8 +240,12 @@ def _cache_file(root: Path, fingerprint: str, cache_dir: str | Path | None) -> P
 def _read_cache(path: Path) -> list[tuple[str, int, int, np.ndarray]]:
     if not path.is_file():
         return []
-    with np.load(path, allow_pickle=False) as z:
-        return list(zip(z["path"].tolist(), z["size"].tolist(), z["mtime_ns"].tolist(), z["embedding"]))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return list(zip(z["path"].tolist(), z["size"].tolist(), z["mtime_ns"].tolist(), z["embedding"]))
+    except Exception as e:  # noqa: BLE001 - truncated, garbage or foreign: a cache is rebuilt, never fatal
+        warnings.warn(f"embedding cache {path} is unreadable ({type(e).__name__}: {e}); rebuilding it", stacklevel=3)
+        return []
 
 
 def _write_cache(path: Path, kept: list[str], stats: dict[str, os.stat_result], embeddings: np.ndarray) -> None:

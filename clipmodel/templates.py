@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from string import Formatter
 
 DEFAULT_TEMPLATES = ("a photo of a {}.",)
 
@@ -10,7 +11,17 @@ def load_templates(path: str | Path) -> list[str]:
     """One template per line with a `{}` for the class name; blank lines and `#` comments skipped."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    bad = [t for t in templates if t.count("{}") != 1]
+    bad = [t for t in templates if not is_template(t)]
     if bad or not templates:
-        raise ValueError(f"{path}: every template needs exactly one '{{}}' (bad: {bad[:3]})")
+        raise ValueError(f"{path}: every template needs exactly one '{{}}' and no other braces (bad: {bad[:3]})")
     return templates
+
+
+def is_template(text: str) -> bool:
+    """Exactly one `{}` and no other replacement field (`{x}`, `{0}`, a lone brace), so that
+    `text.format(name)` always works."""
+    try:
+        fields = [(name, spec, conv) for _, name, spec, conv in Formatter().parse(text) if name is not None]
+    except ValueError:  # an unmatched brace
+        return False
+    return fields == [("", "", None)]

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 
 from clipmodel.evaluation import DatasetError, LabelledSet
-from clipmodel.templates import DEFAULT_TEMPLATES
+from clipmodel.templates import DEFAULT_TEMPLATES, is_template
 from pipeline.params import EvaluateParams
 
 
@@ -41,7 +41,7 @@ def read_templates(path: str | Path) -> dict[str, list[str]]:
         raise SystemExit(f"evaluate: templates file {path}: {e}".replace("\n", " ")) from None
     if not isinstance(table, dict):
         raise SystemExit(f"evaluate: templates file {path}: expected a mapping of key -> list of templates")
-    bad = [k for k, v in table.items() if not isinstance(v, list) or not v or any(str(t).count("{}") != 1 for t in v)]
+    bad = [k for k, v in table.items() if not isinstance(v, list) or not v or any(not is_template(str(t)) for t in v)]
     if bad:
         raise SystemExit(f"evaluate: templates file {path}: each key needs a list of templates with one '{{}}' "
                          f"(bad: {', '.join(map(str, bad))})")

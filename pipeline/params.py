@@ -242,6 +242,8 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
         raise _fail(f"{path}: not found") from None
+    except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8
+        raise _fail(f"{path}: cannot read: {e}") from None
     except yaml.YAMLError as e:
         raise _fail(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     try:

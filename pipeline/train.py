@@ -124,6 +124,10 @@ def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> di
 def training_batches(p: Params, corpus: Corpus) -> ContrastiveBatches | StreamingBatches:
     """The train split as random-access batches (npy shards, bit-exact resume) or streamed from the
     WebDataset shards ingest wrote with data.output_format: webdataset (bounded memory, any size)."""
+    train = corpus.split("train")
+    if len(train) < p.train.batch_size:
+        raise SystemExit(f"train: {len(train)} training images is fewer than train.batch_size={p.train.batch_size}; "
+                         "lower train.batch_size (or data.val_fraction / test_fraction)")
     if p.data.output_format == "npy":
         return ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
                                   p.train.crop_ratio)

@@ -21,6 +21,18 @@ def _write(tmp_path, mutate):
 
 def test_repo_params_validate():
     load_params(ROOT / "params.yaml")
+    load_params(ROOT / "real" / "params.yaml")
+
+
+@pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_bytes(b"data:\n  seed: \xff\xfe\n")])
+def test_unreadable_params_file_is_one_line(tmp_path, capsys, make):
+    path = tmp_path / "params.yaml"
+    make(path)
+    with pytest.raises(ParamsError) as e:
+        load_params(path)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}: cannot read") and "\n" not in err
 
 
 @pytest.mark.parametrize("mutate, key", [

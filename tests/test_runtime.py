@@ -171,6 +171,12 @@ def test_search_cache_reuses_unchanged_files(rt, tmp_path, monkeypatch):
         assert sorted(z["path"].tolist()) == sorted(p.relative_to(images).as_posix() for p in paths_now)
     assert [p.name for p in cache.iterdir()] == [cache_file.name]  # replaced in place, no temporary left
 
+    cache_file.write_bytes(cache_file.read_bytes()[:100])  # truncated by a crash or a full disk
+    with pytest.warns(UserWarning, match="unreadable.*rebuilding"):
+        assert rt.search("a red circle", images, top=3, cache_dir=cache)[0][0].exists()
+    with np.load(cache_file) as z:  # rebuilt whole
+        assert len(z["path"]) == len(paths_now)
+
 
 def clip_onnx(*args: str, env_home: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "XDG_CACHE_HOME": str(env_home), "OMP_NUM_THREADS": "1"}

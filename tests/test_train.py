@@ -107,3 +107,10 @@ def test_mlflow_run_holds_params_curves_and_artifacts(workspace):
     assert "config.json" in artifacts and "plots" in artifacts
     config = json.loads((workspace / "models/config.json").read_text())
     assert config["model"]["vision"] == "vit" and (workspace / "models/tokenizer.json").exists()
+
+
+def test_fewer_training_images_than_a_batch_is_one_line(workspace):
+    write_params(workspace, merge(TINY, {"train": {"batch_size": 4096}}))
+    proc = run_stage(workspace, "train", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "fewer than train.batch_size=4096" in proc.stderr.strip().splitlines()[-1]

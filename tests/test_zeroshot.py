@@ -75,3 +75,11 @@ def test_cli_embed_writes_normalised_npy_and_names_bad_files(model_dir, tmp_path
     broken.write_bytes(b"not an image")
     out = run_cli("embed", "--model", str(model_dir), "--images", str(broken), "--out", str(tmp_path / "x.npy"))
     assert out.returncode != 0 and "broken.png" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize("text, ok", [("a photo of a {}.", True), ("{}", True), ("a {x} of {}", False),
+                                      ("{0} and {}", False), ("a { of {}", False), ("no field", False),
+                                      ("{} and {}", False), ("{!r}", False)])
+def test_a_template_is_exactly_one_plain_field(text, ok):
+    from clipmodel.templates import is_template
+    assert is_template(text) is ok
