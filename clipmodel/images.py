@@ -76,11 +76,21 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     """RGB, with transparency composited onto `background`.
 
     A plain convert("RGB") would drop alpha and reveal whatever colour sits under transparent
-    pixels (often black, sometimes garbage), and would clip 16-bit images instead of scaling them.
+    pixels (often black, sometimes garbage), would clip 16-bit images instead of scaling them, and
+    would turn a float image in [0, 1] black. Per mode: 16-bit (and 32-bit integer within 0..65535)
+    is divided by 257; float is scaled from [0, 1]; anything else raises ImageError
+    ("unsupported_pixel_range").
     """
     if img.mode in SIXTEEN_BIT_MODES:
-        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        wide = np.asarray(img, dtype=np.int64)
+        if wide.size and (wide.min() < 0 or wide.max() > 65535):  # true 32-bit data: no agreed scale
+            raise ImageError("unsupported_pixel_range", f"mode {img.mode} values {wide.min()}..{wide.max()}")
         img = Image.fromarray(np.rint(wide / 257).astype(np.uint8), "L")
+    elif img.mode == "F":  # float greyscale: [0, 1] is the only convention to rely on
+        x = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(x).all() or (x.size and (x.min() < 0 or x.max() > 1)):
+            raise ImageError("unsupported_pixel_range", "float image with values outside [0, 1] (or NaN)")
+        img = Image.fromarray(np.rint(x * 255).astype(np.uint8), "L")
     if img.mode in ALPHA_MODES or "transparency" in img.info:
         rgba = img.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", img.size, (*background, 255)), rgba).convert("RGB")

@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
-from clipmodel.images import ImageError, load_image
+from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path, write_json
 from clipmodel.synthetic import Scene, render
 from pipeline.params import DataParams, load_params
@@ -56,16 +56,19 @@ Decoded = tuple[np.ndarray, bytes, bytes | None] | Rejection  # (pixels, pixel d
 
 
 def decode(record: Record, size: int, background: tuple[int, int, int], max_pixels: int, png: bool) -> Decoded:
-    """Runs in a worker: the record's pixels at the stored size, a digest for exact dedup and, for
-    tar output, the PNG encoding (here, so it runs in parallel)."""
+    """Runs in a worker: the record's pixels at the stored size, a digest of the decoded full-size
+    pixels for exact dedup and, for tar output, the PNG encoding (here, so it runs in parallel)."""
     try:
         if isinstance(record.image, Scene):
-            pixels = render(record.image, size)
+            pixels = full = render(record.image, size)
         else:
-            pixels = load_image(record.image, size, background, max_pixels)
+            full = load_rgb(record.image, background, max_pixels)
+            pixels = preprocess(full, size)  # = images.load_image, keeping the full-size pixels for the digest
     except ImageError as e:
         return Rejection(record.origin, e.reason, e.detail)
-    return pixels, hashlib.blake2b(pixels.tobytes(), digest_size=16).digest(), encode_png(pixels) if png else None
+    # Duplicates are equal at full size: two images that only became equal when resized are two images.
+    digest = hashlib.blake2b(repr(full.shape).encode() + full.tobytes(), digest_size=16).digest()
+    return pixels, digest, encode_png(pixels) if png else None
 
 
 def sample_key(index: int) -> str:

@@ -140,3 +140,29 @@ def test_extreme_strip_costs_memory_of_the_output_not_of_its_aspect_ratio(tmp_pa
             f"x = load_image({str(strip)!r}, 64); assert x.shape == (64, 64, 3), x.shape; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_float_and_wide_integer_images_per_mode(tmp_path):
+    """float32 in [0, 1] is scaled (not black); floats outside it and true 32-bit data are rejected."""
+    ramp = np.linspace(0, 1, 64 * 48, dtype=np.float32).reshape(48, 64)
+    Image.fromarray(ramp, "F").save(tmp_path / "float.tiff")
+    rgb = load_rgb(tmp_path / "float.tiff")
+    assert rgb[0, 0, 0] == 0 and rgb[-1, -1, 0] == 255 and abs(int(rgb[24, 32, 0]) - 128) <= 2
+    Image.fromarray(ramp * 1000, "F").save(tmp_path / "hdr.tiff")
+    Image.fromarray(np.full((8, 8), 2 ** 20, np.int32), "I").save(tmp_path / "wide.tiff")
+    for name in ("hdr.tiff", "wide.tiff"):
+        with pytest.raises(ImageError, match="unsupported_pixel_range"):
+            load_rgb(tmp_path / name)
+
+
+def test_images_equal_only_after_resizing_are_not_duplicates(tmp_path):
+    from pipeline.ingest import decode
+    from pipeline.sources import Record
+    board = (np.indices((128, 128)).sum(0) % 2 * 255).astype(np.uint8)  # 1-px checkerboard and its inverse:
+    digests = []                                                          # both resize to flat grey
+    for name, pixels in (("a.png", board), ("b.png", 255 - board)):
+        Image.fromarray(pixels).save(tmp_path / name)
+        out = decode(Record(name, name, name, tmp_path / name, ("x",)), 16, (255, 255, 255), 10 ** 8, False)
+        digests.append(out[1])
+        resized = out[0]
+    assert digests[0] != digests[1] and np.ptp(resized) <= 2
