@@ -43,7 +43,7 @@ from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path, write_json
 from clipmodel.synthetic import Scene, render
 from pipeline.params import DataParams, load_params
-from pipeline.sources import Item, Record, Rejection, SourceError, read, split_of
+from pipeline.sources import Item, Record, Rejection, SourceError, escaped, read, split_of
 
 BATCH = 512   # records per imap call; two calls in flight bound the memory held in queues
 CHUNK = 16    # records per worker task: amortises inter-process overhead
@@ -240,7 +240,8 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
     by_digest: dict[bytes, int] = {}    # pixel digest -> manifest index
     failed: dict[str, Rejection] = {}   # key -> why its image was refused, for later rows of that key
     rejected: list[Rejection] = []
-    duplicates = 0
+    duplicates = 0  # items whose pixels equal an earlier image's: their captions join it
+    merged = 0      # further rows of an image already read, adding captions to it
 
     work = partial(decode, size=data.image_size, background=data.background, max_pixels=data.max_pixels, png=tar)
     total = data.synthetic.num_images if data.source == "synthetic" else None
@@ -255,7 +256,9 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
             elif result is None:  # another row naming an image already seen
                 if item.key in failed:
                     rejected.append(replace(failed[item.key], source=item.origin))
-                elif not manifest.add_captions(by_key[item.key], item.captions):
+                elif manifest.add_captions(by_key[item.key], item.captions):
+                    merged += 1
+                else:
                     rejected.append(Rejection(item.origin, "duplicate_row", item.key))
             else:
                 pixels, digest, png = result
@@ -278,14 +281,16 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
         raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
                           f"{dict(reasons.most_common())})")
     manifest.write(manifest_path)
-    pd.DataFrame(rejected, columns=["source", "reason", "detail"]).to_csv(
-        rejected_path, index=False, errors="backslashreplace")
+    pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
+                 columns=["source", "reason", "detail"]).to_csv(
+        rejected_path, index=False)
     seconds = time.perf_counter() - start
     return {
         "accepted": len(manifest.ids),
         "rejected": len(rejected),
         "reasons": dict(reasons.most_common()),
         "duplicates": duplicates,
+        "rows_merged": merged,
         "splits": {s: manifest.splits.count(s) for s in ("train", "val", "test")},
         "images_per_s": round(len(manifest.ids) / seconds, 1),
         "seconds": round(seconds, 2),

@@ -34,6 +34,7 @@ class CsvSource(Section):
     image_column: str = "filepath"
     caption_column: str = "title"
     sep: str = "\t"
+    quoting: Literal["auto", "csv", "none"] = "auto"  # auto: CSV quoting unless sep is a tab (quotes are text)
 
 
 class CocoSource(Section):

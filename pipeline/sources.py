@@ -6,6 +6,7 @@ stream goes on; only a source that cannot be read at all raises SourceError.
 """
 from __future__ import annotations
 
+import csv
 import glob
 import hashlib
 import json
@@ -16,13 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-import pandas as pd
-
 from clipmodel import synthetic
 from pipeline.params import CocoSource, CsvSource, DataParams, FolderSource, WebDatasetSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
-CSV_CHUNK_ROWS = 10_000
 
 
 class SourceError(Exception):
@@ -70,15 +68,36 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 def clean_caption(raw: str | bytes) -> str:
     """The caption stripped of surrounding whitespace; the tokenizer does any other normalisation."""
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogateescape")  # back to the file's bytes, see read_csv
+    if not isinstance(raw, (str, bytes)):
+        raise BadItem("bad_caption", f"a {type(raw).__name__}, not text")
     try:
+        if isinstance(raw, str):
+            raw = raw.encode("utf-8", "surrogateescape")  # back to the file's bytes, see read_csv
         text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
+    except UnicodeError:  # undecodable bytes, or a lone surrogate (a truncated emoji in JSON)
         raise BadItem("caption_not_utf8", repr(raw[:60])) from None
     if not text:
         raise BadItem("empty_caption")
     return text
+
+
+def utf8_name(name: str) -> str:
+    """`name` when it is valid UTF-8; a name holding undecodable bytes (read with surrogateescape) cannot be
+    written to the manifest or compared across systems, so the item is refused with the name escaped."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadItem("path_not_utf8", escaped(name)) from None
+    return name
+
+
+def escaped(text: str) -> str:
+    """`text` as valid UTF-8 for reports: the file's own undecodable bytes (read with surrogateescape) as
+    \\xNN, a lone surrogate as \\uNNNN."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode()
 
 
 def _inside(root: Path, path: Path) -> Path:
@@ -100,34 +119,51 @@ def read_synthetic(data: DataParams) -> Iterator[Item]:
 
 
 def read_csv(p: CsvSource) -> Iterator[Item]:
-    """open_clip's CSV/TSV layout: one (image path, caption) per row, paths relative to the CSV."""
+    """open_clip's CSV/TSV layout: one (image path, caption) per line, paths relative to the CSV.
+
+    Every physical line after the header becomes exactly one record or one rejection naming its line
+    number: a row is one line (a caption cannot span lines), so a broken quote costs its own line only.
+    Quotes are CSV quoting for `,`-separated files and plain text for tab-separated ones (a caption may
+    start with a quoted title), unless `data.csv.quoting` says otherwise.
+    """
     path = Path(p.path)
-    # surrogateescape keeps undecodable bytes, so one bad caption is one rejected row, not a dead file
-    opts = dict(sep=p.sep, dtype=object, keep_default_na=False, encoding_errors="surrogateescape")
+    quoted = p.quoting == "csv" or (p.quoting == "auto" and p.sep != "\t")
+    dialect = dict(delimiter=p.sep, quoting=csv.QUOTE_MINIMAL if quoted else csv.QUOTE_NONE, strict=True)
     try:
-        columns = list(pd.read_csv(path, nrows=0, **opts).columns)
+        f = open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
     except FileNotFoundError:
         raise SourceError(f"{path}: not found") from None
-    except (OSError, ValueError) as e:  # a directory, no header, unparseable
+    except OSError as e:  # a directory, no permission
         raise SourceError(f"{path}: cannot read: {e}") from None
-    missing = [c for c in (p.image_column, p.caption_column) if c not in columns]
-    if missing:
-        raise SourceError(f"{path}: no column {', '.join(map(repr, missing))}; it has {columns} "
-                          "(set data.csv.image_column / caption_column / sep)")
-    malformed: list[list[str]] = []  # rows with too many fields; pandas hands them over without a number
-    chunks = pd.read_csv(path, engine="python", index_col=False, on_bad_lines=malformed.append,
-                         chunksize=CSV_CHUNK_ROWS, **opts)
-    for chunk in chunks:
-        yield from (Rejection(str(path), "malformed_row", p.sep.join(fields)) for fields in malformed)
-        malformed.clear()
-        for i, image, text in zip(chunk.index, chunk[p.image_column], chunk[p.caption_column]):
-            where = f"{path}:row {i + 1}"  # counted from the header, malformed rows left out
-            image, text = image or "", text or ""  # None in short rows
+    with f:
+        try:
+            columns = next(csv.reader([f.readline().rstrip("\r\n")], **dialect), [])
+        except (csv.Error, OSError) as e:
+            raise SourceError(f"{path}: cannot read the header: {e}") from None
+        missing = [c for c in (p.image_column, p.caption_column) if c not in columns]
+        if missing:
+            raise SourceError(f"{path}: no column {', '.join(map(repr, missing))}; it has {columns} "
+                              "(set data.csv.image_column / caption_column / sep)")
+        image_at, caption_at = columns.index(p.image_column), columns.index(p.caption_column)
+        for number, line in enumerate(f, start=2):
+            where = f"{path}:line {number}"
+            line = line.rstrip("\r\n")
+            try:
+                fields = next(csv.reader([line], **dialect), [])
+            except csv.Error as e:  # an unclosed quote, a stray quote inside a quoted field
+                yield Rejection(where, "malformed_row", f"{e}: {line[:200]}")
+                continue
+            if len(fields) != len(columns):
+                reason = "blank_line" if not line.strip() else "malformed_row"
+                yield Rejection(where, reason, f"{len(fields)} fields, the header has {len(columns)}: {line[:200]}")
+                continue
+            image, text = fields[image_at], fields[caption_at]
             if not image.strip():
                 yield Rejection(where, "missing_image", "empty image path")
                 continue
             try:
                 captions = (clean_caption(text),)
+                utf8_name(image)
             except BadItem as e:
                 yield Rejection(where, e.reason, e.detail)
                 continue
@@ -135,44 +171,66 @@ def read_csv(p: CsvSource) -> Iterator[Item]:
 
 
 def read_coco(p: CocoSource) -> Iterator[Item]:
-    """A COCO captions JSON: all captions of an image travel together as one record."""
+    """A COCO captions JSON: all captions of an image travel together as one record.
+
+    A file whose top level is wrong is a SourceError naming the key; a malformed image or annotation
+    record is a rejection with its position and reason."""
     path = Path(p.annotations)
     root = Path(p.images) if p.images else path.parent
     try:
         coco = json.loads(path.read_bytes())
-        images, annotations = coco["images"], coco["annotations"]
     except FileNotFoundError:
         raise SourceError(f"{path}: not found") from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError) as e:
         raise SourceError(f"{path}: not a COCO captions file: {type(e).__name__}: {e}") from None
+    for key in ("images", "annotations"):
+        if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
+            raise SourceError(f"{path}: not a COCO captions file: {key!r} must be a list "
+                              f"(found {type(coco.get(key) if isinstance(coco, dict) else coco).__name__})")
     if not root.is_dir():
         raise SourceError(f"{root}: image folder not found")
     real_root = root.resolve()
 
-    ids = {im["id"] for im in images}
-    captions: dict[int, list[str]] = defaultdict(list)
-    for ann in annotations:
-        where = f"{path}:annotation {ann.get('id')}"
+    images: dict[int | str, dict] = {}
+    for i, im in enumerate(coco["images"]):
         try:
-            if ann.get("image_id") not in ids:
-                raise BadItem("missing_image", f"image_id {ann.get('image_id')}")
-            text = clean_caption(ann.get("caption") or "")
+            if not isinstance(im, dict) or not _scalar_id(im.get("id")) or not isinstance(im.get("file_name"), str):
+                raise BadItem("bad_record", "an image needs a scalar id and a string file_name")
+            if im["id"] in images:
+                raise BadItem("duplicate_row", f"image id {im['id']}")
+            utf8_name(im["file_name"])
+            images[im["id"]] = im
+        except BadItem as e:
+            yield Rejection(f"{path}:images[{i}]", e.reason, e.detail)
+    captions: dict[int | str, list[str]] = defaultdict(list)
+    for i, ann in enumerate(coco["annotations"]):
+        where = f"{path}:annotations[{i}]"
+        try:
+            if not isinstance(ann, dict) or not _scalar_id(ann.get("image_id")):
+                raise BadItem("bad_record", "an annotation needs a scalar image_id")
+            if ann["image_id"] not in images:
+                raise BadItem("missing_image", f"image_id {ann['image_id']}")
+            text = clean_caption(ann.get("caption", ""))
             if text in captions[ann["image_id"]]:
                 raise BadItem("duplicate_row", text)
             captions[ann["image_id"]].append(text)
         except BadItem as e:
             yield Rejection(where, e.reason, e.detail)
 
-    for im in images:
-        where = f"{path}:image {im['id']}"
+    for image_id, im in images.items():
+        where = f"{path}:image {image_id}"
         try:
-            if not captions.get(im["id"]):
-                raise BadItem("missing_caption", im.get("file_name", ""))
+            if not captions.get(image_id):
+                raise BadItem("missing_caption", im["file_name"])
             file = _inside(real_root, root / im["file_name"])
         except BadItem as e:
             yield Rejection(where, e.reason, e.detail)
             continue
-        yield Record(im["file_name"], str(file), where, file, tuple(captions.pop(im["id"])))
+        yield Record(im["file_name"], str(file), where, file, tuple(captions.pop(image_id)))
+
+
+def _scalar_id(value: object) -> bool:
+    return isinstance(value, (int, str)) and not isinstance(value, bool)
 
 
 def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:
@@ -189,8 +247,11 @@ def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:
 
 
 def _shard_samples(shard: Path, tar: tarfile.TarFile) -> Iterator[Item]:
-    """Adjacent members sharing a key (the name up to its first dot) form one sample."""
-    key, files = None, {}
+    """Adjacent members sharing a key form one sample (WebDataset's convention: the key is the member's path
+    up to the first dot of its file name, the extension everything after it, so `x.y.png` is key `x`,
+    extension `y.png`). A key seen earlier in the shard, a file name starting with a dot and a sample
+    without an image or caption are rejections, never merged or dropped unseen."""
+    key, files, seen = None, {}, set()
     for member in tar:
         where = f"{shard}:{member.name}"
         name = PurePosixPath(member.name)
@@ -200,15 +261,25 @@ def _shard_samples(shard: Path, tar: tarfile.TarFile) -> Iterator[Item]:
         if name.is_absolute() or ".." in name.parts:
             yield Rejection(where, "unsafe_path", "absolute or '..' member name")
             continue
+        if not member.isfile():
+            continue
         stem, _, ext = name.name.partition(".")
-        ext = ext.lower()
-        if not member.isfile() or ext not in ("txt", *(s[1:] for s in IMAGE_SUFFIXES)):
+        if not stem:
+            yield Rejection(where, "bad_key", "a file name starting with a dot has no key")
             continue
         if str(name.parent / stem) != key:
             if key is not None:
                 yield _sample(shard, key, files)
             key, files = str(name.parent / stem), {}
-        files[ext] = tar.extractfile(member).read()
+            if key in seen:
+                yield Rejection(where, "duplicate_key", f"key {key} appeared earlier in the shard")
+                key = None
+                continue
+            seen.add(key)
+        if ext.lower() in files:
+            yield Rejection(where, "duplicate_key", f"a second .{ext} for key {key}")
+            continue
+        files[ext.lower()] = tar.extractfile(member).read()
     if key is not None:
         yield _sample(shard, key, files)
 
@@ -251,6 +322,7 @@ def read_folder(p: FolderSource) -> Iterator[Item]:
                     continue
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
+                utf8_name(key)  # its sidecar shares the name: one rejection for the pair
                 caption = path.with_suffix(".txt")
                 if caption.name not in names:
                     raise BadItem("missing_caption", caption.name)
