@@ -1,4 +1,5 @@
-"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file."""
+"""Atomic file output: write beside the target, then rename, so a crash never leaves half a file, and
+the next write of the same target removes what a killed writer left beside it."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` (file or directory) that replaces `path` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")  # keep the suffix: np.save appends one
     try:
         yield tmp
@@ -26,6 +28,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporaries a killed writer of `path` left (`.{stem}.tmp-PID{suffix}` whose PID is gone);
+    a live process's are kept. Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.stem}.tmp-*{path.suffix}"):
+        pid = tmp.name[len(f".{path.stem}.tmp-"):len(tmp.name) - len(path.suffix)]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() and not tmp.is_symlink() else tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def write_json(path: str | Path, obj: Any) -> None:

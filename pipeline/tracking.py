@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +18,7 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import mlflow  # noqa: E402
 
-from clipmodel.io import write_json  # noqa: E402
+from clipmodel.io import _alive, write_json  # noqa: E402
 
 RUN_FILE = Path("reports/run.json")
 
@@ -69,11 +70,26 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def start_run(experiment: str, run_id: str | None, tags: dict[str, str]) -> str:
     """Open (or reopen, after a resume) the pipeline's run; record its id for later stages."""
     experiment_id = _experiment(experiment)
+    end_orphaned_runs(experiment_id)
+    tags = {**tags, "host": socket.gethostname(), "pid": str(os.getpid())}
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags,
                            run_name=None if run_id else os.environ.get("DVC_EXP_NAME"))
     write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                           "tracking_uri": tracking_uri()})
     return run.info.run_id
+
+
+def end_orphaned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs still RUNNING whose process (tags `host`, `pid`) is gone from this host: a
+    stage killed mid-run never ends its run itself. Returns their ids."""
+    client = mlflow.MlflowClient(tracking_uri())
+    ended = []
+    for run in client.search_runs([experiment_id], "attributes.status = 'RUNNING'"):
+        host, pid = run.data.tags.get("host"), run.data.tags.get("pid", "")
+        if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            client.set_terminated(run.info.run_id, status="KILLED")
+            ended.append(run.info.run_id)
+    return ended
 
 
 def pipeline_tags(fingerprint: str) -> dict[str, str]:

@@ -1,0 +1,49 @@
+"""What a killed stage leaves behind is cleaned by the next run: its temporaries and its MLflow run."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import mlflow
+
+from clipmodel.io import atomic_path
+from pipeline import tracking
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_next_write_removes_temporaries_of_dead_writers_only(tmp_path):
+    dead = dead_pid()
+    stale = [tmp_path / f".train.tmp-{dead}.pt", tmp_path / f".onnx.tmp-{dead}"]
+    stale[0].write_bytes(b"")
+    stale[1].mkdir()
+    (stale[1] / "image_encoder.onnx").write_bytes(b"half")
+    alive = tmp_path / f".train.tmp-{os.getppid()}.pt"  # a live process's is not ours to delete
+    alive.write_bytes(b"")
+    other = tmp_path / f".other.tmp-{dead}.pt"  # another target's: left to that target's writer
+    other.write_bytes(b"")
+    with atomic_path(tmp_path / "train.pt") as tmp:
+        tmp.write_bytes(b"new")
+    assert not stale[0].exists() and stale[1].exists() and alive.exists() and other.exists()
+    with atomic_path(tmp_path / "onnx") as tmp:
+        tmp.mkdir()
+    assert not stale[1].exists()
+
+
+def test_runs_of_dead_processes_end_as_killed(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = tracking._experiment("orphans")
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    host = socket.gethostname()
+    orphan = client.create_run(experiment, tags={"host": host, "pid": str(dead_pid())}).info.run_id
+    live = client.create_run(experiment, tags={"host": host, "pid": str(os.getppid())}).info.run_id
+    elsewhere = client.create_run(experiment, tags={"host": "another-host", "pid": "1"}).info.run_id
+    assert tracking.end_orphaned_runs(experiment) == [orphan]
+    status = {r: client.get_run(r).info.status for r in (orphan, live, elsewhere)}
+    assert status == {orphan: "KILLED", live: "RUNNING", elsewhere: "RUNNING"}
