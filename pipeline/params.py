@@ -5,6 +5,7 @@ with status 2 and no traceback, so a typo in a sweep fails before any work is do
 """
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Literal
@@ -85,6 +86,17 @@ class DataParams(Section):
 class TokenizeParams(Section):
     vocab_size: int = Field(1024, ge=300, le=262_144)
     context_length: int = Field(32, ge=4, le=512)
+    # Extra train captions per caption built from its parts (pipeline/tokenize.py, caption_views): 0 is off.
+    caption_views: int = Field(0, ge=0)
+    caption_view_sep: str = r"[(),;]"  # regex that splits a caption into its head and its other parts
+
+    @model_validator(mode="after")
+    def _check(self) -> "TokenizeParams":
+        try:
+            re.compile(self.caption_view_sep)
+        except re.error as e:
+            raise ValueError(f"caption_view_sep is not a regular expression: {e}") from None
+        return self
 
 
 class ModelParams(Section):

@@ -2,8 +2,15 @@
 
 Outputs: data/tokenizer.json, data/tokens.npy (int32 [captions, context]), data/caption_image.npy
 (int32 [captions], the manifest row of each caption) and reports/tokenize.json.
+
+With tokenize.caption_views = K > 0 every train caption also yields K variants built from its parts
+(`caption_views`): the head alone, then the head with random subsets of the other parts. They are
+extra caption rows of the same image, so the loader's per-step draw of one row per image picks them.
 """
 from __future__ import annotations
+
+import re
+import zlib
 
 import numpy as np
 import pandas as pd
@@ -17,14 +24,45 @@ MANIFEST = "data/manifest.parquet"
 BATCH = 8192
 
 
+def caption_views(caption: str, k: int, sep: str | re.Pattern[str]) -> list[str]:
+    """Up to `k` shorter variants of `caption` from its parts, split on the regex `sep`.
+
+    The first non-empty part is the head (for `grinning face (happy, smile)` with sep `[(),;]`:
+    `grinning face`). The variants are the head alone, then the head followed by a random non-empty
+    subset of the other parts, in their original order, joined with ", ". A caption with one part
+    has no variants. Deterministic: the draw is seeded by the caption's own text.
+    """
+    parts = [p.strip() for p in re.split(sep, caption)]
+    parts = [p for p in parts if p]
+    if k < 1 or len(parts) < 2:
+        return []
+    head, rest = parts[0], parts[1:]
+    rng = np.random.default_rng(zlib.crc32(caption.encode()))
+    views = [head]
+    for _ in range(k - 1):
+        keep = np.flatnonzero(rng.random(len(rest)) < 0.5)
+        if len(keep) == 0:
+            keep = rng.integers(len(rest), size=1)
+        views.append(", ".join([head, *(rest[i] for i in keep)]))
+    return views
+
+
+def with_views(captions: list[str], k: int, sep: str) -> list[str]:
+    """The captions followed by the `caption_views` of each (an image's caption rows stay contiguous)."""
+    pattern = re.compile(sep)
+    return [*captions, *(v for c in captions for v in caption_views(c, k, pattern))]
+
+
 def main() -> None:
     params = load_params().tokenize
     manifest = pd.read_parquet(MANIFEST, columns=["captions", "split"])
     train_captions = (c for caps in manifest.captions[manifest.split == "train"] for c in caps)
     tok = train_tokenizer(train_captions, params.vocab_size, params.context_length)
 
-    captions = [c for caps in manifest.captions for c in caps]
-    owner = np.repeat(np.arange(len(manifest), dtype=np.int32), manifest.captions.map(len).to_numpy())
+    per_image = [with_views(list(caps), params.caption_views, params.caption_view_sep) if split == "train"
+                 else list(caps) for caps, split in zip(manifest.captions, manifest.split)]
+    captions = [c for caps in per_image for c in caps]
+    owner = np.repeat(np.arange(len(manifest), dtype=np.int32), [len(caps) for caps in per_image])
     lengths = np.empty(len(captions), dtype=np.int32)
     truncated = 0
     with atomic_path("data/tokens.npy") as tmp:
@@ -47,6 +85,7 @@ def main() -> None:
         "vocab_size": tok.get_vocab_size(),
         "context_length": params.context_length,
         "captions": len(captions),
+        "caption_views": params.caption_views,
         "train_captions_seen": int(manifest.captions[manifest.split == "train"].map(len).sum()),
         "truncated": truncated,
         "token_length": {**pct, "max": int(lengths.max()) if len(lengths) else 0},

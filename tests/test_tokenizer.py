@@ -67,3 +67,16 @@ def test_decode_inverts_encode_for_captions_that_fit(text):
     if truncated[0]:
         return
     assert decode(TOK, ids[0]) == normalize(TOK, text)
+
+
+def test_caption_views_are_the_head_then_head_with_subsets_and_deterministic():
+    from pipeline.tokenize import caption_views, with_views
+    caption = "grinning face (cheerful, cheery, happy, laugh, nice)"
+    views = caption_views(caption, 4, r"[(),;]")
+    assert views[0] == "grinning face" and len(views) == 4
+    for v in views[1:]:
+        head, *tags = v.split(", ")
+        assert head == "grinning face" and tags and set(tags) <= {"cheerful", "cheery", "happy", "laugh", "nice"}
+    assert views == caption_views(caption, 4, r"[(),;]")
+    assert caption_views("passport control", 4, r"[(),;]") == []  # one part: nothing to vary
+    assert with_views(["a (b)", "c"], 1, r"[(),;]") == ["a (b)", "c", "a"]
