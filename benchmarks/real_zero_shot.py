@@ -19,7 +19,6 @@ Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -27,26 +26,22 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
 from benchmarks.machine import device_name  # noqa: E402
-from clipmodel.checkpoint import load_model  # noqa: E402
-from clipmodel.data import to_tensor  # noqa: E402
+from clipmodel.encoder import Encoder  # noqa: E402
 from clipmodel.evaluation import LabelledSet, score  # noqa: E402
-from clipmodel.images import decode, load_rgb, preprocess, to_rgb  # noqa: E402
+from clipmodel.images import decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
-from clipmodel.tokenizer import encode, load_tokenizer, trim_padding  # noqa: E402
 from pipeline.loop import resolve_device, resolve_precision  # noqa: E402
 
 EVAL_SETS = ("eval_cross_style", "eval_unseen")
@@ -72,23 +67,9 @@ def composite_alpha(background: list[int]) -> None:
     open_clip.transform.MaybeConvertMode.__call__ = convert
 
 
-def _placeholder(attr: str) -> type:
-    """A stand-in module's attributes: an empty class for each public name."""
-    if attr.startswith("__"):
-        raise AttributeError(attr)
-    return type(attr, (), {})
-
-
 def launch(argv: list[str]) -> None:
     """open_clip_train.main with our model config registered and alpha composited; argv: config JSON
-    path, background as JSON, then open_clip_train's arguments. Its data module imports webdataset
-    and braceexpand, absent here and unused by CSV data: empty stand-ins satisfy the imports."""
-    for package, modules in (("braceexpand", ["braceexpand"]),
-                             ("webdataset", ["webdataset", "webdataset.filters", "webdataset.tariterators"])):
-        if importlib.util.find_spec(package) is None:
-            for name in modules:
-                stub = sys.modules[name] = types.ModuleType(name)
-                stub.__getattr__ = _placeholder
+    path, background as JSON, then open_clip_train's arguments."""
     import open_clip
     import open_clip_train.main
 
@@ -186,23 +167,10 @@ def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list
 
 
 def score_project(folder: Path, data: Path, templates: dict[str, list[str]]) -> dict:
-    """Architecture, parameter count and scores of a model folder the train stage wrote."""
-    model, config = load_model(folder)
-    tok = load_tokenizer(folder / "tokenizer.json")
-    size, background = config["preprocess"]["image_size"], tuple(config["preprocess"]["background"])
-
-    @torch.inference_mode()
-    def embed_images(images: list[np.ndarray]) -> np.ndarray:
-        return F.normalize(model.encode_image(to_tensor(np.stack(images))), dim=-1).numpy()
-
-    @torch.inference_mode()
-    def embed_texts(texts: list[str]) -> np.ndarray:
-        ids = torch.from_numpy(trim_padding(encode(tok, texts)[0])).long()
-        return F.normalize(model.encode_text(ids), dim=-1).numpy()
-
-    return {"model": config["model"], "params": n_params(model),
-            "scores": score_sets(data, templates, lambda p: preprocess(load_rgb(p, background), size),
-                                 embed_images, embed_texts)}
+    """Architecture, parameter count and scores of a model folder the train stage wrote (as `clipmodel zeroshot`)."""
+    enc = Encoder.load(folder)
+    return {"model": enc.model.cfg.to_dict(), "params": n_params(enc.model),
+            "scores": score_sets(data, templates, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)}
 
 
 def main() -> None:
