@@ -5,8 +5,13 @@ code runs as one plain process or as one of N ranks on one or several nodes.
 """
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
+import socket
+import subprocess
 import sys
+import time
 from typing import NoReturn
 
 import torch
@@ -20,12 +25,41 @@ def launched() -> bool:
 
 
 def relaunch(nproc: int, module: str) -> NoReturn:
-    """Replace this process by torchrun running `python -m module` in `nproc` processes on this machine.
+    """Run `python -m module` as `nproc` ranks on this machine, then exit with the first failure's status.
 
-    The command line stays `python -m module` (DVC, Prefect); --standalone picks a free port itself.
-    exec keeps the process id, so whoever started the stage still waits on (and can kill) its agent."""
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              f"--nproc-per-node={nproc}", "-m", module])
+    What torchrun --standalone does, with every endpoint on 127.0.0.1 (torchrun's store listens on all
+    interfaces): this process holds the rendezvous store on a socket bound to loopback and the ranks
+    join it as torchrun's agent store; gloo and NCCL bootstrap over the loopback interface. The command
+    line stays `python -m module` (DVC, Prefect). A SIGTERM or SIGINT here stops every rank; a rank
+    whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). Multi-node runs use torchrun directly.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, nproc, is_master=True, wait_for_workers=False,  # noqa: F841 - serves the ranks
+                          master_listen_fd=listener.fileno())
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TORCHELASTIC_RESTART_COUNT": "0", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
+    env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the cores
+    ranks = [subprocess.Popen([sys.executable, "-m", module], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              preexec_fn=_die_with_parent) for r in range(nproc)]
+
+    def stop(signum: int, _frame) -> None:
+        for p in ranks:
+            p.send_signal(signum)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    while [p.poll() for p in ranks].count(None):  # poll every rank, so each returncode is current
+        if not code and (code := next((p.returncode for p in ranks if p.returncode), 0)):
+            stop(signal.SIGTERM, None)  # one rank failed: the others would wait for it forever
+        time.sleep(0.2)
+    code = code or next((p.returncode for p in ranks if p.returncode), 0)
+    sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
 
 
 def init(device: torch.device) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 import struct
 import zlib
 from pathlib import Path
@@ -92,3 +93,10 @@ def acceptance_csv(root: Path, n_good: int = 20) -> tuple[Path, list[str]]:
     path = root / "captions.tsv"
     path.write_bytes(b"\n".join(lines) + b"\n")
     return path, names
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """A regular file `name` holding `data` in an open tar."""
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tar.addfile(info, io.BytesIO(data))

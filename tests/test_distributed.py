@@ -5,6 +5,7 @@ gloo processes on this CPU, k micro-batches, recomputed activations must all giv
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clipmodel.model import CLIP, CLIPConfig, vision_tower
-from conftest import TINY, merge, run_stage, stage_env, write_params
+from conftest import ROOT, TINY, merge, run_stage, stage_env, write_params
 from pipeline.params import Params
 from pipeline.loop import Objective, backward
 from pipeline.train import clip_objective, clip_split
@@ -220,3 +221,40 @@ def test_two_process_stage_trains_in_the_default_precision(workspace):
     out = run_stage(workspace, "train")
     assert "'processes': 2" in out.stdout
     assert all(np.isfinite(w).all() for w in weights(workspace).values())
+
+
+PROBE = """
+import json, os, sys
+import psutil, torch, torch.distributed as dist
+dist.init_process_group("gloo")
+total = torch.ones(1)
+dist.all_reduce(total)
+if dist.get_rank() == 0:
+    parent = psutil.Process(os.getppid())
+    pids = {parent.pid} | {p.pid for p in parent.children(recursive=True)}
+    listening = [c.laddr.ip for c in psutil.net_connections("tcp") if c.status == "LISTEN" and c.pid in pids]
+    json.dump({"sum": total.item(), "listening": listening}, open("probe.json", "w"))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_single_machine_ranks_listen_on_loopback_only(tmp_path):
+    """train.nproc > 1 relaunches the stage as ranks on this machine: the rendezvous store and gloo
+    listen on 127.0.0.1 only, never on every interface (torchrun --standalone's store does)."""
+    (tmp_path / "probe_ranks.py").write_text(PROBE)
+    proc = subprocess.run([sys.executable, "-c", "from clipmodel.distributed import relaunch; relaunch(2, 'probe_ranks')"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["sum"] == 2 and probe["listening"] and set(probe["listening"]) == {"127.0.0.1"}
+
+
+def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path):
+    (tmp_path / "fail_rank.py").write_text("import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\n"
+                                           "time.sleep(60)\n")
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-c", "from clipmodel.distributed import relaunch; relaunch(2, 'fail_rank')"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert proc.returncode == 3 and time.time() - start < 30

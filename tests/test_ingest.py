@@ -1,7 +1,6 @@
 """The ingest stage: every source, every kind of bad item, and the output contract."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -13,7 +12,7 @@ import pytest
 
 from clipmodel.images import load_rgb, preprocess
 from conftest import run_stage, write_params
-from conftest_ingest_helpers import BAD_ROWS, BOMB_MAX_PIXELS, acceptance_csv, encode, good_images, noise
+from conftest_ingest_helpers import add_member as _add, BAD_ROWS, BOMB_MAX_PIXELS, acceptance_csv, encode, good_images, noise
 from pipeline.ingest import decode_in_order, run
 from pipeline.params import DataParams
 from pipeline.sources import Record, Rejection, SourceError, read_coco, read_folder, read_webdataset, split_of
@@ -201,12 +200,6 @@ def test_coco(tmp_path):
                                  "missing_file": 1, "unsafe_path": 1}
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert manifest.captions.map(list).tolist() == [["a cat", "a cat on a mat"], ["a dog"]]
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset(tmp_path):

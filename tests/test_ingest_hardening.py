@@ -2,7 +2,6 @@
 key clashes as rejections, file names that are not UTF-8 refused by name, never a traceback."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import tarfile
@@ -10,7 +9,7 @@ import tarfile
 import pandas as pd
 import pytest
 
-from conftest_ingest_helpers import encode, good_images, noise
+from conftest_ingest_helpers import add_member as _add, encode, good_images, noise
 from pipeline.ingest import run
 from pipeline.params import DataParams
 from pipeline.sources import SourceError
@@ -116,12 +115,6 @@ def test_coco_top_level_errors_name_the_key(tmp_path, top, key):
     with pytest.raises(SourceError, match=f"'{key}' must be a list"):
         run(params(source="coco", coco={"annotations": str(tmp_path / "c.json"), "images": str(tmp_path)}),
             tmp_path)
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    tar.addfile(info, io.BytesIO(data))
 
 
 def test_webdataset_keys_follow_the_first_dot_convention_and_never_merge(tmp_path):

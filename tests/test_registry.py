@@ -18,14 +18,20 @@ def onnx_dir(tmp_path_factory):
     return export_onnx(build_model_folder(root / "models", "vit"), root / "onnx")
 
 
-def test_champion_moves_only_when_the_metric_improves(onnx_dir, tmp_path, monkeypatch):
+@pytest.fixture
+def store(onnx_dir, tmp_path, monkeypatch):
+    """A fresh MLflow store, and example inputs with the encoders' outputs to register."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     rt = ClipRuntime.load(onnx_dir)
     pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
     tokens = np.array([[1, 40, 41, 2] + [0] * 12, [1, 50, 2] + [0] * 13], dtype=np.int64)
-    outputs = {registry.IMAGE_MODEL: rt.image.run(None, {"pixels": pixels})[0],
-               registry.TEXT_MODEL: rt.text.run(None, {"tokens": tokens})[0]}
     mlflow.set_tracking_uri(tracking.tracking_uri())
+    return pixels, tokens, {registry.IMAGE_MODEL: rt.image.run(None, {"pixels": pixels})[0],
+                            registry.TEXT_MODEL: rt.text.run(None, {"tokens": tokens})[0]}
+
+
+def test_champion_moves_only_when_the_metric_improves(onnx_dir, store):
+    pixels, tokens, outputs = store
     results = []
     for value in (0.5, 0.4, 0.7):  # first, a worse one, a better one
         with mlflow.start_run():
@@ -46,14 +52,8 @@ def test_champion_moves_only_when_the_metric_improves(onnx_dir, tmp_path, monkey
     assert np.allclose(got, outputs[registry.IMAGE_MODEL], atol=1e-6)
 
 
-def test_champion_is_always_a_pair_of_one_run_and_never_non_finite(onnx_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    rt = ClipRuntime.load(onnx_dir)
-    pixels = np.random.default_rng(0).normal(size=(2, 3, 32, 32)).astype(np.float32)
-    tokens = np.array([[1, 40, 41, 2] + [0] * 12, [1, 50, 2] + [0] * 13], dtype=np.int64)
-    outputs = {registry.IMAGE_MODEL: rt.image.run(None, {"pixels": pixels})[0],
-               registry.TEXT_MODEL: rt.text.run(None, {"tokens": tokens})[0]}
-    mlflow.set_tracking_uri(tracking.tracking_uri())
+def test_champion_is_always_a_pair_of_one_run_and_never_non_finite(onnx_dir, store):
+    pixels, tokens, outputs = store
     client = mlflow.MlflowClient()
 
     def register(value: float) -> str:
