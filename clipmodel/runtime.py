@@ -233,7 +233,7 @@ def _cache_file(root: Path, fingerprint: str, cache_dir: str | Path | None) -> P
     """One cache per (image folder, model), outside the image folder, which may be read-only."""
     if cache_dir is None:
         cache_dir = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "clip-onnx"
-    folder = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:16]
+    folder = hashlib.sha256(os.fsencode(root.resolve())).hexdigest()[:16]  # any name, UTF-8 or not
     return Path(cache_dir) / f"{folder}-{fingerprint}.npz"
 
 

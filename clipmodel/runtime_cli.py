@@ -8,7 +8,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +35,12 @@ def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.Argumen
 
 def search(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     for path, score in rt.search(args.query, args.images, args.top, args.cache):
-        print(f"{score:.4f}  {path}")
+        print(f"{score:.4f}  {printable(path)}")
+
+
+def printable(path: Path) -> str:
+    """A path as the terminal can show it: bytes that are not UTF-8 as \\xNN (a name is bytes on Linux)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -249,3 +249,15 @@ def test_cli_errors_are_one_line(onnx_dir, tmp_path):
         proc = clip_onnx(*args, env_home=tmp_path)
         assert proc.returncode == 2 and message in proc.stderr.splitlines()[-1], (args, proc.stderr)
         assert "Traceback" not in proc.stderr
+
+
+def test_cli_searches_a_folder_whose_names_are_not_utf8(onnx_dir, tmp_path):
+    folder = os.fsencode(tmp_path) + b"/caf\xe9"
+    os.mkdir(folder)
+    shapes(1).save(folder + b"/\xff.png")
+    shapes(2).save(folder + b"/ok.png")
+    for _ in range(2):  # the second run reads the cache it wrote
+        proc = clip_onnx("search", "--model", str(onnx_dir), "--images", os.fsdecode(folder), "a red circle",
+                         env_home=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "caf\\xe9/\\xff.png" in proc.stdout and "ok.png" in proc.stdout

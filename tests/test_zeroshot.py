@@ -83,3 +83,18 @@ def test_cli_embed_writes_normalised_npy_and_names_bad_files(model_dir, tmp_path
 def test_a_template_is_exactly_one_plain_field(text, ok):
     from clipmodel.templates import is_template
     assert is_template(text) is ok
+
+
+def test_cli_usage_errors_are_argparse_lines_with_exit_2(model_dir, tmp_path):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(image)
+    (tmp_path / "bad.txt").write_text("a {x} of {}\n")
+    for args, message in [(("classify", "--model", str(model_dir), str(image), "--labels", "a", "--top", "0"), "--top"),
+                          (("classify", "--model", str(model_dir), str(image), "--labels", "a",
+                            "--templates", str(tmp_path / "bad.txt")), "--templates"),
+                          (("classify", "--model", str(model_dir), str(image), "--labels", "a",
+                            "--templates", str(tmp_path / "missing.txt")), "--templates"),
+                          (("embed", "--model", str(model_dir), "--texts", "a", "--out", str(tmp_path / "emb")), ".npy")]:
+        out = run_cli(*args)
+        assert out.returncode == 2 and message in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr, args
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "bad.txt"]  # no stray temporary
