@@ -15,6 +15,7 @@ clipmodel.evaluation.score, once per template list of the templates YAML:
 Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other side's last result):
 
     python benchmarks/real_zero_shot.py [--epochs 30] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
+    python benchmarks/real_zero_shot.py --skip-openclip -S tokenize.vocab_size=4096 --out …/lever.json  # one lever
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
 from benchmarks.machine import device_name  # noqa: E402
+from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
 from clipmodel.evaluation import LabelledSet, score  # noqa: E402
 from clipmodel.images import decode, to_rgb  # noqa: E402
@@ -183,6 +185,8 @@ def main() -> None:
                     help="the lists of --templates to score each side with")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "real_zero_shot.json")
     ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
+    ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a key of the project's params, as `dvc exp run -S` (e.g. tokenize.vocab_size=4096)")
     ap.add_argument("--skip-openclip", action="store_true")
     ap.add_argument("--skip-project", action="store_true")
     args = ap.parse_args()
@@ -191,6 +195,8 @@ def main() -> None:
     lists = yaml.safe_load(args.templates.read_text())
     templates = {k: lists[k] for k in args.template_keys}
     params = yaml.safe_load(args.params.read_text())
+    for assignment in args.set:
+        override(params, assignment)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
 
     with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
@@ -199,7 +205,7 @@ def main() -> None:
         if not args.skip_openclip:
             result["open_clip"] = train_open_clip(work / "open_clip", data, args.epochs, templates, params["data"]["background"])
         if not args.skip_project:
-            result["project"] = train_project(work / "project", data, args.epochs, templates, params)
+            result["project"] = {"overrides": args.set, **train_project(work / "project", data, args.epochs, templates, params)}
 
     result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), templates={"file": str(args.templates), **templates},
                   total_seconds=round(time.perf_counter() - start, 1))
