@@ -1,5 +1,8 @@
 """The params.yaml schema: one pydantic model per stage section, validated in one place.
 
+The defaults here are the root params.yaml's values (tests/test_params.py fails if they differ), so a
+params file that leaves a key out gets what params.yaml documents.
+
 A bad key is reported as one line naming params.yaml and the dotted key; the stage exits
 with status 2 and no traceback, so a typo in a sweep fails before any work is done.
 """
@@ -26,7 +29,7 @@ class SyntheticSource(Section):
     num_images: int = Field(12000, ge=16)
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
-    captions_per_image: int = Field(1, ge=1)
+    captions_per_image: int = Field(5, ge=1)
     color_mention: float = Field(COLOR_MENTION, ge=0.0, le=1.0)
 
 
@@ -100,11 +103,11 @@ class TokenizeParams(Section):
 
 
 class ModelParams(Section):
-    vision: Literal["vit", "resnet"] = "vit"
+    vision: Literal["vit", "resnet"] = "resnet"
     embed_dim: int = Field(128, ge=1)
-    vision_width: int = Field(128, ge=8)
-    vision_layers: int | tuple[int, int, int, int] = 4  # an int for ViT, four stage depths for ResNet
-    vision_heads: int = Field(4, ge=1)
+    vision_width: int = Field(16, ge=8)
+    vision_layers: int | tuple[int, int, int, int] = (1, 1, 1, 1)  # an int for ViT, four stage depths for ResNet
+    vision_heads: int = Field(8, ge=1)
     vision_patch_size: int = Field(8, ge=1)
     text_width: int = Field(128, ge=8)
     text_layers: int = Field(3, ge=1)
@@ -126,20 +129,20 @@ class ModelParams(Section):
 class TrainParams(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    epochs: int = Field(10, ge=1)
+    epochs: int = Field(20, ge=1)
     batch_size: int = Field(128, ge=2)
     lr: float = Field(1e-3, gt=0)
-    vision_lr: float | None = Field(None, gt=0)  # the image tower's peak lr; None: train.lr
+    vision_lr: float | None = Field(0.005, gt=0)  # the image tower's peak lr; None: train.lr
     weight_decay: float = Field(0.2, ge=0)
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = Field(1e-6, gt=0)
-    warmup_fraction: float = Field(0.1, ge=0, le=0.5)  # linear warmup over this share of all steps, then cosine
+    warmup_fraction: float = Field(0.3333333333, ge=0, le=0.5)  # linear warmup over this share of all steps, then cosine
     grad_clip: float = Field(1.0, ge=0)  # 0 disables clipping
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where the hardware has it
     loss: Literal["contrastive", "sigmoid"] = "contrastive"
     multi_positive: bool = False  # identical normalised captions count as positives of each other
-    crop_scale: tuple[float, float] = (0.8, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratios of the random crops (1, 1: no stretching)
+    crop_scale: tuple[float, float] = (1.0, 1.0)
+    crop_ratio: tuple[float, float] = (1.0, 1.0)  # aspect ratios of the random crops (1, 1: no stretching)
     checkpoint_every: int = Field(200, ge=1)
     resume: bool = True  # continue from checkpoints/ when its fingerprint matches these params and data
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.params import ParamsError, load_params
+from pipeline.params import Params, ParamsError, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +22,18 @@ def _write(tmp_path, mutate):
 def test_repo_params_validate():
     load_params(ROOT / "params.yaml")
     load_params(ROOT / "real" / "params.yaml")
+
+
+def test_schema_defaults_are_params_yaml():
+    """Defaults live in params.yaml: the schema's own defaults must say the same, key by key."""
+    def leaves(d, prefix=""):
+        for k, v in d.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [(prefix + k, v)]
+    schema = dict(leaves(Params().model_dump()))
+    documented = dict(leaves(load_params(ROOT / "params.yaml").model_dump()))
+    assert {k: v for k, v in schema.items() if documented.get(k) != v} == {}
+    raw = dict(leaves(yaml.safe_load((ROOT / "params.yaml").read_text())))
+    assert sorted(set(schema) - set(raw)) == []  # every key is written down in params.yaml
 
 
 @pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_bytes(b"data:\n  seed: \xff\xfe\n")])
