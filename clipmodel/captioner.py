@@ -40,6 +40,7 @@ class CrossAttention(nn.Module):
         nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Caption states [B, L, width] attending over memory [B, M, width] -> [B, L, width]."""
         B, L, D = x.shape
         q = self.q_proj(self.ln(x)).view(B, L, self.heads, -1).transpose(1, 2)
         k, v = self.kv_proj(memory).view(B, memory.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
@@ -48,6 +49,13 @@ class CrossAttention(nn.Module):
 
 
 class Captioner(nn.Module):
+    """The paper's image-caption language model baseline (Radford et al. 2021, sec. 2.3, Figure 2, after
+    VirTex, Desai & Johnson 2020): CLIP's image encoder conditioning a causal text Transformer.
+
+    `encoder_layers=0` is decoder-only (the pooled image feature as a prefix token); more adds a
+    Transformer encoder over the image grid and cross-attention in every decoder block.
+    """
+
     def __init__(self, cfg: CLIPConfig, encoder_layers: int = 0):
         super().__init__()
         self.cfg, self.encoder_layers = cfg, encoder_layers
@@ -72,7 +80,9 @@ class Captioner(nn.Module):
         self.cross = nn.ModuleList(CrossAttention(width, cfg.text_heads) for _ in range(cfg.text_layers))
 
     def memory(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] -> [B, M, width]: what the decoder conditions on (M = 1 for decoder-only)."""
+        """float [B, 3, S, S] normalised pixels (S = cfg.image_size) -> float [B, M, text_width]: what the
+        decoder conditions on. M = 1 decoder-only, else the grid's cells ((S/32)**2 for a ResNet,
+        (S/patch)**2 for a ViT)."""
         if self.encoder_layers == 0:
             return self.image_proj(self.visual(images))[:, None]
         x = self.grid_proj(self.visual.grid(images).flatten(2).transpose(1, 2))  # [B, H*W, width]
@@ -80,7 +90,9 @@ class Captioner(nn.Module):
         return self.ln_memory(self.encoder(x))
 
     def logits(self, memory: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, T, vocab]: the next-token logits after each of tokens [B, T] (causal)."""
+        """float [B, T, vocab_size]: the next-token logits after each of tokens int [B, T] (causal),
+        given memory [B, M, text_width] from `memory`. T <= context_length, and T < context_length
+        decoder-only (the image takes position 0)."""
         x = self.token_embedding(tokens)
         if self.encoder_layers == 0:
             x = torch.cat([memory.to(x.dtype), x], 1) + self.positional_embedding[: x.shape[1] + 1]
@@ -92,16 +104,19 @@ class Captioner(nn.Module):
         return self.head(self.ln_final(x))
 
     def loss(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced next-token cross-entropy over the caption tokens after SOT (EOT included,
-        so the model learns where to stop), PAD ignored."""
+        """Scalar float32, nats per token: teacher-forced next-token cross-entropy of captions int [B, L]
+        given images [B, 3, S, S], over the tokens after SOT (EOT included, so the model learns where
+        to stop), PAD ignored."""
         tokens = trim(tokens)
         logits = self.logits(self.memory(images), tokens[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=PAD_ID)
 
     @torch.no_grad()
     def log_likelihood(self, images: torch.Tensor, prompts: torch.Tensor, max_pairs: int = 4096) -> torch.Tensor:
-        """[B, P]: log p(prompt | image) summed over each prompt's tokens after SOT, EOT included:
-        a proper distribution over whole strings, so prompts of different lengths compare fairly."""
+        """float32 [B, P], nats: log p(prompt | image) for images [B, 3, S, S] and prompts int [P, L],
+        summed over each prompt's tokens after SOT, EOT included: a proper distribution over whole
+        strings, so prompts of different lengths compare fairly. `max_pairs` bounds the image-prompt
+        pairs per forward pass (memory)."""
         prompts = trim(prompts)
         memory = self.memory(images)
         target, real = prompts[:, 1:], (prompts[:, 1:] != PAD_ID).float()
@@ -116,7 +131,8 @@ class Captioner(nn.Module):
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, max_len: int | None = None, beam: int = 1) -> torch.Tensor:
-        """[B, <= max_len] token ids: SOT, the caption, EOT, then PAD. beam=1 is greedy."""
+        """int64 [B, T], T <= max_len tokens (default and cap: context_length): SOT, the caption, EOT,
+        then PAD, for images [B, 3, S, S]. beam=1 is greedy."""
         memory = self.memory(images)
         max_len = min(max_len or self.cfg.context_length, self.cfg.context_length)
         return beam_search(lambda rows, toks: self.logits(memory[rows], toks)[:, -1].float().log_softmax(-1),
@@ -124,7 +140,12 @@ class Captioner(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path) -> tuple[Captioner, dict[str, Any]]:
-        """A captioner folder written by the efficiency stage: weights, config.json, tokenizer.json."""
+        """The model (eval mode) and config.json of a captioner folder written by the efficiency stage
+        (weights, config.json, tokenizer.json).
+
+        Raises: SystemExit when config.json's objective is not a captioner's; FileNotFoundError when
+        config.json or the weights file is missing; RuntimeError when the weights do not fit the config.
+        """
         folder = Path(folder)
         config = json.loads((folder / "config.json").read_text())
         if config.get("objective") not in ("decoder", "encoder_decoder"):
@@ -135,7 +156,8 @@ class Captioner(nn.Module):
 
 
 def trim(tokens: torch.Tensor) -> torch.Tensor:
-    """Drop the all-PAD columns at the end: captions are much shorter than the context."""
+    """int [B, L] -> [B, L'] (a view, L' >= min(2, L)): the all-PAD columns at the end dropped, as captions
+    are much shorter than the context."""
     return tokens[:, : max(2, int((tokens != PAD_ID).sum(1).max()))]
 
 
@@ -147,7 +169,7 @@ def beam_search(next_logprobs: Callable[[torch.Tensor, torch.Tensor], torch.Tens
     `tokens` [len(rows), t] for items `rows`. Keeps the `beam` best prefixes per item; a finished
     one (EOT emitted) carries its score unchanged and continues with PAD. Scores are plain sums
     of log-probabilities, the same quantity zero-shot ranks prompts by; beam=1 is greedy.
-    Returns [n, t] ids, PAD after EOT where captions differ in length.
+    Returns int64 [n, t] ids on `device`, t <= max_len, PAD after EOT where captions differ in length.
     """
     tokens = torch.full((n, 1, 1), SOT_ID, dtype=torch.long, device=device)  # [n, k, t]
     scores = torch.zeros(n, 1, device=device)

@@ -22,8 +22,13 @@ _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """A flat CPU state dict from .safetensors or a .pt/.pth/.bin pickle (a training checkpoint's
-    `state_dict` entry is unwrapped and DataParallel/DDP `module.` prefixes are stripped)."""
+    """A flat CPU state dict (tensors in their stored dtypes) from .safetensors or a .pt/.pth/.bin pickle
+    (a training checkpoint's `state_dict` entry is unwrapped and DataParallel/DDP `module.` prefixes
+    are stripped).
+
+    Raises: FileNotFoundError when `path` is missing; ValueError for a TorchScript archive;
+    pickle.UnpicklingError for a pickle holding more than tensors and plain containers (weights_only).
+    """
     path = Path(path)
     if path.suffix == ".safetensors":
         sd = load_file(path)
@@ -49,6 +54,9 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], **overrides: Any) -> CLI
     Head counts are not stored in the weights; this assumes CLIP's 64-wide heads (for ResNets the
     attention pool has vision_width * 32 // 64). Activation is not stored either: pass
     quick_gelu=True for OpenAI's checkpoints. Any field can be overridden by keyword.
+
+    Raises: KeyError when `sd` lacks a key of that layout (e.g. ln_final.weight); TypeError for an
+    override that is not a CLIPConfig field; ValueError when the result is inconsistent (CLIPConfig).
     """
     text_width = sd["ln_final.weight"].shape[0]
     cfg: dict[str, Any] = dict(
@@ -74,8 +82,9 @@ def config_from_state_dict(sd: dict[str, torch.Tensor], **overrides: Any) -> CLI
 
 
 def save_safetensors(model: nn.Module, path: str | Path) -> None:
-    """Write the state dict atomically. safetensors refuses tensors that share storage or are views
-    into a larger one, so those are copied out; everything else is written without a copy."""
+    """Write the state dict to `path` atomically, on CPU, dtypes kept. safetensors refuses tensors that
+    share storage or are views into a larger one, so those are copied out; everything else is written
+    without a copy."""
     state, seen = {}, set()
     for k, v in model.state_dict().items():
         v = v.detach().cpu().contiguous()
@@ -89,7 +98,11 @@ def save_safetensors(model: nn.Module, path: str | Path) -> None:
 
 
 def load_model(folder: str | Path) -> tuple[CLIP, dict[str, Any]]:
-    """The model a train stage wrote (strictly loaded, eval mode) and its config.json."""
+    """The model a train stage wrote (strictly loaded, eval mode, on CPU) and its config.json.
+
+    Raises: FileNotFoundError when config.json or clip.safetensors is missing; RuntimeError when the
+    weights do not fit the config.
+    """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
     model = CLIP(CLIPConfig.from_dict(config["model"]))

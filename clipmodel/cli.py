@@ -27,6 +27,10 @@ from clipmodel.zeroshot import class_embeddings, classify
 
 
 def model_folder(folder: str | Path) -> Path:
+    """`folder` as a Path, checked to hold a config.json.
+
+    Raises: SystemExit (a one-line message, status 1) when it does not.
+    """
     folder = Path(folder)
     if not (folder / "config.json").exists():
         raise SystemExit(f"clipmodel: {folder} has no config.json: not a model folder")
@@ -34,7 +38,11 @@ def model_folder(folder: str | Path) -> Path:
 
 
 def load_pixels(paths: list[str], pre: dict) -> torch.Tensor:
-    """Images as the model was trained on them: the config's background, size and normalisation."""
+    """float32 [N, 3, S, S] (S = pre["image_size"] pixels): images as the model was trained on them,
+    with the config's background, size and normalisation.
+
+    Raises: SystemExit naming the first image that cannot be read or decoded.
+    """
     pixels = []
     for path in paths:
         try:
@@ -45,7 +53,10 @@ def load_pixels(paths: list[str], pre: dict) -> torch.Tensor:
 
 
 def caption(folder: str | Path, paths: list[str], beam: int = 1) -> list[str]:
-    """One caption per image from a captioner folder (greedy, or beam search with beam > 1)."""
+    """One caption per image from a captioner folder (greedy, or beam search with beam > 1).
+
+    Raises: SystemExit for a folder that is not a captioner's or an image that cannot be decoded.
+    """
     model, config = Captioner.load(model_folder(folder))
     tok = load_tokenizer(Path(folder) / config["tokenizer"])
     ids = model.generate(load_pixels(paths, config["preprocess"]), beam=beam)
@@ -53,6 +64,11 @@ def caption(folder: str | Path, paths: list[str], beam: int = 1) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `clipmodel` command (argv: default sys.argv[1:]).
+
+    Raises: SystemExit, status 2 for usage errors (argparse) and 1 with a message for a bad model
+    folder, image or labelled set.
+    """
     parser = argparse.ArgumentParser(prog="clipmodel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("classify", help="zero-shot top-k labels for each image")
@@ -92,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder) -> None:
+    """The zeroshot, embed and classify commands with a loaded encoder; `embed` writes float32 [N, D].
+
+    Raises: ImageError for an image that cannot be decoded (main turns it into SystemExit);
+    SystemExit for usage errors and unreadable labelled sets.
+    """
     if args.command == "zeroshot":
         cli_args.zeroshot(args, parser, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)
         return

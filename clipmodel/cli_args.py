@@ -16,6 +16,7 @@ from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
 
 
 def add_label_args(parser: argparse.ArgumentParser) -> None:
+    """Add --labels or --labels-file (one of them required; read by `labels_of`) and --templates."""
     labels = parser.add_mutually_exclusive_group(required=True)
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
     labels.add_argument("--labels-file", metavar="FILE", help="one class name per line (names may hold commas)")
@@ -23,12 +24,16 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_templates_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --templates FILE (read by `templates_of`)."""
     parser.add_argument("--templates", metavar="FILE",
                         help=f"prompt templates, one per line with {{}} for the class (default: {list(DEFAULT_TEMPLATES)})")
 
 
 def labels_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """The class names of --labels or --labels-file; an empty or unreadable list is a usage error (exit 2)."""
+    """The class names of --labels or --labels-file, blanks dropped.
+
+    Raises: SystemExit (status 2, usage error) for an empty or unreadable list.
+    """
     try:
         labels = read_lines(args.labels_file) if args.labels_file else [s.strip() for s in args.labels.split(",")]
     except DatasetError as e:
@@ -40,7 +45,10 @@ def labels_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list
 
 
 def templates_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
-    """--templates FILE, or DEFAULT_TEMPLATES; a bad file is a usage error (exit 2)."""
+    """--templates FILE, or DEFAULT_TEMPLATES.
+
+    Raises: SystemExit (status 2, usage error) for an unreadable or malformed file.
+    """
     if not args.templates:
         return list(DEFAULT_TEMPLATES)
     try:
@@ -50,6 +58,8 @@ def templates_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
 
 
 def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
+    """Add the `zeroshot` subcommand to `sub` (add_subparsers' result) and return its parser, for the
+    CLI to add its own --model."""
     z = sub.add_parser("zeroshot", parents=parents, help="zero-shot accuracy on a labelled set (CSV or ImageFolder)")
     z.add_argument("dataset", metavar="SET", help="CSV with image (or filepath) and label columns, or a folder "
                                                    "with one subfolder of images per class")
@@ -61,7 +71,14 @@ def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> ar
 
 def zeroshot(args: argparse.Namespace, parser: argparse.ArgumentParser, load_image: Callable[[Path], Any],
              embed_batch: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
-    """Score SET and print its metrics: the same function and output for either CLI's encoders."""
+    """Score SET and print its metrics: the same function and output for either CLI's encoders.
+
+    `load_image` maps a path to what `embed_batch` takes a list of; both embedders return [N, D].
+    Returns `evaluation.score`'s result; with --json, also writes the metrics there.
+
+    Raises: SystemExit, status 2 for a bad --templates file and 1 with a message for a labelled set
+    that cannot be scored (DatasetError).
+    """
     templates = templates_of(args, parser)
     try:
         ds = LabelledSet.load(args.dataset, args.classnames)

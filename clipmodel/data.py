@@ -26,7 +26,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 @dataclass
 class Corpus:
-    """Images (memory-mapped uint8 [N,S,S,3] shards), the manifest and the tokenized captions.
+    """Images (memory-mapped uint8 [N, S, S, 3] shards, S pixels), the manifest and the tokenized captions.
 
     With `data.output_format: webdataset` the train split lives in tar shards instead (streamed by
     clipmodel.stream for training); `images` still reads any row, seeking to the PNG in its tar, so
@@ -42,7 +42,11 @@ class Corpus:
     _caption_ids: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def load(cls, data_dir: str | Path = "data") -> "Corpus":
+    def load(cls, data_dir: str | Path = "data") -> Corpus:
+        """The corpus the ingest and tokenize stages wrote under `data_dir` (images and tokens memory-mapped).
+
+        Raises: FileNotFoundError when manifest.parquet, tokens.npy or caption_image.npy is missing.
+        """
         data_dir = Path(data_dir)
         manifest = pd.read_parquet(data_dir / "manifest.parquet")
         paths = sorted((data_dir / "images").glob("shard-*.npy"))
@@ -55,7 +59,10 @@ class Corpus:
         return cls(shards, manifest, tokens, start, count, tars)
 
     def images(self, index: np.ndarray) -> np.ndarray:
-        """Gather uint8 [B,S,S,3] for global image indices, reading each shard once."""
+        """Gather uint8 [B, S, S, 3] for global image indices [B], reading each shard once.
+
+        Raises: ValueError when a train tar's member is not the image the manifest expects.
+        """
         index = np.asarray(index, dtype=np.int64)
         shard = self.manifest.shard.to_numpy()[index]
         row = self.manifest.row.to_numpy()[index]
@@ -91,10 +98,11 @@ class Corpus:
         return np.stack(out)
 
     def split(self, name: str) -> np.ndarray:
+        """int64 [n] global image indices of the manifest's split `name` (e.g. "train", "test"), ascending."""
         return np.flatnonzero(self.manifest.split.to_numpy() == name)
 
     def caption_ids(self) -> np.ndarray:
-        """[C] one id per distinct token row, i.e. per distinct normalised caption text (cached).
+        """int64 [C] one id per distinct token row, i.e. per distinct normalised caption text (cached).
 
         The multi-positive loss and the retrieval metrics treat equal ids as the same caption."""
         if self._caption_ids is None:
@@ -103,7 +111,7 @@ class Corpus:
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 [B,H,W,3] -> normalised float [B,3,H,W], the encoders' input."""
+    """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with CLIP's MEAN and STD, the encoders' input."""
     x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
@@ -112,8 +120,12 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
                         generator: torch.Generator) -> torch.Tensor:
-    """Batched random resized crop (bilinear), one affine grid per image, same output size.
-    Scale and ratio both (1, 1) mean no crop: the stored pixels, not a resampling of them."""
+    """float [B, C, H, W] -> float [B, C, H, W]: a random resized crop per image (bilinear, one affine grid each).
+
+    As torchvision's RandomResizedCrop (the Inception crop, Szegedy et al. 2015): the area fraction is
+    uniform in `scale`, the log aspect ratio (width / height) uniform in log(`ratio`); a side that would
+    exceed the image is clamped to it rather than redrawn. Scale and ratio both (1, 1) mean no crop:
+    the stored pixels, not a resampling of them. All randomness comes from `generator`."""
     if tuple(scale) == tuple(ratio) == (1, 1):
         return x
     b = x.shape[0]
@@ -132,7 +144,10 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tupl
 
 
 class ContrastiveBatches(torch.utils.data.Dataset):
-    """Item k is the whole k-th training batch: (images, tokens, caption ids)."""
+    """Item k is the whole k-th training batch (see `batch`); len() is the steps per epoch.
+
+    Raises: ValueError when `index` holds fewer images than `batch_size`.
+    """
 
     def __init__(self, corpus: Corpus, index: np.ndarray, batch_size: int, seed: int,
                  crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
@@ -153,6 +168,12 @@ class ContrastiveBatches(torch.utils.data.Dataset):
         return self._perm
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
+        """The batch of global step `step` (>= 0, any epoch): images float32 [B, 3, S, S] (cropped,
+        normalised), tokens int64 [B, L] (L <= context, trimmed), caption_ids int64 [B] and
+        image_index [B] (global indices, `index`'s dtype).
+
+        Raises: ValueError when a train tar's member is not the image the manifest expects.
+        """
         epoch, k = divmod(step, self.steps_per_epoch)
         order = self._order(epoch)
         images = self.index[order[k * self.batch_size:(k + 1) * self.batch_size]]

@@ -32,6 +32,9 @@ def relaunch(nproc: int, module: str) -> NoReturn:
     join it as torchrun's agent store; gloo and NCCL bootstrap over the loopback interface. The command
     line stays `python -m module` (DVC, Prefect). A SIGTERM or SIGINT here stops every rank; a rank
     whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). Multi-node runs use torchrun directly.
+
+    Raises: SystemExit always: 0 when every rank succeeded, else the first failure's status (128 + N
+    for a rank killed by signal N).
     """
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -63,7 +66,9 @@ def _die_with_parent() -> None:
 
 
 def init(device: torch.device) -> None:
-    """Join the process group torchrun described: NCCL between GPUs, gloo between CPU processes."""
+    """Join the process group torchrun described: NCCL between GPUs, gloo between CPU processes.
+    A no-op outside torchrun or when already joined; torch.distributed's errors (e.g. ValueError for
+    an incomplete environment) pass through."""
     if launched() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
@@ -71,15 +76,18 @@ def init(device: torch.device) -> None:
 
 
 def finish() -> None:
+    """Leave the process group, if this process joined one."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
 
 def world() -> int:
+    """Number of ranks; 1 without a process group."""
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def rank() -> int:
+    """This process's rank in [0, world()); 0 without a process group."""
     return dist.get_rank() if dist.is_initialized() else 0
 
 
@@ -89,15 +97,17 @@ def is_main() -> bool:
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
-    """Every rank's `x` concatenated along dim 0, in rank order. The gradient of each part flows back
-    to the rank that produced it, summed over the ranks whose losses used it."""
+    """Every rank's `x` [n, ...] concatenated along dim 0 in rank order: [world() * n, ...], x's dtype.
+    Every rank must pass the same shape. The gradient of each part flows back to the rank that
+    produced it, summed over the ranks whose losses used it."""
     if world() == 1:
         return x
     return torch.cat(dist_fn.all_gather(x))
 
 
 def mean(x: torch.Tensor) -> torch.Tensor:
-    """The average of a (detached) tensor over ranks: one value every rank agrees on."""
+    """The average over ranks of `x` (any shape, the same on every rank), detached: one value every
+    rank agrees on."""
     if world() == 1:
         return x
     x = x.detach().clone()

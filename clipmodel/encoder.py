@@ -28,7 +28,9 @@ class Encoder:
     def load(cls, folder: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Encoder:
         """From a folder the train stage wrote (config.json, clip.safetensors, tokenizer.json).
 
-        Raises FileNotFoundError when `folder` has no config.json."""
+        Raises: FileNotFoundError when `folder` has no config.json or clip.safetensors; RuntimeError
+        when the weights do not fit the config.
+        """
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json: not a model folder written by the train stage")
@@ -37,31 +39,41 @@ class Encoder:
 
     @property
     def logit_scale(self) -> float:
+        """The trained temperature as a multiplier of cosine similarity: exp(logit_scale), at most 100
+        (clamped in training)."""
         return self.model.logit_scale.exp().item()
 
     def load_image(self, source: str | Path | bytes) -> np.ndarray:
-        """uint8 [S, S, 3] as the model's training images were stored; raises ImageError naming why not."""
+        """uint8 [S, S, 3] (S = the training image size, pixels) as the model's training images were stored.
+
+        Raises: ImageError naming why not.
+        """
         return load_image(source, self.preprocess["image_size"], tuple(self.preprocess["background"]))
 
     @torch.no_grad()
     def pixels(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] preprocessed images -> [N, D]."""
+        """uint8 [N, S, S, 3] preprocessed images -> float32 [N, D], L2-normalised."""
         out = [F.normalize(self.model.encode_image(to_tensor(images[s:s + self.batch_size]).to(self.device)).float(),
                            dim=-1).cpu().numpy() for s in range(0, len(images), self.batch_size)]
         return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
 
     @torch.no_grad()
     def tokens(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids [N, context] -> [N, D]; each batch trimmed to its longest text (exact, and faster)."""
+        """int token ids [N, context] -> float32 [N, D], L2-normalised; each batch trimmed to its longest
+        text (exact, and faster)."""
         out = [F.normalize(self.model.encode_text(torch.from_numpy(trim_padding(ids[s:s + self.batch_size]))
                                                   .long().to(self.device)).float(), dim=-1).cpu().numpy()
                for s in range(0, len(ids), self.batch_size)]
         return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
 
     def texts(self, texts: list[str]) -> np.ndarray:
-        """[N, D] for raw strings, tokenized as in training (over-long texts cut, EOT kept last)."""
+        """float32 [N, D], L2-normalised, for raw strings tokenized as in training (over-long texts cut,
+        EOT kept last)."""
         return self.tokens(encode(self.tokenizer, list(texts))[0])
 
     def images(self, sources: list[str | Path | bytes]) -> np.ndarray:
-        """[N, D] for image files or encoded bytes; raises ImageError on the first that cannot be decoded."""
+        """float32 [N, D], L2-normalised, for image files or encoded bytes.
+
+        Raises: ImageError on the first that cannot be decoded.
+        """
         return self.pixels(np.stack([self.load_image(s) for s in sources]))

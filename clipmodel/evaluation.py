@@ -26,7 +26,8 @@ IMAGE_COLUMNS = ("image", "filepath")  # `filepath` is the column ingest's CSV s
 
 
 class DatasetError(ValueError):
-    """A labelled set that cannot be scored; the message names the file and, where there is one, the row."""
+    """A labelled set that cannot be scored; the message names the file and, where there is one, the row.
+    A ValueError, so callers that catch bad input generally catch it too."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,10 @@ class LabelledSet:
         ImageFolder (one subfolder per class, images anywhere below it).
 
         `classnames`: the class list in order, or a text file with one class per line; by default the
-        sorted distinct labels. Raises DatasetError for a missing file, missing columns, an empty set,
-        or labels outside the class list (naming the first such row).
+        sorted distinct labels. Images are not opened here: a bad one is rejected when scored.
+
+        Raises: DatasetError for a missing or unreadable file, missing columns, an empty image path, an
+        empty set, an empty or repeating class list, or labels outside it (naming the first such row).
         """
         path = Path(path)
         if path.is_dir():
@@ -82,7 +85,10 @@ class LabelledSet:
 
 
 def read_lines(path: str | Path) -> list[str]:
-    """Non-empty lines of a UTF-8 text file, stripped: a label file (commas and colons stay inside a label)."""
+    """Non-empty lines of a UTF-8 text file, stripped: a label file (commas and colons stay inside a label).
+
+    Raises: DatasetError when the file cannot be read or is not UTF-8.
+    """
     try:
         return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
     except (OSError, UnicodeDecodeError) as e:
@@ -117,7 +123,9 @@ def _image_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
 def class_vectors(embed_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
                   templates: Sequence[str], batch_prompts: int = 4096) -> np.ndarray:
     """float32 [C, D] unit vectors: each prompt normalised, averaged per class, renormalised (the
-    paper's prompt ensembling, Radford et al. 2021 sec. 3.1.4), a few classes per text batch."""
+    paper's prompt ensembling, Radford et al. 2021 sec. 3.1.4), a few classes per text batch.
+
+    `embed_texts` maps n strings to [n, D]; `batch_prompts` caps the prompts per call (memory)."""
     per_batch = max(1, batch_prompts // len(templates))
     out = []
     for start in range(0, len(classnames), per_batch):
@@ -128,12 +136,14 @@ def class_vectors(embed_texts: Callable[[list[str]], np.ndarray], classnames: Se
 
 
 def unit(x: np.ndarray) -> np.ndarray:
-    """L2-normalised rows (the epsilon of torch's F.normalize)."""
+    """float [..., D] -> same shape and dtype, each row L2-normalised (the epsilon of torch's F.normalize)."""
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def top_k(image_features: np.ndarray, classes: np.ndarray, k: int = 5, chunk: int = 1024) -> np.ndarray:
-    """int64 [N, min(k, C)]: the classes nearest each image by cosine, best first, `chunk` images at a time."""
+    """int64 [N, min(k, C)]: the classes nearest each image by cosine, best first, `chunk` images at a time.
+
+    image_features: [N, D], normalised here; classes: float32 [C, D] unit vectors (`class_vectors`)."""
     k = min(k, len(classes))
     out = np.empty((len(image_features), k), dtype=np.int64)
     for s in range(0, len(image_features), chunk):
@@ -145,11 +155,13 @@ def top_k(image_features: np.ndarray, classes: np.ndarray, k: int = 5, chunk: in
 
 
 def metrics(top: np.ndarray, targets: np.ndarray, classnames: Sequence[str], confusions: int = 20) -> dict[str, Any]:
-    """Accuracy of top-k predictions [N, k] against targets [N] (class indices).
+    """Accuracy of top-k predictions int [N, k] (class indices, best first) against targets int [N].
 
     top1, top5 (only with more than 5 classes), mean per-class recall (the mean over classes with images of the
     fraction of each class's images predicted right), n, classes, per-class recall and the most
-    frequent (true, predicted) confusions. Raises DatasetError when there is nothing to score.
+    frequent (true, predicted) confusions. Accuracies and recalls are fractions in [0, 1].
+
+    Raises: DatasetError when there is nothing to score (N = 0).
     """
     if len(targets) == 0:
         raise DatasetError("no images left to score")
@@ -177,8 +189,12 @@ def zero_shot(image_features: np.ndarray, targets: np.ndarray, classnames: Seque
               embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str],
               class_texts: Sequence[str] | None = None, chunk: int = 1024) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of the template ensemble, plus top-1 with the first template alone, and the ensemble's
-    top-5 predictions [N, 5]. Features [N, D] need not be normalised. `class_texts` fill the templates'
-    `{}` where they differ from the names reported (default: the class names)."""
+    top-5 predictions int64 [N, min(5, C)]. Features [N, D] need not be normalised; targets are int
+    class indices [N]. `class_texts` fill the templates' `{}` where they differ from the names
+    reported (default: the class names). No templates means DEFAULT_TEMPLATES.
+
+    Raises: DatasetError when there is nothing to score (N = 0).
+    """
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = list(class_texts or classnames)
     ensemble = class_vectors(embed_texts, texts, templates)
@@ -194,8 +210,8 @@ def zero_shot(image_features: np.ndarray, targets: np.ndarray, classnames: Seque
 def embed_images(paths: Sequence[Path], load_image: Callable[[Path], Any],
                  embed_batch: Callable[[list[Any]], np.ndarray], batch_size: int = 256,
                  progress: Callable[[Any], Any] = lambda it: it) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
-    """`embed_batch`'s outputs for the images that load (e.g. [M, D] embeddings), their positions [M] in
-    `paths`, and the rest with a reason.
+    """`embed_batch`'s outputs for the images that load, concatenated (e.g. [M, D] embeddings; float32
+    [0, 0] when none loads), their positions int64 [M] in `paths`, and the rest with a reason.
 
     Anything that goes wrong decoding one image (a missing file, a corrupt PNG, a decoder's own
     ValueError) rejects that image, never the run.
@@ -218,9 +234,10 @@ def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch
           embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str] = DEFAULT_TEMPLATES,
           batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it) -> dict[str, Any]:
     """Zero-shot metrics of a labelled set (see `metrics`), with `rejected` (count) and `rejected_images`,
-    and for plots the positions of the scored images in `ds.images` (`kept`) and their top-5 (`predictions`).
+    and for plots the positions of the scored images in `ds.images` (`kept`, int64 [M]) and their top-5
+    (`predictions`, int64 [M, min(5, C)]).
 
-    Raises DatasetError when no image of the set could be decoded.
+    Raises: DatasetError when no image of the set could be decoded.
     """
     feats, kept, rejected = embed_images(ds.images, load_image, embed_images_batch, batch_size, progress)
     if len(kept) == 0:

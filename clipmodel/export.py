@@ -12,7 +12,7 @@ import argparse
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx
@@ -26,7 +26,7 @@ from torch import nn
 from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
 from clipmodel.io import atomic_path
-from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.model import CLIP
 from clipmodel.runtime import ClipRuntime
 from clipmodel.tokenizer import EOT, PAD, SOT, context_length, encode, load_tokenizer
 
@@ -62,10 +62,16 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
 
 
 def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3) -> Path:
-    """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json and preprocess.json into `out_dir`.
+    """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json and preprocess.json into `out_dir`; returns it.
 
-    The example batch only traces the graph; the batch axis is exported symbolic, so any batch size runs.
-    The folder appears complete or not at all.
+    Image graph: `pixels` float32 [N, 3, S, S] (normalised, S = image_size pixels) -> `embedding`
+    float32 [N, embed_dim]; text graph: `tokens` int64 [N, context_length] -> `embedding`; both
+    L2-normalised. The example batch only traces the graph; the batch axis is exported symbolic, so
+    any batch size runs. The folder appears complete or not at all.
+
+    Raises: ValueError when tokenizer.json's pad id or context length disagrees with the model;
+    FileNotFoundError when the model folder lacks config.json or a file it names;
+    onnx.checker.ValidationError when an exported graph fails ONNX's full check.
     """
     folder, out_dir = Path(folder), Path(out_dir)
     model, config = load_model(folder)
@@ -91,10 +97,13 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
 
 @torch.no_grad()
 def parity(folder: str | Path, onnx_dir: str | Path, images: np.ndarray, tokens: np.ndarray) -> dict[str, float]:
-    """Worst disagreement between onnxruntime and torch on uint8 images [N,S,S,3] and token ids [N,L].
+    """Worst disagreement between onnxruntime and torch on uint8 images [N, S, S, 3] and int token ids
+    [N, L]: the largest absolute difference of any embedding component and the smallest cosine.
 
     The onnxruntime side normalises pixels with the runtime's own code and preprocess.json, the torch
     side with training's `to_tensor`, so the constants travelling through the export are checked too.
+
+    Raises: FileNotFoundError when either folder is incomplete.
     """
     model, _ = load_model(folder)
     rt = ClipRuntime.load(onnx_dir)
@@ -110,6 +119,9 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
 
     Only MatMul/Gemm weights are quantised: they hold nearly all parameters, and onnxruntime's CPU
     kernels have no int8-weight ConvInteger. Returns each encoder's size in bytes, before and after.
+    The folder appears complete or not at all.
+
+    Raises: FileNotFoundError when `onnx_dir` lacks an encoder, tokenizer.json or preprocess.json.
     """
     onnx_dir, out_dir = Path(onnx_dir), Path(out_dir)
     sizes = {}
@@ -138,6 +150,10 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
 
 
 def main() -> None:
+    """`python -m clipmodel.export`: export, check parity on random inputs, optionally quantise.
+
+    Raises: SystemExit when the model folder has no config.json.
+    """
     parser = argparse.ArgumentParser(description="Export a trained model folder to ONNX for clip-onnx.")
     parser.add_argument("--model", default="models", help="folder with clip.safetensors, config.json, tokenizer.json")
     parser.add_argument("--out", default="models/onnx")

@@ -20,7 +20,9 @@ SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}  # "I": how older P
 
 
 class ImageError(Exception):
-    """An image that cannot be used; `reason` is the short code written to rejected.csv."""
+    """An image that cannot be used; `reason` is the short code written to rejected.csv: empty_file,
+    missing_file, not_an_image, unreadable_file, corrupt_image, too_many_pixels or
+    unsupported_pixel_range. `detail` says more (often the path), or is empty."""
 
     def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason, detail)  # both in args, so the error survives pickling between processes
@@ -48,6 +50,10 @@ def decode(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Im
 
     The pixel count is checked from the header, before any pixel is decoded, so a small file that
     expands to gigabytes (a decompression bomb) costs nothing. PIL's own limit still applies on top.
+    `max_pixels` is width x height.
+
+    Raises: ImageError (empty_file, missing_file, not_an_image, unreadable_file, corrupt_image,
+    too_many_pixels) for anything that stops the decode, whatever PIL raised.
     """
     fp = _open(source)
     try:
@@ -78,8 +84,10 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
     A plain convert("RGB") would drop alpha and reveal whatever colour sits under transparent
     pixels (often black, sometimes garbage), would clip 16-bit images instead of scaling them, and
     would turn a float image in [0, 1] black. Per mode: 16-bit (and 32-bit integer within 0..65535)
-    is divided by 257; float is scaled from [0, 1]; anything else raises ImageError
-    ("unsupported_pixel_range").
+    is divided by 257; float is scaled from [0, 1]. `background` is 8-bit RGB.
+
+    Raises: ImageError ("unsupported_pixel_range") for 32-bit integers outside 0..65535 and for
+    floats outside [0, 1] or not finite.
     """
     if img.mode in SIXTEEN_BIT_MODES:
         wide = np.asarray(img, dtype=np.int64)
@@ -99,19 +107,26 @@ def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255))
 
 def load_rgb(source: bytes | str | Path, background: tuple[int, int, int] = (255, 255, 255),
              max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """uint8 [H, W, 3] from encoded bytes or a path; raises ImageError with a reason code."""
+    """uint8 [H, W, 3] from encoded bytes or a path (H, W: the file's pixels, EXIF orientation applied).
+
+    Raises: ImageError with a reason code (`decode`, `to_rgb`).
+    """
     return np.asarray(to_rgb(decode(source, max_pixels), background))
 
 
 def load_image(source: bytes | str | Path, size: int, background: tuple[int, int, int] = (255, 255, 255),
                max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """uint8 [size, size, 3], exactly as ingest stores a training image: decode, composite alpha onto
-    `background`, resize the shorter side, centre-crop. Raises ImageError with a reason code."""
+    """uint8 [size, size, 3] (size in pixels), exactly as ingest stores a training image: decode,
+    composite alpha onto `background`, resize the shorter side, centre-crop.
+
+    Raises: ImageError with a reason code (`decode`, `to_rgb`).
+    """
     return preprocess(load_rgb(source, background, max_pixels), size)
 
 
 def preprocess(rgb: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side resized to `size` (bicubic, antialiased), then centre-cropped: uint8 [size, size, 3].
+    """uint8 [H, W, 3] -> uint8 [size, size, 3]: shorter side resized to `size` pixels (bicubic,
+    antialiased), then centre-cropped.
 
     Sizes and crop offsets follow torchvision's Resize(size) + CenterCrop(size) on PIL images, so
     the stored pixels equal CLIP's reference preprocessing before normalisation. Past an aspect ratio

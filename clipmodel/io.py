@@ -13,7 +13,10 @@ from typing import Any
 
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `path` (file or directory) that replaces `path` on success."""
+    """Yield a temporary sibling of `path` (file or directory) that replaces `path` on success.
+
+    Whatever the body raises propagates, with the temporary removed and `path` as it was.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -53,5 +56,9 @@ def _alive(pid: int) -> bool:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
+    """Write `obj` as indented JSON (ASCII, non-ASCII escaped; trailing newline), atomically.
+
+    Raises: TypeError for an object json cannot serialise, with `path` left as it was.
+    """
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")

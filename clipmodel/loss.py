@@ -17,17 +17,19 @@ def _logits(image_features: torch.Tensor, text_features: torch.Tensor, logit_sca
 
 
 def positives_from_ids(ids: torch.Tensor) -> torch.Tensor:
-    """[N] caption ids (one per normalised caption text) -> [N, N] bool, True where captions match."""
+    """int [N] caption ids (one per normalised caption text) -> bool [N, N], True where captions match."""
     return ids[:, None] == ids[None, :]
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                      positives: torch.Tensor | None = None, rows: slice | None = None) -> torch.Tensor:
-    """CLIP's symmetric cross-entropy: each image picks its text among the batch and vice versa.
+    """CLIP's symmetric cross-entropy (Radford et al. 2021, Figure 3): each image picks its text among
+    the batch and vice versa. Returns a float32 scalar, nats averaged over rows and both directions.
 
-    logit_scale is the temperature already exponentiated (what CLIP.forward returns). With
-    `positives` (bool [N, N], diagonal True) the target of each row and column is uniform over its
-    positives instead of one-hot; with all-distinct positives that is exactly the standard loss.
+    Features are [N, D], L2-normalised (any float dtype; the logits are fp32). logit_scale is a scalar
+    tensor, the temperature already exponentiated (what CLIP.forward returns). With `positives`
+    (bool [N, N], diagonal True) the target of each row and column is uniform over its positives
+    instead of one-hot; with all-distinct positives that is exactly the standard loss.
 
     `rows` restricts the loss to those images (against all texts) and those texts (against all images),
     averaged over the rows: one rank's share of a data-parallel batch (train.local_loss). The mean of
@@ -48,8 +50,10 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, 
 def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor,
                  logit_bias: torch.Tensor, positives: torch.Tensor | None = None,
                  rows: slice | None = None) -> torch.Tensor:
-    """SigLIP (Zhai et al. 2023): an independent binary decision per pair, label +1 for positives and
-    -1 otherwise, summed over all pairs and divided by N as in the paper.
+    """SigLIP (Zhai et al. 2023, Algorithm 1): an independent binary decision per pair, label +1 for
+    positives and -1 otherwise, summed over all pairs and divided by N as in the paper. Features [N, D]
+    L2-normalised, logit_scale (exponentiated) and logit_bias scalar tensors; returns a float32
+    scalar, nats per image.
 
     No softmax couples the batch, so there is no normalisation across it. The paper initialises the
     log-temperature at log(10) and the bias at -10, so that the many negatives start near their

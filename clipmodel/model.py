@@ -21,7 +21,14 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass(kw_only=True)
 class CLIPConfig:
-    """Everything that fixes the architecture; `to_dict()` goes into models/config.json."""
+    """Everything that fixes the architecture; `to_dict()` goes into models/config.json.
+
+    image_size is in pixels (square), widths in channels, context_length in tokens.
+
+    Raises: ValueError when the fields are inconsistent: a ViT without an int vision_layers and a
+    vision_patch_size, a ResNet without four stage depths, an unknown `vision`, or a head count that
+    does not divide its tower's width.
+    """
 
     embed_dim: int
     image_size: int
@@ -56,10 +63,15 @@ class CLIPConfig:
                 raise ValueError(f"{name}_heads={heads} must be >= 1 and divide the width {width}")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-ready (json writes vision_layers' tuple as a list; `from_dict` restores it)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CLIPConfig:
+        """The inverse of `to_dict`, e.g. from config.json.
+
+        Raises: TypeError for a missing or unknown field; ValueError as the constructor.
+        """
         return cls(**d)
 
 
@@ -67,21 +79,27 @@ class LayerNorm(nn.LayerNorm):
     """Normalises in fp32 and casts back: CPU autocast would otherwise run it in bf16."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., width] -> same shape and dtype as x."""
         return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
                             self.eps).to(x.dtype)
 
 
 class QuickGELU(nn.Module):
-    """The sigmoid approximation of GELU that OpenAI's checkpoints were trained with."""
+    """The sigmoid approximation of GELU (Hendrycks & Gimpel 2016, sec. 2) that OpenAI's checkpoints
+    were trained with."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise x * sigmoid(1.702 x): any shape, same dtype."""
         return x * torch.sigmoid(1.702 * x)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
-    """scaled_dot_product_attention, in fp32 under CPU autocast: torch 2.14's bf16 flash-attention
-    backward on CPU is ~15x slower than its fp32 one (measured at L=32), which would cost the bf16
-    text tower more than its bf16 matmuls save. On CUDA the bf16 kernels are the fast ones."""
+    """q [B, heads, Lq, head_dim], k and v [B, heads, Lk, head_dim] -> [B, heads, Lq, head_dim].
+
+    scaled_dot_product_attention (softmax(q k^T / sqrt(head_dim)) v, Vaswani et al. 2017), in fp32
+    under CPU autocast: torch 2.14's bf16 flash-attention backward on CPU is ~15x slower than its fp32
+    one (measured at L=32), which would cost the bf16 text tower more than its bf16 matmuls save. On
+    CUDA the bf16 kernels are the fast ones."""
     if q.device.type != "cpu" or not torch.is_autocast_enabled("cpu"):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
     with torch.autocast("cpu", enabled=False):
@@ -99,6 +117,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] -> [B, L, width]; position i attends only to positions <= i when causal."""
         B, L, D = x.shape
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias).view(B, L, 3, self.heads, D // self.heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each [B, heads, L, head_dim]
@@ -107,6 +126,10 @@ class Attention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """Pre-norm Transformer block (attention, then a 4x-wide MLP, each on a residual branch): GPT-2's
+    layout (Radford et al. 2019), which CLIP's text tower uses (Radford et al. 2021, sec. 2.4), with
+    OpenAI's parameter names. Causal for the text tower."""
+
     def __init__(self, width: int, heads: int, causal: bool, quick_gelu: bool):
         super().__init__()
         self.ln_1 = LayerNorm(width)
@@ -119,6 +142,7 @@ class ResidualAttentionBlock(nn.Module):
         ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] -> [B, L, width]."""
         x = x + self.attn(self.ln_1(x))
         return x + self.mlp(self.ln_2(x))
 
@@ -140,6 +164,7 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, width] -> [B, L, width]; blocks recomputed in backward when grad_checkpointing is set."""
         for block in self.resblocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
@@ -149,6 +174,10 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """ViT (Dosovitskiy et al. 2021) as CLIP has it: patch embedding without bias, a class token, learned
+    positional embeddings, and an extra LayerNorm (ln_pre) before the Transformer (Radford et al. 2021,
+    sec. 2.4). Inputs must be image_size x image_size pixels (the positional embeddings fix the grid)."""
+
     def __init__(self, image_size: int, patch_size: int, width: int, layers: int, heads: int, output_dim: int,
                  quick_gelu: bool):
         super().__init__()
@@ -162,17 +191,20 @@ class VisionTransformer(nn.Module):
         self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
 
     def tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + grid*grid, width]: the class token then the patch tokens, before ln_post."""
+        """float [B, 3, S, S] normalised pixels -> [B, 1 + grid*grid, width] (grid = S / patch_size): the
+        class token then the patch tokens, before ln_post."""
         x = self.conv1(x).flatten(2).transpose(1, 2)  # [B, grid*grid, width]
         cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)
         return self.transformer(self.ln_pre(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, S, S] normalised pixels -> [B, output_dim]: the projected class token."""
         return self.ln_post(self.tokens(x)[:, 0]) @ self.proj
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, width, grid, grid]: the patch tokens after ln_post, for decoders that attend over space."""
+        """float [B, 3, S, S] -> [B, width, grid, grid]: the patch tokens after ln_post, for decoders that
+        attend over space."""
         x = self.ln_post(self.tokens(x)[:, 1:])
         side = round(x.shape[1] ** 0.5)
         return x.transpose(1, 2).reshape(x.shape[0], -1, side, side)
@@ -180,7 +212,8 @@ class VisionTransformer(nn.Module):
 
 class Bottleneck(nn.Module):
     """ResNet bottleneck that downsamples by average pooling before a stride-1 convolution:
-    strided convolutions alias, pooling first is a cheap low-pass filter."""
+    strided convolutions alias, pooling first is a cheap low-pass filter (Zhang 2019's rect-2 blur
+    pooling; the shortcut pools too, as in ResNet-D, He et al. 2019; Radford et al. 2021 sec. 2.4)."""
 
     expansion = 4
 
@@ -205,6 +238,7 @@ class Bottleneck(nn.Module):
             ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, inplanes, H, W] -> [B, 4 * planes, H / stride, W / stride]."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(self.avgpool(out)))
@@ -212,8 +246,8 @@ class Bottleneck(nn.Module):
 
 
 class AttentionPool2d(nn.Module):
-    """Pools the final feature map with one attention layer whose query is the mean feature:
-    only that query's output is used, so only it is computed."""
+    """Pools the final feature map with one attention layer whose query is the mean feature
+    (Radford et al. 2021, sec. 2.4): only that query's output is used, so only it is computed."""
 
     def __init__(self, grid: int, width: int, heads: int, output_dim: int):
         super().__init__()
@@ -227,6 +261,7 @@ class AttentionPool2d(nn.Module):
             nn.init.normal_(proj.weight, std=width ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, width, grid, grid] feature map -> [B, output_dim]."""
         x = x.flatten(2).transpose(1, 2)  # [B, H*W, C]
         x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + self.positional_embedding.to(x.dtype)
         B, L, C = x.shape
@@ -238,8 +273,9 @@ class AttentionPool2d(nn.Module):
 
 
 class ModifiedResNet(nn.Module):
-    """CLIP's ResNet: a 3-convolution stem with average pooling, anti-aliased bottlenecks and an
-    attention pool instead of global average pooling. Total stride 32."""
+    """CLIP's ResNet (Radford et al. 2021, sec. 2.4): a 3-convolution stem with average pooling,
+    anti-aliased bottlenecks and an attention pool instead of global average pooling. Total stride 32;
+    inputs must be image_size x image_size pixels (the attention pool's positional embedding fixes the grid)."""
 
     def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: int, width: int):
         super().__init__()
@@ -261,7 +297,8 @@ class ModifiedResNet(nn.Module):
         self.to(memory_format=torch.channels_last)  # the kernels too, so no convolution reorders them per call
 
     def grid(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, width * 32, H / 32, W / 32]: the last stage's map, before attention pooling.
+        """float [B, 3, H, W] normalised pixels -> [B, width * 32, H / 32, W / 32], channels-last: the last
+        stage's map, before attention pooling.
 
         Channels-last: the ResNet's training step is 1.3x (fp32) to 1.8x (bf16) faster on it on this CPU
         (oneDNN), and it is the layout CUDA's tensor-core convolutions want."""
@@ -272,11 +309,13 @@ class ModifiedResNet(nn.Module):
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, S, S] normalised pixels -> [B, output_dim]."""
         return self.attnpool(self.grid(x))
 
 
 def vision_tower(cfg: CLIPConfig) -> nn.Module:
-    """The image encoder alone: CLIP's, and the supervised and captioning baselines' (same architecture)."""
+    """The image encoder alone: CLIP's, and the supervised and captioning baselines' (same architecture).
+    Maps float [B, 3, S, S] normalised pixels (S = cfg.image_size) to [B, cfg.embed_dim]."""
     if cfg.vision == "vit":
         return VisionTransformer(cfg.image_size, cfg.vision_patch_size, cfg.vision_width, cfg.vision_layers,
                                  cfg.vision_heads, cfg.embed_dim, cfg.quick_gelu)
@@ -284,7 +323,8 @@ def vision_tower(cfg: CLIPConfig) -> nn.Module:
 
 
 class CLIP(nn.Module):
-    """The two towers plus the learned temperature (and SigLIP's bias, when configured).
+    """The two towers plus the learned temperature (and SigLIP's bias, when configured); Radford et al.
+    2021, sec. 2.4 and Figure 3.
 
     The text tower lives at the top level rather than in a submodule only so that state-dict keys
     match OpenAI's (`token_embedding`, `transformer.resblocks.N`, `ln_final`, `text_projection`).
@@ -307,11 +347,11 @@ class CLIP(nn.Module):
         nn.init.normal_(self.text_projection, std=cfg.text_width ** -0.5)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] normalised pixels -> [B, embed_dim] projected, un-normalised features."""
+        """float [B, 3, S, S] normalised pixels -> [B, embed_dim] projected, un-normalised features."""
         return self.visual(images)
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, L] token ids (L <= context_length) -> [B, embed_dim] projected, un-normalised features.
+        """int [B, L] token ids (L <= context_length) -> [B, embed_dim] projected, un-normalised features.
 
         The feature is read at EOT, the last non-pad token. Counting non-pad tokens (in int32) rather
         than taking argmax over ids works for any tokenizer that pads after EOT and exports to ONNX,
@@ -323,17 +363,21 @@ class CLIP(nn.Module):
         return x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(image features, text features) L2-normalised, and exp(logit_scale): open_clip's contract."""
+        """(image features [B, embed_dim], text features [B, embed_dim]) L2-normalised, and
+        exp(logit_scale) as a 0-d tensor: open_clip's contract."""
         image = F.normalize(self.encode_image(images), dim=-1)
         text = F.normalize(self.encode_text(tokens), dim=-1)
         return image, text, self.logit_scale.exp()
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        """Keep the temperature in [1, 100] (the paper's cap); call after every optimiser step."""
+        """Keep exp(logit_scale) in [1, 100] (the paper's cap, Radford et al. 2021 sec. 2.5); call after
+        every optimiser step."""
         self.logit_scale.clamp_(0, math.log(100))
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute Transformer blocks in backward (text tower, and a ViT image tower): activation
+        memory for compute. A ResNet image tower is unaffected."""
         self.transformer.grad_checkpointing = enable
         if isinstance(self.visual, VisionTransformer):
             self.visual.transformer.grad_checkpointing = enable

@@ -16,7 +16,10 @@ def _matches(qk: torch.Tensor, gk: torch.Tensor) -> torch.Tensor:
 
 def ranks(queries: torch.Tensor, gallery: torch.Tensor, query_keys: torch.Tensor,
           gallery_keys: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
-    """1-based rank of each query's best-scoring hit (ties count in the query's favour).
+    """int64 [Nq]: 1-based rank of each query's best-scoring hit (ties count in the query's favour).
+
+    queries [Nq, D] and gallery [Ng, D] are scored by dot product (pass L2-normalised features for
+    cosine), in fp32; keys are int [Nq, K] and [Ng, K'] as described above.
 
     Two passes over the gallery: the first finds each query's best hit score, the second counts
     the gallery items scoring strictly higher. A query without any hit gets rank len(gallery)+1.
@@ -40,6 +43,7 @@ def ranks(queries: torch.Tensor, gallery: torch.Tensor, query_keys: torch.Tensor
 
 
 def summarize(r: torch.Tensor) -> dict[str, float]:
+    """Recall@1, @5, @10 (fractions in [0, 1]) and the mean and median rank of ranks [N] from `ranks`."""
     r = r.float()
     return {"r1": (r <= 1).float().mean().item(), "r5": (r <= 5).float().mean().item(),
             "r10": (r <= 10).float().mean().item(), "mean_rank": r.mean().item(),

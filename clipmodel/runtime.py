@@ -37,7 +37,8 @@ def default_threads() -> int:
 
 
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Options measured fastest for these encoders on CPU by benchmarks/onnx_latency.py.
+    """Options measured fastest for these encoders on CPU by benchmarks/onnx_latency.py; `threads`
+    (intra-op) defaults to `default_threads()`.
 
     One inference is a chain of dependent ops, so sequential execution with every thread inside the
     ops (intra-op) beats running independent branches in parallel; full graph optimisation adds the
@@ -55,7 +56,10 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scale: float,
           k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class indices [N, k] and their probabilities, softmax(logit_scale * cosine) over all classes."""
+    """Top-k class indices int64 [N, min(k, C)] and their probabilities [N, min(k, C)] (float32 for
+    float32 inputs), softmax(logit_scale * cosine) over all classes (Radford et al. 2021, sec. 3.1.2).
+
+    image_embeddings: [N, D], normalised here; class_embeddings: [C, D] unit vectors."""
     logits = logit_scale * unit(image_embeddings) @ class_embeddings.T
     logits -= logits.max(-1, keepdims=True)
     probs = np.exp(logits)
@@ -66,7 +70,9 @@ def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scal
 
 @dataclass(frozen=True)
 class Preprocess:
-    """preprocess.json: how pixels and text were prepared when the model was trained."""
+    """preprocess.json: how pixels and text were prepared when the model was trained. image_size in
+    pixels; mean and std per RGB channel on the [0, 1] scale; background 8-bit RGB; context_length in
+    tokens; logit_scale the exponentiated temperature."""
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -77,6 +83,11 @@ class Preprocess:
 
     @classmethod
     def read(cls, path: Path) -> Preprocess:
+        """Parse preprocess.json.
+
+        Raises: ValueError when it asks for a resize or crop other than `images.preprocess`'s;
+        KeyError for a missing field; FileNotFoundError when the file is missing.
+        """
         d = json.loads(path.read_text())
         if (d["resize"], d["crop"]) != ("shorter_side_bicubic", "center"):
             raise ValueError(f"{path}: resize={d['resize']!r}, crop={d['crop']!r} is not what images.preprocess does")
@@ -84,7 +95,11 @@ class Preprocess:
                    d["context_length"], d["logit_scale"], d["embed_dim"])
 
     def rgb(self, image: ImageSource) -> np.ndarray:
-        """uint8 [S, S, 3] from a path, encoded bytes or a PIL image, as ingest stored training images."""
+        """uint8 [S, S, 3] (S = image_size) from a path, encoded bytes or a PIL image, as ingest stored
+        training images.
+
+        Raises: ImageError with a reason code.
+        """
         if isinstance(image, Image.Image):
             return preprocess(np.asarray(to_rgb(ImageOps.exif_transpose(image), self.background)), self.image_size)
         return load_image(image, self.image_size, self.background)
@@ -98,7 +113,8 @@ class Preprocess:
 
 
 class ClipRuntime:
-    """Both encoders of one exported model folder, plus zero-shot classification and image search."""
+    """Both encoders of one exported model folder, plus zero-shot classification and image search.
+    Every embedding is float32 [N, D] and L2-normalised (D = preprocess.json's embed_dim)."""
 
     def __init__(self, folder: Path, image: ort.InferenceSession, text: ort.InferenceSession, tokenizer: Tokenizer,
                  pre: Preprocess):
@@ -106,6 +122,11 @@ class ClipRuntime:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> ClipRuntime:
+        """Open a folder written by `python -m clipmodel.export` on CPU with `threads` intra-op threads.
+
+        Raises: FileNotFoundError when the folder or one of its four files is missing; ValueError or
+        KeyError for a preprocess.json that `Preprocess.read` refuses.
+        """
         folder = Path(folder)
         if not folder.is_dir():
             raise FileNotFoundError(f"model folder {folder} not found; create it with `python -m clipmodel.export`")
@@ -121,15 +142,18 @@ class ClipRuntime:
                    Preprocess.read(folder / "preprocess.json"))
 
     def embed_pixels(self, images: np.ndarray) -> np.ndarray:
-        """uint8 [N, S, S, 3] preprocessed images -> unit embeddings [N, D]."""
+        """uint8 [N, S, S, 3] preprocessed images -> float32 [N, D] unit embeddings."""
         return self.image.run(None, {"pixels": self.pre.normalise(images)})[0]
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """Token ids [N, context] -> unit embeddings [N, D]."""
+        """int token ids [N, context_length] -> float32 [N, D] unit embeddings."""
         return self.text.run(None, {"tokens": tokens.astype(np.int64)})[0]
 
     def encode_images(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
-        """Unit embeddings [N, D]; an unreadable image raises ImageError naming it."""
+        """float32 [N, D] unit embeddings of paths, encoded bytes or PIL images.
+
+        Raises: ImageError naming the first unreadable image.
+        """
         out = np.empty((len(images), self.pre.embed_dim), np.float32)
         for start in range(0, len(images), batch_size):
             batch = [self._rgb_or_raise(image) for image in images[start:start + batch_size]]
@@ -145,7 +169,7 @@ class ClipRuntime:
             raise ImageError(e.reason, f"{image}: {e.detail}" if e.detail else str(image)) from None
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """Unit embeddings [N, D]; over-long texts are truncated as in training (EOT kept last)."""
+        """float32 [N, D] unit embeddings; over-long texts are truncated as in training (EOT kept last)."""
         tokens, _ = encode(self.tokenizer, list(texts))
         out = np.empty((len(texts), self.pre.embed_dim), np.float32)
         for start in range(0, len(texts), batch_size):
@@ -153,12 +177,16 @@ class ClipRuntime:
         return out
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-        """[C, D] class vectors: each label's prompt embeddings averaged (clipmodel.evaluation.class_vectors)."""
+        """float32 [C, D] unit class vectors: each label's prompt embeddings averaged
+        (clipmodel.evaluation.class_vectors)."""
         return class_vectors(self.encode_texts, labels, templates)
 
     def classify(self, images: Sequence[ImageSource], labels: Sequence[str],
                  templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5) -> list[list[tuple[str, float]]]:
-        """Per image, the k most probable labels with their probabilities (softmax over all labels)."""
+        """Per image, the min(k, C) most probable labels with their probabilities (softmax over all labels).
+
+        Raises: ValueError when `labels` is empty; ImageError naming the first unreadable image.
+        """
         if not labels:
             raise ValueError("no labels to classify into")
         index, probs = top_k(self.encode_images(images), self.class_embeddings(labels, templates),
@@ -166,7 +194,7 @@ class ClipRuntime:
         return [[(labels[i], float(p)) for i, p in zip(row_i, row_p)] for row_i, row_p in zip(index, probs)]
 
     def fingerprint(self) -> str:
-        """Identifies what an image embedding depends on: the image graph and preprocessing."""
+        """16 hex digits identifying what an image embedding depends on: the image graph and preprocessing."""
         h = hashlib.sha256((self.folder / "image_encoder.onnx").read_bytes())
         h.update((self.folder / "preprocess.json").read_bytes())
         return h.hexdigest()[:16]
@@ -177,7 +205,11 @@ class ClipRuntime:
 
         A cached embedding is reused while its file keeps the same size and mtime; new or changed files
         are embedded, deleted ones dropped. Files are stat-ed before they are read, so one modified
-        while being embedded is re-embedded next time rather than cached as current.
+        while being embedded is re-embedded next time rather than cached as current. The cache lives in
+        `cache_dir` (default $XDG_CACHE_HOME or ~/.cache, then clip-onnx); unreadable images are skipped
+        with a warning. Returns the paths, sorted by relative path, and float32 [N, D] unit embeddings.
+
+        Raises: FileNotFoundError when `image_dir` is not a folder.
         """
         root = Path(image_dir)
         if not root.is_dir():
@@ -213,7 +245,10 @@ class ClipRuntime:
 
     def search(self, query: str, image_dir: str | Path, top: int = 5,
                cache_dir: str | Path | None = None) -> list[tuple[Path, float]]:
-        """The `top` images under `image_dir` most similar to `query`, with their cosine similarity."""
+        """The `top` images under `image_dir` most similar to `query`, with their cosine similarity in [-1, 1].
+
+        Raises: FileNotFoundError when `image_dir` is not a folder; ValueError when it holds no readable image.
+        """
         paths, embeddings = self.index(image_dir, cache_dir)
         if not paths:
             raise ValueError(f"no readable images in {image_dir}")

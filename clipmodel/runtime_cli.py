@@ -20,6 +20,10 @@ from clipmodel.runtime import ClipRuntime
 
 
 def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`clip-onnx classify`: print each image's top labels and probabilities.
+
+    Raises: SystemExit (status 2) for bad labels or templates; ImageError for an unreadable image.
+    """
     labels = cli_args.labels_of(args, parser)
     templates = cli_args.templates_of(args, parser)
     width = max(map(len, labels))
@@ -30,10 +34,18 @@ def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.Argumen
 
 
 def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`clip-onnx zeroshot`: `cli_args.zeroshot` with the ONNX encoders.
+
+    Raises: SystemExit for bad templates or a labelled set that cannot be scored.
+    """
     cli_args.zeroshot(args, parser, rt.pre.rgb, lambda batch: rt.embed_pixels(np.stack(batch)), rt.encode_texts)
 
 
 def search(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """`clip-onnx search`: print the best-matching images, cosine similarity first.
+
+    Raises: FileNotFoundError when --images is not a folder; ValueError when it holds no readable image.
+    """
     for path, score in rt.search(args.query, args.images, args.top, args.cache):
         print(f"{score:.4f}  {printable(path)}")
 
@@ -44,6 +56,11 @@ def printable(path: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The `clip-onnx` command (argv: default sys.argv[1:]).
+
+    Raises: SystemExit, status 2 for usage errors (argparse) and 1 with a message for bad input (model
+    folder, image, labelled set, search folder).
+    """
     parser = argparse.ArgumentParser(prog="clip-onnx", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default="models/onnx", help="folder written by `python -m clipmodel.export`")

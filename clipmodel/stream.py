@@ -55,6 +55,8 @@ class BadSample(Exception):
 
 
 class Sample(NamedTuple):
+    """One decoded, checked training sample of a shard."""
+
     index: int           # the manifest row, from the key
     pixels: np.ndarray   # uint8 [S, S, 3]
     captions: list[str]
@@ -87,6 +89,15 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     `batch_size` is per rank. Use with DataLoader(batch_size=None, num_workers=...): each worker
     builds whole batches from its own shards. `epoch_samples` (e.g. the manifest's train count)
     gives len(), the nominal steps per epoch, which the training loop uses for epoch boundaries.
+    A batch: images float32 [B, 3, S, S] (cropped, normalised; S = image_size pixels), tokens int64
+    [B, L] (L <= context, trimmed), caption_ids int64 [B] (63-bit hash of the token row), image_index
+    int64 [B] (manifest rows). `shuffle_buffer` counts samples, not bytes.
+
+    Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair or a
+    batch_size or shuffle_buffer below 1. len() raises TypeError without `epoch_samples`. Iterating
+    raises ValueError without `resample` when there are fewer shards than readers, and RuntimeError
+    when as many shards in a row as there are shards held no usable sample (each skip is a
+    SkippedSample warning).
     """
 
     def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,

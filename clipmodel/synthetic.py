@@ -50,6 +50,8 @@ _HOLDOUT_STREAM, _ITEM_STREAM = 0, 1  # different seed-sequence lengths: the str
 
 @dataclass(frozen=True)
 class Object:
+    """One shape of a scene: values from SHAPES, COLORS, SIZES and POSITIONS."""
+
     shape: str
     color: str
     size: str
@@ -58,6 +60,8 @@ class Object:
 
 @dataclass(frozen=True)
 class Scene:
+    """Objects in distinct position slots on a background (one of BACKGROUNDS); `render` draws it."""
+
     objects: tuple[Object, ...]
     background: str
     seed: int  # drives background colours, noise and jitter when rendered
@@ -109,6 +113,7 @@ def holdout_pairs(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
 
     Pairs are taken along shuffled diagonals of the colour x shape grid, so each colour and each
     shape loses about the same number of partners and every one stays common in train.
+    `fraction` of the 64 pairs, rounded; the same (seed, fraction) always gives the same set.
     """
     rng = np.random.default_rng((seed, _HOLDOUT_STREAM))
     colors, shapes = rng.permutation(len(COLORS)), rng.permutation(len(SHAPES))
@@ -119,6 +124,11 @@ def holdout_pairs(seed: int, fraction: float) -> frozenset[tuple[str, str]]:
 
 def sample_scene(rng: np.random.Generator, max_objects: int,
                  excluded: frozenset[tuple[str, str]] = frozenset()) -> Scene:
+    """A random scene drawn from `rng`: 1..max_objects objects (at most one per slot), no (color, shape)
+    pair from `excluded`; an object sometimes repeats an earlier one's colour and shape (REPEAT).
+
+    Raises: ValueError (numpy's) when max_objects < 1 or `excluded` holds every pair.
+    """
     pairs = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in excluded]
     n = int(rng.integers(1, max_objects + 1))
     objects: list[Object] = []
@@ -174,6 +184,8 @@ def _grouped(objects: tuple[Object, ...], with_color: bool) -> list[str]:
 
 
 def caption(scene: Scene, rng: np.random.Generator, color_mention: float) -> str:
+    """One lower-case English caption of `scene` drawn from `rng`: per object or grouped by kind, from
+    varied templates and synonyms, naming colour with probability `color_mention` per phrase."""
     if rng.random() < 0.6:
         body = _join([_object_phrase(o, rng, color_mention) for o in scene.objects])
     else:
@@ -233,7 +245,8 @@ def _coverage(obj: Object, size: int, rng: np.random.Generator) -> Image.Image:
 
 
 def render(scene: Scene, size: int) -> np.ndarray:
-    """uint8 [size, size, 3]; a pure function of the scene, so the same seed gives the same bytes."""
+    """uint8 [size, size, 3] (size in pixels); a pure function of the scene, so the same seed gives the
+    same bytes."""
     rng = np.random.default_rng(scene.seed)
     background = _background(scene.background, size, rng)
     canvas = Image.fromarray(np.clip(np.rint(background), 0, 255).astype(np.uint8))

@@ -27,6 +27,12 @@ def _normalizer() -> normalizers.Normalizer:
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) -> Tokenizer:
+    """Byte-level BPE (Sennrich et al. 2016; GPT-2's byte-level variant, as CLIP's text encoder uses)
+    of at most `vocab_size` entries, the three special tokens included, trained on `texts`. Encodings
+    are SOT ... EOT, truncated and padded to `context_length` tokens.
+
+    Raises: AssertionError if the trainer did not give PAD, SOT and EOT the ids 0, 1 and 2.
+    """
     tok = Tokenizer(models.BPE())
     tok.normalizer = _normalizer()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -50,22 +56,31 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, context_length: int) 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """tokenizer.json with `encode_special_tokens` on, which the file format does not keep: a caption
     that contains the text "<pad>" or "<end_of_text>" is then encoded as text, instead of putting a
-    pad or EOT id mid-caption where the text tower's EOT pooling would stop."""
+    pad or EOT id mid-caption where the text tower's EOT pooling would stop.
+
+    Raises: Exception (tokenizers' own) when the file is missing or not a tokenizer.
+    """
     tok = Tokenizer.from_file(str(path))
     tok.encode_special_tokens = True
     return tok
 
 
 def context_length(tok: Tokenizer) -> int:
+    """The padded length of every encoding, in tokens (SOT and EOT included).
+
+    Raises: TypeError for a tokenizer without padding, i.e. not one of `train_tokenizer`'s.
+    """
     return tok.padding["length"]
 
 
 def normalize(tok: Tokenizer, text: str) -> str:
+    """`text` as the tokenizer sees it before BPE: NFC, lower-case, whitespace runs as one space, stripped.
+    Equal results encode to equal token rows (the caption ids of `data.Corpus.caption_ids`)."""
     return tok.normalizer.normalize_str(text)
 
 
 def encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids int32 [N, context_length] and, per text, whether it was truncated."""
+    """Token ids int32 [N, context_length] and, per text, whether it was truncated: bool [N]."""
     encodings = tok.encode_batch(texts)
     ids = np.array([e.ids for e in encodings], dtype=np.int32).reshape(len(texts), context_length(tok))
     truncated = np.array([bool(e.overflowing) for e in encodings], dtype=bool)
@@ -73,11 +88,12 @@ def encode(tok: Tokenizer, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def trim_padding(ids: np.ndarray) -> np.ndarray:
-    """Drop the pad columns that every row has. Exact for the causal text tower (no position attends
-    to a later one, so the feature at EOT is unchanged) and it makes the tower's cost follow the
-    batch's longest caption rather than the context length."""
+    """int [N, L] -> [N, L'] (a view, L' >= 1): the pad columns that every row has dropped. Exact for the
+    causal text tower (no position attends to a later one, so the feature at EOT is unchanged) and it
+    makes the tower's cost follow the batch's longest caption rather than the context length."""
     return ids[:, :max(1, int((ids != PAD_ID).sum(1).max(initial=0)))]
 
 
 def decode(tok: Tokenizer, ids: Iterable[int]) -> str:
+    """The text of token ids, special tokens (PAD, SOT, EOT) dropped; normalised, so lower-case."""
     return tok.decode(list(ids), skip_special_tokens=True)
