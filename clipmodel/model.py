@@ -389,7 +389,7 @@ def param_groups(model: nn.Module, weight_decay: float, vision_lr: float | None 
 
     `vision_lr` gives the image tower (`model.visual`) its own peak learning rate: the BatchNorm ResNet
     learns shape several times faster at a rate the text Transformer and the temperature do not
-    tolerate (README, "What moved the numbers")."""
+    tolerate (docs/experiments.md)."""
     tower = getattr(model, "visual", None) if vision_lr is not None else None
     visual = {id(p) for p in tower.parameters()} if isinstance(tower, nn.Module) else set()
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {(v, d): [] for v in (False, True) for d in (True, False)}

@@ -161,7 +161,7 @@ def _plural(shape: str) -> str:
 # Colour alone tells most scenes in a batch apart, so captions that always name it let the contrastive
 # task ignore shape and place (a shortcut). Leaving colour out of about half the phrases forces the other
 # cues; leaving it out of more trades colour accuracy for shape and position, out of fewer the reverse
-# (params data.synthetic.color_mention; README, "Results").
+# (params data.synthetic.color_mention; docs/results.md).
 COLOR_MENTION = 0.5625
 
 
