@@ -44,7 +44,7 @@ from clipmodel.encoder import Encoder  # noqa: E402
 from clipmodel.evaluation import LabelledSet, score  # noqa: E402
 from clipmodel.images import decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
-from pipeline.loop import resolve_device, resolve_precision  # noqa: E402
+from pipeline.device import resolve_device, resolve_precision  # noqa: E402
 
 EVAL_SETS = ("eval_cross_style", "eval_unseen")
 REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")

@@ -30,7 +30,8 @@ from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
 from pipeline.loop import Objective, backward  # noqa: E402
-from pipeline.train import clip_objective, clip_split, model_config  # noqa: E402
+from pipeline.objectives import clip_objective, clip_split  # noqa: E402
+from pipeline.run import model_config  # noqa: E402
 
 # The ViT the project defaulted to before the ResNet recipe: 4 layers of width 128, patch 8.
 VIT = {"vision": "vit", "embed_dim": 128, "vision_width": 128, "vision_layers": 4, "vision_heads": 4,

@@ -46,8 +46,9 @@ from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
-from pipeline.loop import Objective, autocast, backward, resolve_device, resolve_precision  # noqa: E402
-from pipeline.train import clip_objective, clip_split  # noqa: E402
+from pipeline.device import autocast, resolve_device, resolve_precision  # noqa: E402
+from pipeline.loop import Objective, backward  # noqa: E402
+from pipeline.objectives import clip_objective, clip_split  # noqa: E402
 
 
 def make_workspace(root: Path, images: int) -> None:

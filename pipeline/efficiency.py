@@ -1,20 +1,17 @@
 """The data-efficiency study (the paper's Figure 2): how many images each objective needs to learn zero-shot.
 
     python -m pipeline.efficiency train contrastive|bow|decoder|encoder_decoder
-    python -m pipeline.efficiency report
 
 Every objective trains with `pipeline.loop.fit` on the same data, image encoder, batch, optimiser,
 schedule and budget of images seen; only the model head and loss differ. Zero-shot top-1 on the
 test tasks is measured at log-spaced numbers of images seen (from `Objective.on_step`), each point
-logged to MLflow with step = images seen. `report` finds the images each objective needed to
-reach the target accuracy and writes reports/efficiency.json and reports/plots/efficiency.png.
+logged to MLflow with step = images seen; `pipeline.efficiency_report` compares the curves.
 Stages in efficiency/dvc.yaml, outside the default `dvc repro`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
 from collections.abc import Callable
@@ -41,13 +38,11 @@ from clipmodel.images import load_image
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
-from pipeline.plots import efficiency_curves
-from pipeline.loop import Batch, Objective, fit, load_checkpoint, resolve_device
-from pipeline.train import DATA, clip_objective, model_config, run_fingerprint
+from pipeline.loop import Batch, Objective, fit, load_checkpoint
+from pipeline.objectives import clip_objective
+from pipeline.run import DATA, model_config, prepare, run_fingerprint
 
 OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
-CAPTIONERS = ("decoder", "encoder_decoder")
-PAPER = {"contrastive_vs_bow": 4.0, "bow_vs_captioning": 3.0}  # CLIP paper, Figure 2
 CHECKPOINTS = Path("checkpoints/efficiency")
 RESULTS = Path("reports/efficiency")
 MODELS = Path("models/efficiency")
@@ -153,9 +148,7 @@ def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: P
 def train(objective: str) -> None:
     p = load_params()
     e, bs = p.efficiency, p.train.batch_size
-    torch.manual_seed(p.train.seed)
-    device = resolve_device(p.train.device)
-    corpus = Corpus.load(DATA)
+    device, corpus = prepare(p)
     tok = load_tokenizer(DATA / "tokenizer.json")
     model, loss, arch = build(objective, p, tok.get_vocab_size())
     model.to(device)
@@ -218,75 +211,10 @@ def train(objective: str) -> None:
     print(f"efficiency {objective}: done in {wall:.0f} s ({eval_s[0]:.0f} s zero-shot); wrote {MODELS / objective}")
 
 
-def images_to_reach(curve: list[dict], target: float) -> float | None:
-    """Images seen when the accuracy first reaches `target`, interpolated linearly in log(images)
-    between the two checkpoints around the crossing; None if it never does within the budget."""
-    for before, after in zip([None, *curve], curve):
-        if after["top1"] >= target:
-            if before is None:
-                return float(after["images_seen"])  # at or before the first checkpoint
-            f = (target - before["top1"]) / (after["top1"] - before["top1"])
-            return math.exp(math.log(before["images_seen"]) + f * math.log(after["images_seen"] / before["images_seen"]))
-    return None
-
-
-def report() -> None:
-    p = load_params()
-    e = p.efficiency
-    missing = [o for o in OBJECTIVES if not (RESULTS / f"{o}.json").exists()]
-    if missing:
-        raise SystemExit(f"efficiency: no results for {', '.join(missing)} in {RESULTS}/; "
-                         f"run `python -m pipeline.efficiency train <objective>` first")
-    results = {o: json.loads((RESULTS / f"{o}.json").read_text()) for o in OBJECTIVES}
-    target = e.target_accuracy or 0.5 * results["contrastive"]["curve"][-1]["top1"]
-    reach = {o: images_to_reach(r["curve"], target) for o, r in results.items()}
-    budget = max(r["budget_images"] for r in results.values())
-    # The paper had one captioning model; here the faster of our two captioners stands for it.
-    captioning = min(CAPTIONERS, key=lambda o: reach[o] if reach[o] is not None else math.inf)
-
-    def ratio(slow: str, fast: str) -> tuple[float | None, float | None]:
-        """(images slow / images fast, or a lower bound when `slow` never got there)."""
-        if reach[fast] is None:
-            return None, None
-        if reach[slow] is None:
-            return None, budget / reach[fast]
-        return reach[slow] / reach[fast], None
-
-    ratios, bounds = {}, {}
-    for key, slow, fast in (("contrastive_vs_bow", "bow", "contrastive"), ("bow_vs_captioning", captioning, "bow")):
-        ratios[key], bounds[key] = ratio(slow, fast)
-    out = {
-        "target_accuracy": target,
-        "target_rule": "efficiency.target_accuracy" if e.target_accuracy else "half the contrastive final top-1",
-        "tasks": list(e.tasks), "budget_images": budget, "images_to_target": reach,
-        "ratios": ratios, "ratios_at_least": {k: v for k, v in bounds.items() if v is not None},
-        "captioning": captioning, "paper_ratios": PAPER,
-        "final_top1": {o: r["curve"][-1]["top1"] for o, r in results.items()},
-        "wall_s": {o: r["wall_s"] for o, r in results.items()},
-        "curves": {o: {"images_seen": [pt["images_seen"] for pt in r["curve"]],
-                       "top1": [pt["top1"] for pt in r["curve"]],
-                       "tasks": {t: [pt["tasks"][t] for pt in r["curve"]] for t in r["curve"][0]["tasks"]}}
-                   for o, r in results.items()},
-    }
-    write_json("reports/efficiency.json", out)
-    plot = efficiency_curves(Path("reports/plots/efficiency.png"),
-                             {o: (c["images_seen"], c["top1"]) for o, c in out["curves"].items()}, target)
-    with tracking.mlflow.start_run(experiment_id=tracking._experiment(EXPERIMENT), run_name="efficiency-report",
-                                   tags={"study": "efficiency", "git_commit": tracking.git_commit()}):
-        tracking.mlflow.log_metrics({"target_accuracy": target,
-                                     **{f"ratio.{k}": v for k, v in ratios.items() if v is not None},
-                                     **{f"images_to_target.{o}": v for o, v in reach.items() if v is not None}})
-        tracking.mlflow.log_artifact("reports/efficiency.json")
-        tracking.mlflow.log_artifact(str(plot), "plots")
-    print(f"efficiency: target {target:.3f}; images to reach it {reach}; ratios {ratios} (paper {PAPER})")
-
-
 def main(argv: list[str]) -> None:
-    if argv[:1] == ["report"] and len(argv) == 1:
-        return report()
     if argv[:1] == ["train"] and len(argv) == 2 and argv[1] in OBJECTIVES:
         return train(argv[1])
-    raise SystemExit(f"usage: python -m pipeline.efficiency train {{{'|'.join(OBJECTIVES)}}} | report")
+    raise SystemExit(f"usage: python -m pipeline.efficiency train {{{'|'.join(OBJECTIVES)}}}")
 
 
 if __name__ == "__main__":

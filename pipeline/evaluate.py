@@ -20,7 +20,7 @@ from clipmodel.encoder import Encoder
 from clipmodel.io import write_json
 from clipmodel.retrieval import ranks, summarize
 from pipeline import plots, tracking
-from pipeline.loop import resolve_device
+from pipeline.device import resolve_device
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.params import load_params
 from pipeline.tasks import Task, canonical_scene, tasks_for

@@ -16,7 +16,7 @@ import csv
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +32,7 @@ from clipmodel.io import atomic_path
 from clipmodel.model import param_groups
 from clipmodel.stream import StreamingBatches
 from pipeline import tracking
+from pipeline.device import autocast, resolve_precision
 from pipeline.params import TrainParams
 
 Batch = dict[str, torch.Tensor]
@@ -60,14 +61,6 @@ class Objective:
     loss_from_features: Callable[[tuple[torch.Tensor, ...], Batch], torch.Tensor] | None = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("train: params.yaml train.device is 'cuda' but no CUDA device is available")
-    return torch.device(name)
-
-
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if step < warmup:
@@ -75,23 +68,6 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return factor
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """'auto' is bf16 autocast where bf16 matmuls run natively (CUDA with bf16, CPUs with AMX or
-    AVX512-BF16: 1.4x the fp32 step on this CPU, same accuracy) and fp32 elsewhere, where emulated
-    bf16 is slower than fp32."""
-    if name != "auto":
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported() else "fp32"
-
-
-def autocast(device: torch.device, precision: str):
-    """Autocast for a resolved precision (fp32, bf16, fp16): resolve 'auto' once, outside the step."""
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
@@ -102,22 +78,6 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
         print(f"train: {path} is from other params or data; starting fresh")
         return None
     return state
-
-
-def _read_log(path: Path, upto: int) -> list[dict]:
-    if upto == 0 or not path.exists():
-        return []
-    with open(path) as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if float(row["step"]) <= upto]
-
-
-def _write_log(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        # a run resumed from an older checkpoint may log more columns than its first rows have
-        fields = list(dict.fromkeys(k for row in rows for k in row)) or ["step", "loss"]
-        writer = csv.DictWriter(f, fieldnames=fields, restval="nan")
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def micro_batches(batch: Batch, n: int) -> list[Batch]:
@@ -178,117 +138,195 @@ def grad_cache(obj: Objective, net: nn.Module, batch: Batch, accum: int, device:
     return distributed.mean(loss.detach())
 
 
-def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainParams, device: torch.device, total: int,
-        fingerprint: str, state: dict | None, run_id: str | None) -> list[dict]:
-    """The training loop shared by every objective: `total` steps of `data` (epochs wrap around).
+class TrainState:
+    """What a checkpoint holds: the model, AdamW, the warmup-cosine schedule, the grad scaler, the
+    RNG states, the global step and the logged curve. Saved and restored here and nowhere else."""
 
-    Every rank calls it with the same arguments; rank 0 alone logs, validates and writes files.
-    Returns the logged rows (step, loss, lr, ...)."""
-    model = obj.model
-    world, rank, main = distributed.world(), distributed.rank(), distributed.is_main()
+    def __init__(self, model: nn.Module, tp: TrainParams, total: int, device: torch.device, precision: str):
+        self.model, self.step, self.rows = model, 0, []
+        self.opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.vision_lr), lr=tp.lr, betas=tp.betas,
+                                     eps=tp.eps)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(round(tp.warmup_fraction * total), total))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+
+    def restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot["model"])
+        self.opt.load_state_dict(snapshot["optimizer"])
+        self.sched.load_state_dict(snapshot["scheduler"])
+        self.scaler.load_state_dict(snapshot["scaler"])
+        torch.set_rng_state(snapshot["torch_rng"])
+        if snapshot["cuda_rng"]:
+            torch.cuda.set_rng_state_all(snapshot["cuda_rng"])
+        self.step = snapshot["step"]
+        self.rows = snapshot.get("log") or []
+
+    def save(self, path: Path, fingerprint: str, run_id: str | None) -> None:
+        snapshot = {"step": self.step, "fingerprint": fingerprint, "run_id": run_id, "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "scaler": self.scaler.state_dict(), "torch_rng": torch.get_rng_state(),
+                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                    "log": self.rows}  # the curve so far: outputs deleted since (dvc repro -f) are rebuilt on resume
+        with atomic_path(path) as tmp:
+            torch.save(snapshot, tmp)
+
+
+def train_step(obj: Objective, net: nn.Module, state: TrainState, batch: Batch, tp: TrainParams,
+               device: torch.device, precision: str) -> torch.Tensor | None:
+    """One optimiser step on this rank's share of a batch: forward and backward in tp.accum_steps
+    micro-batches (`backward`), clipping, the update and the schedule. Returns the 0-dim loss, or
+    None when it was not finite: the update is skipped, the schedule (and the data) move on."""
+    loss = backward(obj, net, batch, tp.accum_steps, device, precision, state.scaler)
+    if not torch.isfinite(loss):
+        state.opt.zero_grad(set_to_none=True)
+        state.sched.step()
+        return None
+    if tp.grad_clip > 0:
+        state.scaler.unscale_(state.opt)
+        torch.nn.utils.clip_grad_norm_(state.model.parameters(), tp.grad_clip)
+    state.scaler.step(state.opt)
+    state.scaler.update()
+    state.opt.zero_grad(set_to_none=True)
+    state.sched.step()
+    obj.after_step()
+    return loss
+
+
+def rank_batches(data: ContrastiveBatches | StreamingBatches, start: int, total: int, tp: TrainParams,
+                 device: torch.device) -> Iterable[Batch]:
+    """This rank's share of batches start..total-1, loaded by tp.workers processes."""
+    world, rank, pin = distributed.world(), distributed.rank(), device.type == "cuda"
+    if isinstance(data, StreamingBatches):  # each rank streams its own share; a resumed run draws a fresh stream
+        data.start_step = start
+        return torch.utils.data.DataLoader(data, batch_size=None, num_workers=tp.workers, pin_memory=pin)
+    # batch k is the global batch k: each rank takes its contiguous rows
+    share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)
+    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total), num_workers=tp.workers,
+                                         pin_memory=pin)
+    return ({k: v[share] for k, v in batch.items()} for batch in loader)
+
+
+class CsvLog:
+    """The curve as reports/<stage>_log.csv: rows kept in memory, the file rewritten at checkpoints."""
+
+    def __init__(self, path: Path, rows: list[dict], start: int):
+        self.path, self.rows = path, rows
+        if start and not rows and path.exists():  # older checkpoints hold no curve: read it back from the CSV
+            with open(path) as f:
+                rows += [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f) if float(row["step"]) <= start]
+        if start:
+            self.write()
+
+    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+        self.rows.append({"step": step, **metrics})
+
+    def write(self) -> None:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            # a run resumed from an older checkpoint may log more columns than its first rows have
+            fields = list(dict.fromkeys(k for row in self.rows for k in row)) or ["step", "loss"]
+            writer = csv.DictWriter(f, fieldnames=fields, restval="nan")
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def mlflow_log(step: int, metrics: dict[str, float]) -> None:
+    if tracking.mlflow.active_run() is not None:
+        tracking.mlflow.log_metrics(metrics, step=step)
+
+
+def check_layout(obj: Objective, tp: TrainParams, world: int) -> None:
+    """Raises SystemExit (one line) when the batch does not split into ranks x micro-batches, or the
+    objective cannot train data-parallel."""
     if tp.batch_size % (world * tp.accum_steps):
         raise SystemExit(f"train: train.batch_size={tp.batch_size} must be divisible by {world} process(es) "
                          f"x train.accum_steps={tp.accum_steps}")
     if world > 1 and obj.features is None:
         raise SystemExit("train: data-parallel training needs an Objective with features and loss_from_features")
-    opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.vision_lr), lr=tp.lr, betas=tp.betas, eps=tp.eps)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(round(tp.warmup_fraction * total), total))
+
+
+class Throughput:
+    """Samples per second since the previous call (every step counts, skipped ones too)."""
+
+    def __init__(self, step: int, batch_size: int):
+        self.clock, self.step, self.batch_size = time.perf_counter(), step, batch_size
+
+    def __call__(self, step: int) -> float:
+        now = time.perf_counter()
+        rate = (step - self.step) * self.batch_size / (now - self.clock)
+        self.clock, self.step = now, step
+        return rate
+
+
+def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainParams, device: torch.device, total: int,
+        fingerprint: str, snapshot: dict | None, run_id: str | None) -> list[dict]:
+    """The training loop shared by every objective: `total` steps of `data` (epochs wrap around),
+    resumed from `snapshot` (a checkpoint matching `fingerprint`) when given.
+
+    Every rank calls it with the same arguments; rank 0 alone logs, validates and writes files.
+    Returns the logged rows (step, loss, lr, ...). Raises SystemExit (one line) when the batch does
+    not divide into ranks x micro-batches, or after tp.max_bad_steps non-finite losses in a row."""
+    world, main = distributed.world(), distributed.is_main()
+    check_layout(obj, tp, world)
     precision = resolve_precision(tp.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
-    start = 0
-    if state is not None:
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
+    state = TrainState(obj.model, tp, total, device, precision)
+    if snapshot is not None:
+        state.restore(snapshot)
         if main:
-            print(f"train: resuming at step {start}/{total}")
-    net = model
-    if world > 1:
-        if device.type == "cuda":  # batch statistics over the global batch, as on one GPU (gloo has no SyncBatchNorm)
-            nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
-    if tp.compile:
-        model.compile()
-
-    def save(step: int) -> None:
-        snapshot = {"step": step, "fingerprint": fingerprint, "run_id": run_id, "model": model.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                    "torch_rng": torch.get_rng_state(),
-                    "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-                    "log": rows}  # the curve so far: outputs deleted since (dvc repro -f) are rebuilt on resume
-        with atomic_path(obj.checkpoint) as tmp:
-            torch.save(snapshot, tmp)
-
-    log = tracking.mlflow.active_run() is not None
-    pin = device.type == "cuda"
-    if isinstance(data, StreamingBatches):  # each rank streams its own share; a resumed run draws a fresh stream
-        data.start_step = start
-        loader = torch.utils.data.DataLoader(data, batch_size=None, num_workers=tp.workers, pin_memory=pin)
-        share = slice(None)
-    else:  # batch k is the global batch k: each rank takes its contiguous rows
-        loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total),
-                                             num_workers=tp.workers, pin_memory=pin)
-        share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)
-    rows: list[dict] = []
-    if main and state is not None:  # older checkpoints hold no curve: read it back from the CSV
-        rows = state.get("log") or _read_log(obj.log_csv, start)
-        _write_log(obj.log_csv, rows)
-    bad, t_last, n_last = 0, time.perf_counter(), 0
-    model.train()
-    bar = tqdm(zip(range(start, total), loader), total=total, initial=start, desc="train", unit="step",
-               dynamic_ncols=True, disable=not main,
+            print(f"train: resuming at step {state.step}/{total}")
+    net = parallel(obj.model, world, device, tp.compile)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
                mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
-    for step, batch in bar:
-        n_last += tp.batch_size
-        batch = {k: v[share].to(device, non_blocking=True) for k, v in batch.items()}
-        loss = backward(obj, net, batch, tp.accum_steps, device, precision, scaler)
-        if not torch.isfinite(loss):
-            bad += 1
-            opt.zero_grad(set_to_none=True)
-            sched.step()  # the data position moves on; the skipped batch is not retried
-            if log:
-                tracking.mlflow.log_metric("skipped_steps", bad, step=step)
+    csv_log = CsvLog(obj.log_csv, state.rows, state.step) if main else None
+    loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})] if main else []
+    bad, speed = 0, Throughput(state.step, tp.batch_size)
+    obj.model.train()
+    for step, batch in zip(range(state.step, total), rank_batches(data, state.step, total, tp, device)):
+        loss = train_step(obj, net, state, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tp,
+                          device, precision)
+        state.step = done = step + 1
+        bar.update()
+        bad = 0 if loss is not None else bad + 1
+        if bad:
+            mlflow_log(step, {"skipped_steps": bad})
             if bad >= tp.max_bad_steps:
                 raise SystemExit(f"train: {bad} non-finite losses in a row at step {step}; "
                                  f"stopped, last good checkpoint kept at {obj.checkpoint}")
             continue
-        bad = 0
-        if tp.grad_clip > 0:
-            scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tp.grad_clip)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        sched.step()
-        obj.after_step()
         if not main:
             continue
-        obj.on_step(step + 1)
-        if (step + 1) % tp.log_every == 0 or step + 1 == total:
-            now = time.perf_counter()
-            lrs = sched.get_last_lr()  # param_groups puts the image tower's groups last
+        obj.on_step(done)
+        if done % tp.log_every == 0 or done == total:
+            lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
             metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
-                       **obj.step_metrics(),
-                       "samples_per_s": n_last / (now - t_last)}
-            t_last, n_last = now, 0
-            rows.append({"step": step + 1, **metrics})
-            if log:
-                tracking.mlflow.log_metrics(metrics, step=step + 1)
-            bar.set_postfix({k: f"{v:.3g}" for k, v in metrics.items()})
-        if (step + 1) % len(data) == 0:
-            model.eval()
-            val = obj.validate()
-            model.train()
-            if log and val:
-                tracking.mlflow.log_metrics({**val, "epoch": (step + 1) // len(data)}, step=step + 1)
-            bar.write(f"epoch {(step + 1) // len(data)}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
-        if (step + 1) % tp.checkpoint_every == 0 or step + 1 == total:
-            _write_log(obj.log_csv, rows)
-            save(step + 1)
+                       **obj.step_metrics(), "samples_per_s": speed(done)}
+            for log in loggers:
+                log(done, metrics)
+        if done % len(data) == 0:
+            validate(obj, done // len(data), done, bar)
+        if done % tp.checkpoint_every == 0 or done == total:
+            csv_log.write()
+            state.save(obj.checkpoint, fingerprint, run_id)
     bar.close()
-    return rows
+    return state.rows
+
+
+def parallel(model: nn.Module, world: int, device: torch.device, compile: bool) -> nn.Module:
+    """The module the step runs through: DDP-wrapped when data-parallel (with SyncBatchNorm on CUDA,
+    so batch statistics cover the global batch as on one GPU; gloo has none), compiled if asked."""
+    net = model
+    if world > 1:
+        if device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        net = DistributedDataParallel(model, device_ids=[torch.cuda.current_device()] if device.type == "cuda" else None)
+    if compile:
+        model.compile()
+    return net
+
+
+def validate(obj: Objective, epoch: int, step: int, bar: tqdm) -> None:
+    """obj.validate at an epoch's end, in eval mode; its metrics go to MLflow and the log."""
+    obj.model.eval()
+    val = obj.validate()
+    obj.model.train()
+    if val:
+        mlflow_log(step, {**val, "epoch": epoch})
+    bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))

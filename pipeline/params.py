@@ -16,7 +16,6 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from clipmodel.synthetic import COLOR_MENTION
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -30,7 +29,7 @@ class SyntheticSource(Section):
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
     captions_per_image: int = Field(5, ge=1)
-    color_mention: float = Field(COLOR_MENTION, ge=0.0, le=1.0)
+    color_mention: float = Field(0.5625, ge=0.0, le=1.0)
 
 
 class CsvSource(Section):
@@ -148,7 +147,7 @@ class TrainParams(Section):
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
     log_every: int = Field(10, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader processes; 0 assembles batches in the training process
-    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (torchrun); batch_size is the global batch
+    nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (clipmodel.distributed.relaunch); batch_size is the global batch
     local_loss: bool = False  # each process computes only its rows of the logit matrices: same gradients, less memory
     accum_steps: int = Field(1, ge=1)  # micro-batches per batch; exact for the contrastive loss (GradCache)
     grad_checkpointing: bool = False  # recompute transformer activations in backward: memory for compute

@@ -20,11 +20,10 @@ from clipmodel import synthetic
 from clipmodel.data import ContrastiveBatches, Corpus, to_tensor
 from clipmodel.io import write_json
 from clipmodel.model import vision_tower
-from clipmodel.tokenizer import load_tokenizer
 from pipeline import tracking
 from pipeline.params import load_params
-from pipeline.loop import Objective, fit, load_checkpoint, resolve_device
-from pipeline.train import DATA, model_config, run_fingerprint
+from pipeline.loop import Objective, fit, load_checkpoint
+from pipeline.run import DATA, model_config, prepare, run_fingerprint
 
 REPORT = Path("reports/supervised.json")
 
@@ -61,11 +60,9 @@ def main() -> None:
     if p.data.source != "synthetic":
         write_json(REPORT, {"metrics": {}, "skipped": "needs the synthetic data's shape labels"})
         return
-    torch.manual_seed(p.train.seed)
-    device = resolve_device(p.train.device)
-    corpus = Corpus.load(DATA)
+    device, corpus = prepare(p)
     labels = shape_labels(corpus)
-    cfg = model_config(p, load_tokenizer(DATA / "tokenizer.json").get_vocab_size())
+    cfg = model_config(p, p.tokenize.vocab_size)  # the vision tower alone: the vocabulary plays no part
     model = Classifier(vision_tower(cfg), cfg.embed_dim, len(synthetic.SHAPES)).to(device)
 
     single = np.flatnonzero(labels >= 0)

@@ -4,97 +4,33 @@ The loop is `pipeline.loop.fit`; this stage supplies the CLIP objective (the sym
 or sigmoid loss over the global batch, split into features and loss so that accumulation is exact
 and data-parallel ranks see every negative), validation, and the model files.
 
-With train.nproc > 1 the stage re-launches itself through torchrun (or is started by torchrun
-directly, on one or several nodes).
+With train.nproc > 1 the stage re-launches itself as that many processes on 127.0.0.1
+(clipmodel.distributed.relaunch), or is started by torchrun directly, on one or several nodes.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import resource
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel
-from torch import nn
 
 from clipmodel import distributed
 from clipmodel.checkpoint import save_safetensors
 from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
-from clipmodel.loss import contrastive_loss, positives_from_ids, sigmoid_loss
 from clipmodel.model import CLIP, CLIPConfig
 from clipmodel.stream import StreamingBatches
 from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
-from pipeline.loop import Batch, Objective, autocast, fit, load_checkpoint, resolve_device, resolve_precision
+from pipeline.device import autocast, resolve_precision
+from pipeline.loop import Objective, fit, load_checkpoint
+from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
-
-DATA = Path("data")
-MODELS = Path("models")
-
-
-def model_config(p: Params, vocab_size: int) -> CLIPConfig:
-    m = p.model
-    return CLIPConfig(
-        embed_dim=m.embed_dim, image_size=p.data.image_size, vision=m.vision,
-        vision_width=m.vision_width, vision_layers=m.vision_layers, vision_heads=m.vision_heads,
-        vision_patch_size=m.vision_patch_size, context_length=p.tokenize.context_length,
-        vocab_size=vocab_size, text_width=m.text_width, text_heads=m.text_heads,
-        text_layers=m.text_layers,
-        init_logit_bias=-10.0 if p.train.loss == "sigmoid" else None,
-    )
-
-
-def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:
-    """What a checkpoint must match to be resumed: every setting that changes the weights, with the
-    params section (`own`) of a stage that has one beside train's."""
-    train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
-                                        "local_loss", "grad_checkpointing", "compile"})
-    blob = json.dumps([kind, own and own.model_dump(), p.model.model_dump(), train, p.tokenize.model_dump(),
-                       p.data.image_size, data_fp],
-                      sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def clip_loss(p: Params, image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-              caption_ids: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-    positives = positives_from_ids(caption_ids) if p.train.multi_positive else None
-    if p.train.loss == "sigmoid":
-        return sigmoid_loss(image, text, scale, bias, positives, rows)
-    return contrastive_loss(image, text, scale, positives, rows)
-
-
-def clip_objective(model: CLIP, p: Params) -> Callable[[Batch], torch.Tensor]:
-    """The loss of one batch in one process."""
-    def loss(batch: Batch) -> torch.Tensor:
-        image, text, scale = model(batch["images"], batch["tokens"])
-        return clip_loss(p, image, text, scale, model.logit_bias, batch["caption_ids"])
-    return loss
-
-
-def clip_split(model: CLIP, p: Params) -> tuple[Callable, Callable]:
-    """`clip_objective` as Objective.features and .loss_from_features. The loss sees the global batch:
-    every rank's features are gathered with their gradients, so each rank's images meet all texts
-    as negatives. With train.local_loss a rank computes only its own rows of the logit matrices
-    (against all columns): O(B/N x B) memory instead of O(B x B), the same gradients."""
-    def features(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
-        image, text, scale = net(batch["images"], batch["tokens"])
-        return (image, text, scale) if model.logit_bias is None else (image, text, scale, model.logit_bias)
-
-    def loss_from_features(features: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
-        image, text, scale, *bias = features
-        n, r = len(image), distributed.rank()
-        rows = slice(r * n, (r + 1) * n) if p.train.local_loss else None
-        return clip_loss(p, distributed.gather(image), distributed.gather(text), scale, bias[0] if bias else None,
-                         distributed.gather(batch["caption_ids"]), rows)
-    return features, loss_from_features
-
+from pipeline.run import DATA, MODELS, model_config, prepare, run_fingerprint
 
 @torch.no_grad()
 def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
@@ -144,11 +80,9 @@ def main() -> None:
     p = load_params()
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train")
-    torch.manual_seed(p.train.seed)
-    device = resolve_device(p.train.device)
+    device, corpus = prepare(p)
     gpu = device.type == "cuda"
     distributed.init(device)
-    corpus = Corpus.load(DATA)
     tok = load_tokenizer(DATA / "tokenizer.json")
     cfg = model_config(p, tok.get_vocab_size())
     model = CLIP(cfg).to(device)

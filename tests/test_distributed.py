@@ -28,7 +28,7 @@ from clipmodel.model import CLIP, CLIPConfig, vision_tower
 from conftest import ROOT, TINY, merge, run_stage, stage_env, write_params
 from pipeline.params import Params
 from pipeline.loop import Objective, backward
-from pipeline.train import clip_objective, clip_split
+from pipeline.objectives import clip_objective, clip_split
 
 CFG = CLIPConfig(embed_dim=16, image_size=32, vision="vit", vision_width=32, vision_layers=2, vision_heads=2,
                  vision_patch_size=8, context_length=16, vocab_size=300, text_width=32, text_heads=2, text_layers=2)
@@ -186,7 +186,7 @@ def clone(workspace, dest):
 
 def test_stage_resumed_on_two_processes_matches_one_process(workspace, tmp_path_factory):
     """A one-process run killed mid-way and resumed with train.nproc: 2 (`python -m pipeline.train`
-    re-launches itself through torchrun) ends with the weights of an uninterrupted one-process run.
+    re-launches itself as N processes) ends with the weights of an uninterrupted one-process run.
     In fp32: bf16 rounds each rank's half-batch activations differently from the whole batch's."""
     fp32 = merge(TINY, {"train": {"precision": "fp32"}})
     write_params(workspace, fp32)

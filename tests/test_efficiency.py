@@ -8,7 +8,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import TINY, dvc, git_copy, merge
-from pipeline.efficiency import OBJECTIVES, images_to_reach
+from pipeline.efficiency import OBJECTIVES
+from pipeline.efficiency_report import images_to_reach
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,92 @@
+"""Stage `efficiency_report` of the data-efficiency study (the paper's Figure 2): how many images each
+objective needed to reach the target zero-shot accuracy, and the ratios between them.
+
+    python -m pipeline.efficiency_report reports/efficiency/{contrastive,bow,decoder,encoder_decoder}.json
+
+Reads the curves `pipeline.efficiency train` wrote; writes reports/efficiency.json and
+reports/plots/efficiency.png, and logs both to the study's MLflow experiment.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+from clipmodel.io import write_json
+from pipeline import tracking
+from pipeline.params import load_params
+from pipeline.plots import efficiency_curves
+
+CAPTIONERS = ("decoder", "encoder_decoder")
+PAPER = {"contrastive_vs_bow": 4.0, "bow_vs_captioning": 3.0}  # CLIP paper, Figure 2
+
+
+def images_to_reach(curve: list[dict], target: float) -> float | None:
+    """Images seen when the accuracy first reaches `target`, interpolated linearly in log(images)
+    between the two checkpoints around the crossing; None if it never does within the budget."""
+    for before, after in zip([None, *curve], curve):
+        if after["top1"] >= target:
+            if before is None:
+                return float(after["images_seen"])  # at or before the first checkpoint
+            f = (target - before["top1"]) / (after["top1"] - before["top1"])
+            return math.exp(math.log(before["images_seen"]) + f * math.log(after["images_seen"] / before["images_seen"]))
+    return None
+
+
+def report(files: list[Path]) -> None:
+    """Compare the objectives' curves (reports/efficiency/<objective>.json, one per file) at the target."""
+    missing = [str(f) for f in files if not f.exists()]
+    names = {f.stem for f in files}
+    if missing or not {"contrastive", "bow"} <= names or not names & set(CAPTIONERS):
+        raise SystemExit(f"efficiency: need the results of contrastive, bow and a captioner; got {sorted(names)}"
+                         f"{', missing ' + ', '.join(missing) if missing else ''}: "
+                         "run `python -m pipeline.efficiency train <objective>` first")
+    results = {f.stem: json.loads(f.read_text()) for f in files}
+    target_accuracy = load_params().efficiency.target_accuracy
+    target = target_accuracy or 0.5 * results["contrastive"]["curve"][-1]["top1"]
+    reach = {o: images_to_reach(r["curve"], target) for o, r in results.items()}
+    budget = max(r["budget_images"] for r in results.values())
+    # The paper had one captioning model; here the faster of our two captioners stands for it.
+    captioning = min(names & set(CAPTIONERS), key=lambda o: reach[o] if reach[o] is not None else math.inf)
+
+    def ratio(slow: str, fast: str) -> tuple[float | None, float | None]:
+        """(images slow / images fast, or a lower bound when `slow` never got there)."""
+        if reach[fast] is None:
+            return None, None
+        if reach[slow] is None:
+            return None, budget / reach[fast]
+        return reach[slow] / reach[fast], None
+
+    ratios, bounds = {}, {}
+    for key, slow, fast in (("contrastive_vs_bow", "bow", "contrastive"), ("bow_vs_captioning", captioning, "bow")):
+        ratios[key], bounds[key] = ratio(slow, fast)
+    out = {
+        "target_accuracy": target,
+        "target_rule": "efficiency.target_accuracy" if target_accuracy else "half the contrastive final top-1",
+        "tasks": list(results["contrastive"]["curve"][0]["tasks"]), "budget_images": budget, "images_to_target": reach,
+        "ratios": ratios, "ratios_at_least": {k: v for k, v in bounds.items() if v is not None},
+        "captioning": captioning, "paper_ratios": PAPER,
+        "final_top1": {o: r["curve"][-1]["top1"] for o, r in results.items()},
+        "wall_s": {o: r["wall_s"] for o, r in results.items()},
+        "curves": {o: {"images_seen": [pt["images_seen"] for pt in r["curve"]],
+                       "top1": [pt["top1"] for pt in r["curve"]],
+                       "tasks": {t: [pt["tasks"][t] for pt in r["curve"]] for t in r["curve"][0]["tasks"]}}
+                   for o, r in results.items()},
+    }
+    write_json("reports/efficiency.json", out)
+    plot = efficiency_curves(Path("reports/plots/efficiency.png"),
+                             {o: (c["images_seen"], c["top1"]) for o, c in out["curves"].items()}, target)
+    experiment = tracking.mlflow.get_run(results["contrastive"]["run_id"]).info.experiment_id  # the study's
+    with tracking.mlflow.start_run(experiment_id=experiment, run_name="efficiency-report",
+                                   tags={"study": "efficiency", "git_commit": tracking.git_commit()}):
+        tracking.mlflow.log_metrics({"target_accuracy": target,
+                                     **{f"ratio.{k}": v for k, v in ratios.items() if v is not None},
+                                     **{f"images_to_target.{o}": v for o, v in reach.items() if v is not None}})
+        tracking.mlflow.log_artifact("reports/efficiency.json")
+        tracking.mlflow.log_artifact(str(plot), "plots")
+    print(f"efficiency: target {target:.3f}; images to reach it {reach}; ratios {ratios} (paper {PAPER})")
+
+
+if __name__ == "__main__":
+    report([Path(f) for f in sys.argv[1:]])

@@ -1,0 +1,48 @@
+"""What the training stages (train, supervised, efficiency) share: where the data lies, the model
+config built from params, the seed and device, and the fingerprint a checkpoint must match."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel
+
+from clipmodel.data import Corpus
+from clipmodel.model import CLIPConfig
+from pipeline.device import resolve_device
+from pipeline.params import Params
+
+DATA = Path("data")
+MODELS = Path("models")
+
+
+def model_config(p: Params, vocab_size: int) -> CLIPConfig:
+    """The CLIP architecture of params' model section, at data.image_size and tokenize.context_length."""
+    m = p.model
+    return CLIPConfig(
+        embed_dim=m.embed_dim, image_size=p.data.image_size, vision=m.vision,
+        vision_width=m.vision_width, vision_layers=m.vision_layers, vision_heads=m.vision_heads,
+        vision_patch_size=m.vision_patch_size, context_length=p.tokenize.context_length,
+        vocab_size=vocab_size, text_width=m.text_width, text_heads=m.text_heads,
+        text_layers=m.text_layers,
+        init_logit_bias=-10.0 if p.train.loss == "sigmoid" else None,
+    )
+
+
+def prepare(p: Params) -> tuple[torch.device, Corpus]:
+    """Seed torch with train.seed, resolve train.device and open the ingested corpus in data/."""
+    torch.manual_seed(p.train.seed)
+    return resolve_device(p.train.device), Corpus.load(DATA)
+
+
+def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:
+    """What a checkpoint must match to be resumed: every setting that changes the weights, with the
+    params section (`own`) of a stage that has one beside train's. 16 hex digits of a SHA-256."""
+    train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
+                                        "local_loss", "grad_checkpointing", "compile"})
+    blob = json.dumps([kind, own and own.model_dump(), p.model.model_dump(), train, p.tokenize.model_dump(),
+                       p.data.image_size, data_fp],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

@@ -1,0 +1,146 @@
+"""dvc.yaml must list everything a stage reads, or `dvc repro` serves stale results.
+
+For every stage of every pipeline (the root, efficiency/, real/, real/efficiency/), the modules its
+`cmd` imports (the closure under clipmodel/ and pipeline/) must be deps, and the params it reads must
+be in its params list. Reads are found statically, in every function of those modules: attributes
+taken from a `Params` (or a section of it) bound by `load_params()`, by an argument annotated with
+its class, or by assignment from one of those. A section handed to a function is followed through
+that function's annotation; a method call on a section (`model_dump()`) reads all of it.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from pipeline import params as schema
+
+ROOT = Path(__file__).resolve().parents[1]
+PIPELINES = ["dvc.yaml", "efficiency/dvc.yaml", "real/dvc.yaml", "real/efficiency/dvc.yaml"]
+PACKAGES = ("clipmodel", "pipeline")
+SECTIONS = {cls.__name__: name for name, cls in ((n, f.annotation) for n, f in schema.Params.model_fields.items())}
+SECTIONS["Params"] = ""
+
+
+def module_file(name: str) -> Path | None:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").exists() else None
+
+
+def imports(name: str) -> set[str]:
+    """Modules of this repo that `name` imports, anywhere in its body."""
+    found = set()
+    for node in ast.walk(ast.parse(module_file(name).read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{a.name}" for a in node.names}
+    return {m for m in found if m.split(".")[0] in PACKAGES and module_file(m)}
+
+
+def closure(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += imports(m) - seen
+    return seen
+
+
+def field_path(parts: list[str]) -> str | None:
+    """The params key that an attribute chain reads, dotted: the longest prefix of `parts` naming a
+    field ('' when none). None when the chain names a section and goes no further: the section is
+    handed on, and the callee's annotated argument shows what it reads."""
+    model, path = schema.Params, []
+    for part in parts:
+        fields = model.model_fields if isinstance(model, type) and issubclass(model, BaseModel) else {}
+        if part not in fields:
+            return ".".join(path)
+        path.append(part)
+        model = fields[part].annotation
+    return None if isinstance(model, type) and issubclass(model, BaseModel) else ".".join(path)
+
+
+def attribute_chain(node: ast.AST) -> tuple[str, list[str]] | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return (node.id, parts[::-1]) if isinstance(node, ast.Name) else None
+
+
+def params_read(name: str) -> set[str]:
+    """Dotted params keys that functions of module `name` read."""
+    reads = set()
+    for fn in ast.walk(ast.parse(module_file(name).read_text())):
+        if not isinstance(fn, ast.FunctionDef):
+            continue
+        bound = {a.arg: SECTIONS[ann.id] for a in fn.args.args + fn.args.kwonlyargs
+                 if isinstance(ann := a.annotation, ast.Name) and ann.id in SECTIONS}
+        for node in ast.walk(fn):  # bindings: x = load_params()[.section], x = p.section
+            if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+                value, target = node.value, node.targets[0].id
+                call = value.value if isinstance(value, ast.Attribute) else value
+                if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "load_params":
+                    bound[target] = value.attr if isinstance(value, ast.Attribute) else ""
+                elif (chain := attribute_chain(value)) and chain[0] in bound:
+                    parts = [*filter(None, bound[chain[0]].split(".")), *chain[1]]
+                    if field_path(parts) is None:  # x = p.section: x is that section
+                        bound[target] = ".".join(parts)
+        inner = {id(n.value) for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Attribute) and id(node) not in inner and (chain := attribute_chain(node)) \
+                    and chain[0] in bound:
+                path = field_path([*filter(None, bound[chain[0]].split(".")), *chain[1]])
+                if path:
+                    reads.add(path)
+    return {r for r in reads if not any(r.startswith(o + ".") for o in reads)}  # a section read whole covers its keys
+
+
+def stages() -> list:
+    return [pytest.param(file, stage.get("do", stage), id=f"{file}:{name}") for file in PIPELINES
+            for name, stage in yaml.safe_load((ROOT / file).read_text())["stages"].items()]
+
+
+def covered(path: Path, deps: list[Path]) -> bool:
+    return any(path == d or d in path.parents for d in deps)
+
+
+@pytest.mark.parametrize("file, stage", stages())
+def test_stage_lists_its_code_and_params(file, stage):
+    wdir = (ROOT / file).parent / stage.get("wdir", ".")
+    module = re.search(r"python -m (\S+)", stage["cmd"]).group(1)
+    deps = [(wdir / d).resolve() for d in stage.get("deps", [])]
+    modules = closure(module)
+    missing = sorted(str(module_file(m).relative_to(ROOT)) for m in modules if not covered(module_file(m), deps))
+    assert missing == [], f"{file}: {stage['cmd']}: deps miss {missing}"
+
+    declared = [str(k) for k in stage.get("params", [])]
+    reads = set().union(*(params_read(m) for m in modules))
+    uncovered = sorted(r for r in reads if not any(r == d or r.startswith(d + ".") for d in declared))
+    assert uncovered == [], f"{file}: {stage['cmd']}: params miss {uncovered}"
+
+
+def test_the_analysis_sees_reads_and_imports():
+    """The checks above are only as good as what they see: a known import and known reads."""
+    assert "pipeline.loop" in closure("pipeline.train")
+    assert "clipmodel.stream" in closure("pipeline.train")
+    assert {"tokenize.vocab_size", "tokenize.caption_views"} <= params_read("pipeline.tokenize")  # x = load_params().s
+    assert {"supervised.crop_scale", "train.epochs"} <= params_read("pipeline.supervised")  # p = load_params()
+    assert {"train", "data.image_size"} <= params_read("pipeline.run")  # p.train.model_dump() reads it all
+    assert {"data.seed", "data.source"} <= params_read("pipeline.tasks")  # an argument annotated DataParams
+    assert "data" not in params_read("pipeline.evaluate")  # p.data handed to tasks_for is not read whole
+
+
+def test_no_stage_imports_another_stage():
+    """What stages share lives in small modules of its own, so a stage's code is its own file."""
+    entry = {re.search(r"python -m (\S+)", p.values[1]["cmd"]).group(1) for p in stages()}
+    assert {"pipeline.train", "pipeline.evaluate", "pipeline.efficiency_report"} <= entry
+    tangled = {m: sorted(closure(m) & entry - {m}) for m in entry if closure(m) & entry - {m}}
+    assert tangled == {}
