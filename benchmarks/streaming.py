@@ -20,7 +20,6 @@ any dataset size. A fixed threshold avoids it (recorded in the report):
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
 import tarfile
@@ -37,7 +36,8 @@ import torch
 from clipmodel.io import write_json
 from clipmodel.stream import StreamingBatches
 from clipmodel.tokenizer import train_tokenizer
-from pipeline.ingest import run, sample_key, write_sample
+from clipmodel.shards import sample_key, write_sample
+from pipeline.ingest import run
 from pipeline.params import DataParams
 
 OUT = Path("reports/benchmarks/streaming.json")
@@ -95,8 +95,8 @@ def prepare(data: DataParams, root: Path, copies: int) -> None:
                 members = iter(src)
                 for png, meta in zip(members, members):
                     index = int(png.name.partition(".")[0]) + copy * n
-                    write_sample(dst, sample_key(index), src.extractfile(png).read(),
-                                 json.loads(src.extractfile(meta).read()))
+                    write_sample(dst, sample_key(index), {"png": src.extractfile(png).read(),
+                                                          "json": src.extractfile(meta).read()})
     captions = pd.read_parquet(root / "data/manifest.parquet", columns=["captions"]).captions
     train_tokenizer((c for caps in captions for c in caps), 1024, 32).save(str(root / "tokenizer.json"))
 

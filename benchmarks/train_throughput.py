@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import cpu_name  # noqa: E402
-from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus  # noqa: E402
+from clipmodel.data import MEAN, STD, CorpusBatches, Corpus  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig, param_groups  # noqa: E402
 from pipeline.params import Params  # noqa: E402
@@ -93,7 +93,7 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def fixed_batch(data: ContrastiveBatches, context_length: int) -> dict[str, torch.Tensor]:
+def fixed_batch(data: CorpusBatches, context_length: int) -> dict[str, torch.Tensor]:
     """Batch 0 with its captions padded back to the context length (our batches trim the common
     padding, a data-path saving; open_clip's text tower takes only full-length rows)."""
     batch = data[0]
@@ -150,7 +150,7 @@ def ours(rank: int, nproc: int, port: int, cfg: CLIPConfig, p: Params, data_dir:
     if nproc > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[rank] if device.type == "cuda" else None)
     corpus = Corpus.load(data_dir)
-    data = ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, 0, (0.8, 1.0))
+    data = CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, 0, (0.8, 1.0))
     share = slice(rank * p.train.batch_size // nproc, (rank + 1) * p.train.batch_size // nproc)
     e2e = timed(our_trainer(model, p, net, device), ((b["images"][share], b["tokens"][share])
                                                      for b in (data[k % len(data)] for k in range(steps))), warmup, device)
@@ -232,7 +232,7 @@ def main() -> None:
         peer_e2e = timed(trainer(peer, peer_loss, precision, device), (next(batches) for _ in range(steps)),
                          args.warmup, device)
 
-        fixed = fixed_batch(ContrastiveBatches(corpus, train, bs, 0, (0.8, 1.0)), ctx)
+        fixed = fixed_batch(CorpusBatches(corpus, train, bs, 0, (0.8, 1.0)), ctx)
         peer_model = timed(trainer(peer, peer_loss, precision, device), [(fixed["images"], fixed["tokens"])] * steps,
                            args.warmup, device)
 

@@ -7,7 +7,7 @@ seen, with no sampler state to save.
 from __future__ import annotations
 
 import io
-import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from clipmodel import distributed
+from clipmodel.shards import caption_ids, png_table, sample_key
 from clipmodel.tokenizer import trim_padding
 
 # CLIP's normalisation constants; kept for models trained from scratch so checkpoints stay interchangeable.
@@ -82,17 +84,14 @@ class Corpus:
         """Decode the PNGs at positions `rows` of tar `shard` (random access through its member table)."""
         path = self.tars[shard]
         if shard not in self._members:
-            with tarfile.open(path) as tar:  # headers only: the data blocks are skipped by seeking
-                pngs = [m for m in tar.getmembers() if m.name.endswith(".png")]
-            self._members[shard] = (np.array([(m.offset_data, m.size) for m in pngs], dtype=np.int64),
-                                    [m.name for m in pngs])
+            self._members[shard] = png_table(path)
         table, names = self._members[shard]
         out = []
         with open(path, "rb") as f:
             for k, r in enumerate(rows):
-                if index is not None and names[r] != f"{index[k]:09d}.png":
+                if index is not None and names[r] != f"{sample_key(index[k])}.png":
                     raise ValueError(f"{path}: member {r} is {names[r]}, the manifest expects "
-                                     f"{index[k]:09d}.png; rerun ingest (dvc repro -f ingest)")
+                                     f"{sample_key(index[k])}.png; rerun ingest (dvc repro -f ingest)")
                 f.seek(table[r, 0])
                 out.append(np.asarray(Image.open(io.BytesIO(f.read(table[r, 1]))).convert("RGB")))
         return np.stack(out)
@@ -102,11 +101,12 @@ class Corpus:
         return np.flatnonzero(self.manifest.split.to_numpy() == name)
 
     def caption_ids(self) -> np.ndarray:
-        """int64 [C] one id per distinct token row, i.e. per distinct normalised caption text (cached).
+        """int64 [C] one id per distinct token row, i.e. per distinct normalised caption text (cached;
+        clipmodel.shards.caption_ids, as the stream computes them per batch).
 
         The multi-positive loss and the retrieval metrics treat equal ids as the same caption."""
         if self._caption_ids is None:
-            self._caption_ids = np.unique(np.asarray(self.tokens), axis=0, return_inverse=True)[1].reshape(-1)
+            self._caption_ids = caption_ids(np.asarray(self.tokens))
         return self._caption_ids
 
 
@@ -143,8 +143,9 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tupl
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class ContrastiveBatches(torch.utils.data.Dataset):
-    """Item k is the whole k-th training batch (see `batch`); len() is the steps per epoch.
+class CorpusBatches(torch.utils.data.Dataset):
+    """Training batches of a Corpus (image-caption pairs for CLIP, images and their labels for the
+    supervised baseline): item k is the whole k-th batch (see `batch`); len() is the steps per epoch.
 
     Raises: ValueError when `index` holds fewer images than `batch_size`.
     """
@@ -187,3 +188,14 @@ class ContrastiveBatches(torch.utils.data.Dataset):
                 "image_index": torch.from_numpy(images)}
 
     __getitem__ = batch
+
+    def rank_batches(self, start: int, total: int, workers: int = 0,
+                     pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+        """This data-parallel rank's share of batches start..total-1, assembled by `workers`
+        processes (0: in this one). Batch k is the global batch k and each rank takes its contiguous
+        rows, so a run resumes bit-exactly on any number of ranks."""
+        world, rank = distributed.world(), distributed.rank()
+        share = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
+        loader = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(start, total), num_workers=workers,
+                                             pin_memory=pin_memory)
+        return ({k: v[share] for k, v in batch.items()} for batch in loader)

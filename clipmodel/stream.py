@@ -1,10 +1,6 @@
 """Training batches streamed from WebDataset tar shards, in bounded memory whatever the dataset size.
 
-The shard format (written by pipeline/ingest.py with `data.output_format: webdataset`, read here):
-each sample is two adjacent members sharing a key, the manifest row number zero-padded to nine digits:
-
-    000000042.png    the stored image, lossless: uint8 RGB, data.image_size square
-    000000042.json   {"id": source key, "captions": [...], "labels": {...}, "source": "..."}
+The shards are ingest's train split (`data.output_format: webdataset`; format in clipmodel.shards).
 
 Every (rank, DataLoader worker) pair is one reader with its own shards: with `resample=True`, an
 endless stream of shards drawn with replacement from its own seeded RNG (webdataset's
@@ -16,27 +12,26 @@ nothing but bad samples stops with an error. Captions are tokenized on the fly.
 
 A reader's randomness is seeded by (seed, start_step, rank, worker), so a resumed run draws a fresh
 stream instead of replaying the first steps: streaming resume is statistically, not bit-, identical
-to an uninterrupted run (the npy path, ContrastiveBatches, is bit-identical).
+to an uninterrupted run (the npy path, CorpusBatches, is bit-identical).
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import io
 import json
-import tarfile
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import NamedTuple, TypeVar
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
+from clipmodel import distributed
 from clipmodel.data import random_resized_crop, to_tensor
+from clipmodel.shards import BadSample, caption_ids, read_samples
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 T = TypeVar("T")
@@ -46,15 +41,7 @@ class SkippedSample(UserWarning):
     """A sample (or a whole shard) the stream could not use; the message names shard, key and reason."""
 
 
-class BadSample(Exception):
-    """Why one sample is unusable: a reason code (as in ingest's rejected.csv) and a detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
-class Sample(NamedTuple):
+class Decoded(NamedTuple):
     """One decoded, checked training sample of a shard."""
 
     index: int           # the manifest row, from the key
@@ -76,15 +63,8 @@ def shuffle(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator
     yield from buf
 
 
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world size) of the initialised process group, else (0, 1)."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 class StreamingBatches(torch.utils.data.IterableDataset):
-    """Batches in ContrastiveBatches' format (images, tokens, caption_ids, image_index) from tar shards.
+    """Batches in CorpusBatches' format (images, tokens, caption_ids, image_index) from tar shards.
 
     `batch_size` is per rank. Use with DataLoader(batch_size=None, num_workers=...): each worker
     builds whole batches from its own shards. `epoch_samples` (e.g. the manifest's train count)
@@ -110,7 +90,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             raise FileNotFoundError(f"no tar shards match {shards!r}")
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
-        self.rank, self.world_size = (rank, world_size) if rank is not None else distributed_rank()
+        self.rank, self.world_size = (rank, world_size) if rank is not None else (distributed.rank(), distributed.world())
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
         if batch_size < 1 or shuffle_buffer < 1:
@@ -132,7 +112,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         rng = np.random.default_rng((self.seed, self.start_step, self.rank, worker))
         tok = load_tokenizer(self.tokenizer)  # per worker: nothing heavy crosses the process boundary
         samples = self._samples(self._shard_order(self.rank * workers + worker, self.world_size * workers, rng))
-        batch: list[Sample] = []
+        batch: list[Decoded] = []
         for sample in shuffle(samples, self.shuffle_buffer, rng):
             batch.append(sample)
             if len(batch) == self.batch_size:
@@ -140,6 +120,13 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 batch = []
         if batch:  # only a finite pass ends: its last batch may be short, so every sample is seen once
             yield self._collate(batch, rng, tok)
+
+    def rank_batches(self, start: int, total: int, workers: int = 0,
+                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
+        """This rank's stream, from its own shards, read by `workers` processes (0: this one). A run
+        resumed at step `start` draws a fresh stream seeded by it; the caller stops at `total`."""
+        self.start_step = start
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
     def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
         if self.resample:
@@ -151,7 +138,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         mine = self.shards[reader::readers]
         yield from (mine[i] for i in rng.permutation(len(mine)))
 
-    def _samples(self, shards: Iterable[str]) -> Iterator[Sample]:
+    def _samples(self, shards: Iterable[str]) -> Iterator[Decoded]:
         """The samples of each shard in turn; stops a stream that finds nothing usable in any shard."""
         dry = 0
         for shard in shards:
@@ -164,27 +151,14 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 raise RuntimeError(f"{dry} shards in a row held no usable sample (last: {shard}); "
                                    "see the SkippedSample warnings")
 
-    def _read(self, shard: str) -> Iterator[Sample]:
-        """Streams a tar member by member; adjacent members with the same key form a sample."""
-        key, files = None, {}
-        try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                for member in tar:
-                    if not member.isfile():
-                        continue
-                    name = PurePosixPath(member.name)
-                    stem, _, suffix = name.name.partition(".")
-                    if str(name.parent / stem) != key:
-                        if key is not None and (sample := self._parse(shard, key, files)):
-                            yield sample
-                        key, files = str(name.parent / stem), {}
-                    files[suffix.lower()] = tar.extractfile(member).read()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            self._skip(shard, key or "-", "corrupt_shard", f"rest of the shard unread: {type(e).__name__}: {e}")
-        if key is not None and (sample := self._parse(shard, key, files)):  # checked like any other
-            yield sample
+    def _read(self, shard: str) -> Iterator[Decoded]:
+        for item in read_samples(shard):
+            if isinstance(item, BadSample):
+                self._skip(item.where, item.reason, item.detail)
+            elif decoded := self._parse(f"{shard}:{item.key}", item.key, item.files):
+                yield decoded
 
-    def _parse(self, shard: str, key: str, files: dict[str, bytes]) -> Sample | None:
+    def _parse(self, where: str, key: str, files: dict[str, bytes]) -> Decoded | None:
         """The decoded sample, or None (skipped and counted) when its key, captions or image are bad."""
         try:
             if not key.isdigit():
@@ -197,9 +171,9 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 raise BadSample("missing_caption", f"{type(e).__name__}: {e}") from None
             if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
                 raise BadSample("missing_caption", f"captions {captions!r:.60}")
-            return Sample(int(key), self._decode(files["png"]), captions)
+            return Decoded(int(key), self._decode(files["png"]), captions)
         except BadSample as e:
-            self._skip(shard, key, e.reason, e.detail)
+            self._skip(where, e.reason, e.detail)
             return None
 
     def _decode(self, png: bytes) -> np.ndarray:
@@ -211,20 +185,16 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's errors for bad data
             raise BadSample("bad_image", f"{type(e).__name__}: {e}") from None
 
-    def _collate(self, batch: list[Sample], rng: np.random.Generator, tok) -> dict[str, torch.Tensor]:
+    def _collate(self, batch: list[Decoded], rng: np.random.Generator, tok) -> dict[str, torch.Tensor]:
         captions = [s.captions[int(rng.integers(len(s.captions)))] for s in batch]
         tokens, _ = encode(tok, captions)
-        # Equal token rows are captions the model cannot tell apart: they share an id, as in
-        # ContrastiveBatches, without the global caption table a stream does not have.
-        caption_ids = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") >> 1
-                       for row in tokens]
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = to_tensor(np.stack([s.pixels for s in batch]))
         pixels = random_resized_crop(pixels, self.crop_scale, self.crop_ratio, g)
         return {"images": pixels, "tokens": torch.from_numpy(trim_padding(tokens).astype(np.int64)),
-                "caption_ids": torch.tensor(caption_ids, dtype=torch.int64),
+                "caption_ids": torch.from_numpy(caption_ids(tokens)),
                 "image_index": torch.tensor([s.index for s in batch], dtype=torch.int64)}
 
-    def _skip(self, shard: str, key: str, reason: str, detail: str) -> None:
+    def _skip(self, where: str, reason: str, detail: str) -> None:
         self.skipped[reason] += 1
-        warnings.warn(f"{shard}:{key}: skipped ({reason}): {detail}", SkippedSample)
+        warnings.warn(f"{where}: skipped ({reason}): {detail}", SkippedSample)

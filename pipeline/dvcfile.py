@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
@@ -39,9 +39,11 @@ def _overlaps(a: str, b: str) -> bool:
     return a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)
 
 
-def stage_names(repo: Union[str, Path]) -> list[str]:
+def stage_names(repo: str | Path) -> list[str]:
     """The stages of dvc.yaml, each after the stages whose outputs it depends on (file order
-    otherwise), so a stage added to dvc.yaml becomes a task without touching this module."""
+    otherwise), so a stage added to dvc.yaml becomes a task without touching this module.
+
+    Raises: ValueError when the stages' dependencies form a cycle."""
     stages = _dvc_yaml(Path(repo))
     outs = {name: [p for p, _ in _outs(spec)] for name, spec in stages.items()}
     needs = {name: {other for other in stages if other != name
@@ -57,28 +59,32 @@ def stage_names(repo: Union[str, Path]) -> list[str]:
     return order
 
 
-def metrics_files(repo: Union[str, Path]) -> list[str]:
+def metrics_files(repo: str | Path) -> list[str]:
+    """The `metrics:` files every stage of dvc.yaml declares, relative to the repo root (whether or
+    not they exist yet), in stage order."""
     return [p for spec in _dvc_yaml(Path(repo)).values() for p, _ in _paths(spec.get("metrics"),
                                                                                spec.get("wdir", "."))]
 
 
-def uncached_outputs(repo: Union[str, Path]) -> list[str]:
+def uncached_outputs(repo: str | Path) -> list[str]:
     """Outputs with `cache: false` (metrics, plots, run.json): git-tracked in an experiment."""
     return [p for spec in _dvc_yaml(Path(repo)).values() for p, opts in _outs(spec)
             if opts.get("cache") is False]
 
 
-def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
-    out: dict[str, float] = {}
-    if isinstance(d, dict):
-        for k, v in d.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(d, (int, float)) and not isinstance(d, bool):
-        out[prefix[:-1]] = d
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts to one level with dotted keys, as `dvc metrics show` and MLflow params name them."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{key}."))
+        else:
+            out[key] = v
     return out
 
 
-def read_metrics(repo: Union[str, Path]) -> dict[str, float]:
+def read_metrics(repo: str | Path) -> dict[str, float]:
     """Numeric metrics of every `metrics:` file in dvc.yaml, flattened to dotted keys.
     Keys of reports/metrics.json are kept as they are (`retrieval.image_to_text.r1`); other
     files are prefixed with their stem (`train.final_loss`)."""
@@ -89,9 +95,12 @@ def read_metrics(repo: Union[str, Path]) -> dict[str, float]:
             continue
         data = yaml.safe_load(path.read_text())  # JSON is YAML
         stem = Path(rel).stem
-        metrics.update(_flatten(data, "" if stem == "metrics" else f"{stem}."))
+        metrics.update({k: v for k, v in flatten(data, "" if stem == "metrics" else f"{stem}.").items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
     return metrics
 
 
 def key_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The headline subset of `read_metrics` output that a sweep compares experiments by (KEY_METRICS:
+    final loss, retrieval R@1/R@5, zero-shot, linear-probe and supervised top-1)."""
     return {k: v for k, v in metrics.items() if KEY_METRICS.match(k)}

@@ -27,12 +27,13 @@ from torch import nn
 from clipmodel.bow import BagOfWords, bow_loss, score_prompts
 from clipmodel.captioner import Captioner
 from clipmodel.checkpoint import save_safetensors
-from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
+from clipmodel.data import MEAN, STD, CorpusBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
 from clipmodel.model import CLIP
 from clipmodel.tokenizer import encode, load_tokenizer
 from clipmodel.zeroshot import class_embeddings
 from pipeline import tracking
+from pipeline.dvcfile import flatten
 from clipmodel.evaluation import embed_images
 from clipmodel.images import load_image
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
@@ -146,13 +147,20 @@ def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: P
 
 
 def train(objective: str) -> None:
+    """The stage for one objective (one of OBJECTIVES): train to efficiency.budget_images images seen,
+    measuring zero-shot top-1 at `eval_steps`, resumable like train. Writes the model to
+    models/efficiency/<objective>/, the curve and summary to reports/efficiency/, one MLflow run.
+
+    Raises: SystemExit (one line) when efficiency.tasks names neither a task with test images nor an
+    evaluate.datasets set, for a bad templates file or held-out set, or when `fit` stops (see there).
+    """
     p = load_params()
     e, bs = p.efficiency, p.train.batch_size
     device, corpus = prepare(p)
     tok = load_tokenizer(DATA / "tokenizer.json")
     model, loss, arch = build(objective, p, tok.get_vocab_size())
     model.to(device)
-    data = ContrastiveBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale,
+    data = CorpusBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale,
                                p.train.crop_ratio)
     total, steps = e.budget_images // bs, set(eval_steps(e, bs))
     tests = probes(p, corpus, tok, device)
@@ -169,8 +177,8 @@ def train(objective: str) -> None:
                               tags={**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective})
     run_id = tracking.mlflow.active_run().info.run_id
     if state is None:
-        tracking.mlflow.log_params({**tracking.flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),
-                                    **tracking.flatten(arch), "objective": objective, "total_steps": total,
+        tracking.mlflow.log_params({**flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),
+                                    **flatten(arch), "objective": objective, "total_steps": total,
                                     "parameters": sum(x.numel() for x in model.parameters())})
 
     eval_s = [0.0]
@@ -212,6 +220,7 @@ def train(objective: str) -> None:
 
 
 def main(argv: list[str]) -> None:
+    """`train <objective>` runs `train`. Raises: SystemExit with the usage line for anything else."""
     if argv[:1] == ["train"] and len(argv) == 2 and argv[1] in OBJECTIVES:
         return train(argv[1])
     raise SystemExit(f"usage: python -m pipeline.efficiency train {{{'|'.join(OBJECTIVES)}}}")

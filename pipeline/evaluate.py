@@ -20,6 +20,7 @@ from clipmodel.encoder import Encoder
 from clipmodel.io import write_json
 from clipmodel.retrieval import ranks, summarize
 from pipeline import plots, tracking
+from pipeline.dvcfile import flatten
 from pipeline.device import resolve_device
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.params import load_params
@@ -88,6 +89,8 @@ SCALARS = ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n",
 
 
 def main() -> None:
+    """Run the stage. Raises: SystemExit (one line) for a bad templates file or held-out set (before any
+    model work), or when there is nothing to evaluate: no test split and no evaluate.datasets."""
     p = load_params()
     ev = p.evaluate
     table = read_templates(ev.templates)
@@ -160,7 +163,7 @@ def main() -> None:
         figures.append(plots.test_similarity(PLOTS / "similarity.png", corpus, test, feats["test"], text_feats, rows,
                                              enc.tokenizer))
     with tracking.pipeline_run():
-        tracking.mlflow.log_metrics({k: v for k, v in tracking.flatten(metrics).items()
+        tracking.mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
                                      if isinstance(v, (int, float))})
         tracking.mlflow.log_artifact("reports/metrics.json")
         tracking.mlflow.log_artifact("reports/per_class.json")

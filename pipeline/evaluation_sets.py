@@ -12,7 +12,9 @@ from pipeline.params import EvaluateParams
 
 
 def templates_of(table: dict[str, list[str]], key: str | None, where: str) -> list[str]:
-    """A named list of the templates file (DEFAULT_TEMPLATES for None); a missing key is one line naming it."""
+    """A named list of the templates file (DEFAULT_TEMPLATES for None).
+
+    Raises: SystemExit (one line naming the key) when the file has no such list."""
     if key is None:
         return list(DEFAULT_TEMPLATES)
     if key not in table:
@@ -22,7 +24,9 @@ def templates_of(table: dict[str, list[str]], key: str | None, where: str) -> li
 
 
 def held_out_sets(ev: EvaluateParams, table: dict[str, list[str]]) -> list[tuple[LabelledSet, list[str]]]:
-    """evaluate.datasets, loaded and checked before any model work: a bad set is one line naming it."""
+    """evaluate.datasets, loaded and checked before any model work.
+
+    Raises: SystemExit (one line naming the set) when a set cannot be read or its labels miss its classes."""
     sets = []
     for name, spec in ev.datasets.items():
         try:
@@ -34,7 +38,9 @@ def held_out_sets(ev: EvaluateParams, table: dict[str, list[str]]) -> list[tuple
 
 
 def read_templates(path: str | Path) -> dict[str, list[str]]:
-    """The templates YAML (key -> list of templates with one `{}` each)."""
+    """The templates YAML (key -> list of templates with one `{}` each).
+
+    Raises: SystemExit (one line naming the file) when it is unreadable or a template is malformed."""
     try:
         table = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:

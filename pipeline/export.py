@@ -23,6 +23,7 @@ from clipmodel.export import export_onnx, parity, quantize_int8
 from clipmodel.io import write_json
 from clipmodel.runtime import ClipRuntime
 from pipeline import registry, tracking
+from pipeline.dvcfile import flatten
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.params import Params, load_params
 from pipeline.tasks import tasks_for
@@ -34,7 +35,9 @@ PARITY_IMAGES = 256  # images checked for embedding parity when there is no test
 
 def champion_metric(p: Params, metrics: dict[str, float]) -> str:
     """export.champion_metric, or the data's natural one: the first held-out set's top-1, the synthetic
-    shape task, or image->text R@1. Checked before anything is written."""
+    shape task, or image->text R@1. Checked before anything is written.
+
+    Raises: SystemExit (one line) when the named metric is not in reports/metrics.json."""
     name = p.export.champion_metric
     if name is None:
         candidates = [f"zero_shot.{s}.top1" for s in p.evaluate.datasets]
@@ -68,6 +71,9 @@ class Checks:
 
     def top1(self, embed_pixels: Callable[[np.ndarray], np.ndarray],
              embed_texts: Callable[[list[str]], np.ndarray]) -> dict[str, float]:
+        """Zero-shot top-1 (a fraction in [0, 1]) by task or set name, with one encoder's callables:
+        `embed_pixels` maps uint8 [N, S, S, 3] to [N, D], `embed_texts` n strings to [n, D]. The same
+        images and templates on every call, so two encoders' results compare exactly."""
         out = {}
         if self.tasks:
             feats = embed_pixels(self.test_pixels)
@@ -81,6 +87,7 @@ class Checks:
 
 
 def median_ms(fn, repeats: int = 10) -> float:
+    """Median wall time of `repeats` calls of `fn()`, in milliseconds, after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -91,9 +98,12 @@ def median_ms(fn, repeats: int = 10) -> float:
 
 
 def main() -> None:
+    """Run the stage. Raises: SystemExit (one line) when no champion metric can be found (see
+    `champion_metric`), for a bad templates file or held-out set, or when ONNX parity fails (then
+    reports/export.json is written but nothing is registered)."""
     p = load_params()
     ex = p.export
-    metrics = tracking.flatten(json.loads(Path("reports/metrics.json").read_text()))
+    metrics = flatten(json.loads(Path("reports/metrics.json").read_text()))
     metric = champion_metric(p, metrics)
     corpus = Corpus.load("data")
     test = corpus.split("test")

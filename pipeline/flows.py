@@ -44,34 +44,27 @@ CLI::
     python -m pipeline.flows sweep sweep.yaml [--concurrency 2]
     python -m pipeline.flows serve --cron "0 3 * * *" [--sweep sweep.yaml] [--set ...]
 """
-import os
+import argparse
+import itertools
+import json
+import re
+import shutil
+import subprocess
+import sys
+import threading
+from collections import deque
+from pathlib import Path
+from typing import Any
 
-from pipeline.workspace import TELEMETRY_OFF
+import yaml
+from prefect import flow, get_run_logger, serve, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run as current_flow_run
+from prefect.schedules import Cron
+from prefect.tasks import exponential_backoff
 
-for _key, _value in TELEMETRY_OFF.items():  # before prefect is imported: it reads them at import
-    os.environ.setdefault(_key, _value)
-
-import argparse  # noqa: E402
-import itertools  # noqa: E402
-import json  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-from collections import deque  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Optional, Union  # noqa: E402
-
-import yaml  # noqa: E402
-from prefect import flow, get_run_logger, serve, task  # noqa: E402
-from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect.runtime import flow_run as current_flow_run  # noqa: E402
-from prefect.schedules import Cron  # noqa: E402
-from prefect.tasks import exponential_backoff  # noqa: E402
-
-from pipeline import workspace  # noqa: E402
-from pipeline.dvcfile import KEY_METRICS, key_metrics, read_metrics, stage_names, uncached_outputs  # noqa: E402
+from pipeline import workspace
+from pipeline.dvcfile import KEY_METRICS, key_metrics, read_metrics, stage_names, uncached_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = "params.yaml"
@@ -100,7 +93,7 @@ class StageFailed(RuntimeError):
         return (StageFailed, (self.stage, self.returncode, self.tail, self.params_errors))
 
 
-def stream(cmd: list[str], cwd: Union[str, Path], env: dict[str, str], name: str) -> list[str]:
+def stream(cmd: list[str], cwd: str | Path, env: dict[str, str], name: str) -> list[str]:
     """Run `cmd`, logging each line of its stdout+stderr; raise StageFailed on a non-zero exit.
     Returns the last 200 lines."""
     logger = get_run_logger()
@@ -140,8 +133,8 @@ def retry_unless_bad_params(task, task_run, state) -> bool:
 
 @task(name="dvc-stage", cache_policy=NO_CACHE, retry_condition_fn=retry_unless_bad_params,
       task_run_name="{stage}")
-def run_stage(stage: str, repo: str, extra_env: Optional[dict[str, str]] = None,
-              command: Optional[list[str]] = None) -> str:
+def run_stage(stage: str, repo: str, extra_env: dict[str, str] | None = None,
+              command: list[str] | None = None) -> str:
     """Reproduce one DVC stage (`dvc repro --single-item`); `command` replaces the DVC call
     (tests inject a flaky script). Returns what DVC did: "ran", "skipped" (unchanged) or
     "restored" (from the run cache)."""
@@ -163,7 +156,9 @@ def run_stage(stage: str, repo: str, extra_env: Optional[dict[str, str]] = None,
 @task(name="apply-overrides", cache_policy=NO_CACHE)
 def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
     """Check the experiment name is free, then write the overrides into params.yaml exactly as
-    `dvc exp run -S key=value` would. Returns the original params.yaml text."""
+    `dvc exp run -S key=value` would. Returns the original params.yaml text.
+
+    Raises: ValueError when the experiment name is taken or an override's key is not in params.yaml."""
     from dvc.utils.hydra import apply_overrides as dvc_apply_overrides
 
     workspace.check_fresh_name(repo, experiment)
@@ -193,6 +188,9 @@ def save_experiment(repo: str, experiment: str) -> str:
 
 @task(name="collect", cache_policy=NO_CACHE)
 def collect(repo: str) -> dict[str, Any]:
+    """What the run produced, read from the workspace it just updated: {"metrics" (every dvc.yaml
+    metrics file, `read_metrics`), "mlflow_run_id", "mlflow_experiment_id"}; the ids are None when
+    reports/run.json is absent."""
     run_file = Path(repo) / RUN_FILE
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
     return {"metrics": read_metrics(repo), "mlflow_run_id": run.get("run_id"),
@@ -204,7 +202,7 @@ def collect(repo: str) -> dict[str, Any]:
 
 
 @flow(name="clip-pipeline")
-def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Optional[str] = None,
+def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | None = None,
                   repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
                   isolated: bool = False) -> dict[str, Any]:
     """Reproduce the DVC pipeline, one task per stage, and record the run as a DVC experiment.
@@ -253,7 +251,7 @@ def clip_pipeline(overrides: Optional[dict[str, Any]] = None, experiment: Option
     return result
 
 
-def expand_grid(grid: Union[dict[str, Any], list[dict[str, Any]]]) -> list[Overrides]:
+def expand_grid(grid: dict[str, Any] | list[dict[str, Any]]) -> list[Overrides]:
     """{key: [values]} -> the Cartesian product (a scalar is one value); a list of override
     dicts is used as given."""
     if isinstance(grid, list):
@@ -263,7 +261,12 @@ def expand_grid(grid: Union[dict[str, Any], list[dict[str, Any]]]) -> list[Overr
     return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
 
 
-def load_grid(path: Union[str, Path], repo: Union[str, Path] = ROOT) -> Union[dict, list]:
+def load_grid(path: str | Path, repo: str | Path = ROOT) -> dict | list:
+    """A sweep file (YAML or JSON), unexpanded: {key: [values]} or a list of override dicts. A relative
+    path missing from the current directory is looked up in `repo`.
+
+    Raises: ValueError when the file holds neither, or is empty.
+    """
     path = Path(path)
     if not path.is_absolute() and not path.exists():
         path = Path(repo) / path
@@ -290,9 +293,9 @@ def _sweep_point(overrides: Overrides, experiment: str, repo: str, retries: int,
 
 
 @flow(name="clip-sweep")
-def clip_sweep(grid: Union[dict[str, Any], list[dict[str, Any]], str], concurrency: int = 1,
+def clip_sweep(grid: dict[str, Any] | list[dict[str, Any]] | str, concurrency: int = 1,
                repo: str = str(ROOT), retries: int = 2, retry_delay_seconds: float = 10.0,
-               prefix: Optional[str] = None) -> list[dict[str, Any]]:
+               prefix: str | None = None) -> list[dict[str, Any]]:
     """Run every point of `grid` as its own clip-pipeline subflow and DVC experiment.
 
     grid: {key: [values]} (Cartesian product), a list of override dicts, or the path of a
@@ -353,9 +356,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 # deployments and CLI
 
 
-def build_deployment(name: str, cron: str, sweep: Optional[str] = None,
-                     overrides: Optional[Overrides] = None, repo: str = str(ROOT),
-                     timezone: Optional[str] = None, **params: Any):
+def build_deployment(name: str, cron: str, sweep: str | None = None,
+                     overrides: Overrides | None = None, repo: str = str(ROOT),
+                     timezone: str | None = None, **params: Any):
     """The RunnerDeployment that `serve` runs on `cron` (in `timezone`, default UTC): the sweep
     of file `sweep` (re-read at each run), or the pipeline with `overrides`."""
     schedule = Cron(cron, timezone=timezone)
@@ -367,6 +370,10 @@ def build_deployment(name: str, cron: str, sweep: Optional[str] = None,
 
 
 def parse_sets(sets: list[str]) -> Overrides:
+    """`--set key=value` arguments as overrides; values stay strings, for DVC's `-S` grammar to parse.
+
+    Raises: SystemExit (one line) for an item without `=` or with an empty key.
+    """
     out = {}
     for item in sets:
         key, sep, value = item.partition("=")
@@ -376,7 +383,9 @@ def parse_sets(sets: list[str]) -> Overrides:
     return out
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """The CLI above. Returns the exit status: 0, 1 when the run or sweep failed (one line on stderr),
+    2 for a bad params.yaml; `serve` blocks until interrupted."""
     ap = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)

@@ -8,7 +8,7 @@ With data.output_format: webdataset, the train split goes to data/images/train-N
 (WebDataset shards of NNNNNNNNN.png + .json, the format in clipmodel/stream.py, streamed by
 StreamingBatches), and only val and test go to the .npy shards, which stay small; a train row's
 shard and row then number its tar and its place in it. Anything that reads train pixels through
-clipmodel.data.Corpus (ContrastiveBatches, the supervised baseline, evaluate's linear probe) needs
+clipmodel.data.Corpus (CorpusBatches, the supervised baseline, evaluate's linear probe) needs
 the npy format.
 
 Images are decoded once, in worker processes. Everything else (dedup, splits, shard order) happens
@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path, write_json
+from clipmodel.shards import sample_key, write_sample
 from clipmodel.synthetic import Scene, render
 from pipeline.params import DataParams, load_params
 from pipeline.sources import Item, Record, Rejection, SourceError, escaped, read, split_of
@@ -71,24 +72,11 @@ def decode(record: Record, size: int, background: tuple[int, int, int], max_pixe
     return pixels, digest, encode_png(pixels) if png else None
 
 
-def sample_key(index: int) -> str:
-    """The member name stem of manifest row `index`: digits only, so it never holds a dot or a slash."""
-    return f"{index:09d}"
-
-
 def encode_png(pixels: np.ndarray) -> bytes:
     """Lossless and fast (zlib level 1): the pixels were already resized once; PNG adds no second loss."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, "PNG", compress_level=1)
     return buf.getvalue()
-
-
-def write_sample(tar: tarfile.TarFile, key: str, png: bytes, meta: dict) -> None:
-    """Appends key.png then key.json; mtime stays 0, so equal inputs give byte-equal shards."""
-    for suffix, data in (("png", png), ("json", json.dumps(meta).encode())):
-        info = tarfile.TarInfo(f"{key}.{suffix}")
-        info.size = len(data)
-        tar.addfile(info, io.BytesIO(data))
 
 
 def decode_in_order(items: Iterable[Item], work: Callable[[Record], Decoded],
@@ -131,12 +119,14 @@ class ShardWriter:
         self.buffer = np.empty((per_shard, size, size, 3), dtype=np.uint8)
 
     def add(self, pixels: np.ndarray) -> None:
+        """Append one image, uint8 [S, S, 3]; a full buffer is saved as the next shard-NNNNN.npy."""
         self.buffer[self.count % self.per_shard] = pixels
         self.count += 1
         if self.count % self.per_shard == 0:
             self._flush(self.per_shard)
 
     def close(self) -> None:
+        """Save the last, partly filled shard (shorter than per_shard), if any. Call once, after the last add."""
         if self.count % self.per_shard:
             self._flush(self.count % self.per_shard)
 
@@ -157,12 +147,11 @@ class TarShards:
         self.spool: tarfile.TarFile | None = None
 
     def add(self, index: int, png: bytes) -> None:
+        """Spool the PNG of manifest row `index` (its key, `sample_key(index)`); the metadata comes in `finish`."""
         if self.count % self.per_shard == 0:
             self._close_spool()
             self.spool = tarfile.open(self._spool_path(self.count // self.per_shard), "w")
-        info = tarfile.TarInfo(f"{sample_key(index)}.png")
-        info.size = len(png)
-        self.spool.addfile(info, io.BytesIO(png))
+        write_sample(self.spool, sample_key(index), {"png": png})
         self.count += 1
 
     def finish(self, meta: Callable[[int], dict]) -> int:
@@ -174,7 +163,8 @@ class TarShards:
             with tarfile.open(spool) as src, tarfile.open(self.folder / f"train-{n:06d}.tar", "w") as dst:
                 for member in src:
                     index = int(member.name.partition(".")[0])
-                    write_sample(dst, sample_key(index), src.extractfile(member).read(), meta(index))
+                    write_sample(dst, sample_key(index), {"png": src.extractfile(member).read(),
+                                                          "json": json.dumps(meta(index)).encode()})
             spool.unlink()
         return shards
 
@@ -200,6 +190,7 @@ class Manifest:
     labels: list[str] = field(default_factory=list)
 
     def add(self, record: Record, split: str) -> int:
+        """A new image row (its captions deduplicated, first occurrence kept); returns its manifest index."""
         self.ids.append(record.key)
         self.sources.append(record.source)
         self.captions.append(list(dict.fromkeys(record.captions)))
@@ -219,6 +210,8 @@ class Manifest:
                 "source": self.sources[index]}
 
     def write(self, path: Path) -> None:
+        """The manifest as Parquet (MANIFEST_SCHEMA), shard and row numbered within each store: the npy
+        shards, and the tar shards for the train split when `tar_train`."""
         in_tar = (np.array(self.splits) == "train") & self.tar_train
         position = np.empty(len(self.ids), dtype=np.int64)
         for store in (in_tar, ~in_tar):  # a running count within each store: npy shards, tar shards
@@ -312,6 +305,7 @@ def run(data: DataParams, root: Path = Path(".")) -> dict:
 
 
 def main() -> None:
+    """Run the stage. Raises: SystemExit (one line) when the source is unreadable or yields no usable image."""
     data = load_params().data
     try:
         r = run(data)

@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,15 +28,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipmodel import distributed
-from clipmodel.data import ContrastiveBatches
 from clipmodel.io import atomic_path
 from clipmodel.model import param_groups
-from clipmodel.stream import StreamingBatches
 from pipeline import tracking
 from pipeline.device import autocast, resolve_precision
 from pipeline.params import TrainParams
 
 Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What `fit` trains on (clipmodel.data.CorpusBatches, clipmodel.stream.StreamingBatches):
+    len() is the steps per epoch; rank_batches yields this rank's share of global batches."""
+
+    def __len__(self) -> int: ...
+
+    def rank_batches(self, start: int, total: int, workers: int, pin_memory: bool) -> Iterable[Batch]: ...
 
 
 @dataclass
@@ -191,20 +199,6 @@ def train_step(obj: Objective, net: nn.Module, state: TrainState, batch: Batch, 
     return loss
 
 
-def rank_batches(data: ContrastiveBatches | StreamingBatches, start: int, total: int, tp: TrainParams,
-                 device: torch.device) -> Iterable[Batch]:
-    """This rank's share of batches start..total-1, loaded by tp.workers processes."""
-    world, rank, pin = distributed.world(), distributed.rank(), device.type == "cuda"
-    if isinstance(data, StreamingBatches):  # each rank streams its own share; a resumed run draws a fresh stream
-        data.start_step = start
-        return torch.utils.data.DataLoader(data, batch_size=None, num_workers=tp.workers, pin_memory=pin)
-    # batch k is the global batch k: each rank takes its contiguous rows
-    share = slice(rank * tp.batch_size // world, (rank + 1) * tp.batch_size // world)
-    loader = torch.utils.data.DataLoader(data, batch_size=None, sampler=range(start, total), num_workers=tp.workers,
-                                         pin_memory=pin)
-    return ({k: v[share] for k, v in batch.items()} for batch in loader)
-
-
 class CsvLog:
     """The curve as reports/<stage>_log.csv: rows kept in memory, the file rewritten at checkpoints."""
 
@@ -256,7 +250,7 @@ class Throughput:
         return rate
 
 
-def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainParams, device: torch.device, total: int,
+def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device, total: int,
         fingerprint: str, snapshot: dict | None, run_id: str | None) -> list[dict]:
     """The training loop shared by every objective: `total` steps of `data` (epochs wrap around),
     resumed from `snapshot` (a checkpoint matching `fingerprint`) when given.
@@ -279,7 +273,7 @@ def fit(obj: Objective, data: ContrastiveBatches | StreamingBatches, tp: TrainPa
     loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})] if main else []
     bad, speed = 0, Throughput(state.step, tp.batch_size)
     obj.model.train()
-    for step, batch in zip(range(state.step, total), rank_batches(data, state.step, total, tp, device)):
+    for step, batch in zip(range(state.step, total), data.rank_batches(state.step, total, tp.workers, device.type == "cuda")):
         loss = train_step(obj, net, state, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tp,
                           device, precision)
         state.step = done = step + 1

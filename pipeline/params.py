@@ -21,10 +21,14 @@ PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
+    """Base of every section: an unknown key is an error (a typo never falls back to a default), and a
+    loaded section is immutable (derive a changed copy with model_copy), so what ran is what was read."""
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SyntheticSource(Section):
+    """data.synthetic: generated shape scenes (clipmodel.synthetic); holdout_fraction of the (colour, shape)
+    pairs never appear in train, color_mention is the chance a caption phrase names an object's colour."""
     num_images: int = Field(12000, ge=16)
     holdout_fraction: float = Field(0.2, ge=0.0, lt=1.0)
     max_objects: int = Field(3, ge=1, le=3)
@@ -33,6 +37,8 @@ class SyntheticSource(Section):
 
 
 class CsvSource(Section):
+    """data.csv: open_clip's layout, one (image path, caption) per line, paths relative to the file;
+    tab-separated by default (pipeline.sources.read_csv)."""
     path: str | None = None
     image_column: str = "filepath"
     caption_column: str = "title"
@@ -41,19 +47,28 @@ class CsvSource(Section):
 
 
 class CocoSource(Section):
+    """data.coco: a COCO captions JSON and its image folder (null: the JSON's own folder)."""
     annotations: str | None = None
     images: str | None = None
 
 
 class WebDatasetSource(Section):
+    """data.webdataset: a glob of .tar shards whose samples are an image (key.jpg, key.png, ...) and key.txt."""
     shards: str | None = None
 
 
 class FolderSource(Section):
+    """data.folder: a folder of images, each with a sidecar caption (photo.jpg + photo.txt)."""
     path: str | None = None
 
 
 class DataParams(Section):
+    """The ingest stage's section: which source, and how its images are stored (image_size pixels square,
+    uint8 RGB, alpha composited onto `background`) and split (val/test fractions, by key hash).
+
+    Validation rejects a channel outside 0..255, val_fraction + test_fraction >= 1, and a source whose
+    own section lacks its path.
+    """
     source: Literal["synthetic", "csv", "coco", "webdataset", "folder"] = "synthetic"
     seed: int = 0
     image_size: int = Field(64, ge=8, le=1024)
@@ -86,6 +101,8 @@ class DataParams(Section):
 
 
 class TokenizeParams(Section):
+    """The tokenize stage's section: BPE vocabulary size, context length in tokens (longer captions
+    are cut), and the optional caption views; caption_view_sep must compile as a regex."""
     vocab_size: int = Field(1024, ge=300, le=262_144)
     context_length: int = Field(32, ge=4, le=512)
     # Extra train captions per caption built from its parts (pipeline/tokenize.py, caption_views): 0 is off.
@@ -102,6 +119,11 @@ class TokenizeParams(Section):
 
 
 class ModelParams(Section):
+    """The CLIP architecture (pipeline.run.model_config adds image size, context length and vocabulary).
+
+    Validation: a ViT takes one int of vision_layers, a ResNet four stage depths; each tower's heads
+    must divide its width (for a ResNet, the attention pool's vision_width * 32).
+    """
     vision: Literal["vit", "resnet"] = "resnet"
     embed_dim: int = Field(128, ge=1)
     vision_width: int = Field(16, ge=8)
@@ -126,6 +148,12 @@ class ModelParams(Section):
 
 
 class TrainParams(Section):
+    """The train stage's section, also the optimiser and schedule of the supervised and efficiency stages.
+
+    `loss`: contrastive is CLIP's symmetric cross-entropy (Radford et al. 2021), sigmoid is SigLIP
+    (Zhai et al. 2023). batch_size is the global batch and must divide by nproc x accum_steps.
+    Validation also checks the crop ranges (0 < low <= high, scale <= 1) and betas in [0, 1).
+    """
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     epochs: int = Field(20, ge=1)
@@ -168,6 +196,7 @@ class TrainParams(Section):
 
 
 class SupervisedParams(Section):
+    """The supervised baseline's own random-resized-crop ranges; everything else comes from train."""
     # The shape label does not change under crops, so the baseline keeps them whatever CLIP uses.
     crop_scale: tuple[float, float] = (0.8, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
@@ -181,6 +210,7 @@ class HeldOutSet(Section):
 
 
 class EvaluateParams(Section):
+    """The evaluate stage's section (export reuses templates, datasets and batch_size for its checks)."""
     templates: str = "templates/prompts.yaml"  # key -> templates; the first is the single-template baseline
     datasets: dict[str, HeldOutSet] = {}  # name -> held-out labelled set, scored into zero_shot.<name>
     batch_size: int = Field(256, ge=1)
@@ -189,6 +219,8 @@ class EvaluateParams(Section):
 
 
 class ExportParams(Section):
+    """The export stage's section: the ONNX opset, the parity tolerances the stage fails beyond, the
+    int8 variant's allowed top-1 loss (a fraction), and the metric the registry ranks models by."""
     opset: int = Field(18, ge=17)
     max_abs_diff: float = Field(1e-4, gt=0)      # onnxruntime vs torch embeddings: fail above this
     min_cosine: float = Field(0.99999, gt=0, le=1)
@@ -224,6 +256,7 @@ class EfficiencyParams(Section):
 
 
 class Params(Section):
+    """All of params.yaml: one field per section, each defaulting to params.yaml's own values."""
     data: DataParams = DataParams()
     tokenize: TokenizeParams = TokenizeParams()
     model: ModelParams = ModelParams()
@@ -252,6 +285,12 @@ def _fail(message: str) -> ParamsError:
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml, validated; an empty file is all defaults.
+
+    Raises: ParamsError (a SystemExit with status 2, after one line on stderr naming the file, and for
+    a validation error the first bad key: `params.yaml: <key>: <msg>`) when the file is missing,
+    unreadable, not YAML, or does not validate.
+    """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}

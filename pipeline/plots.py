@@ -5,18 +5,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-
-from clipmodel.io import atomic_path  # noqa: E402
-from clipmodel.tokenizer import decode  # noqa: E402
+from clipmodel.io import atomic_path
+from clipmodel.tokenizer import decode
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
+    """Write `fig` as a PNG at `path`, replaced atomically, and close it (pyplot keeps figures alive
+    otherwise). Returns `path`."""
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
     plt.close(fig)
@@ -24,6 +23,8 @@ def save(fig: plt.Figure, path: Path) -> Path:
 
 
 def plot_training_curves(log_csv: Path, path: Path) -> Path:
+    """Loss, logit scale and learning rate(s) against step, from the training log CSV (`fit`'s
+    log_csv: a `step` column; any of loss, logit_scale, lr, vision_lr that is absent is left out)."""
     log = pd.read_csv(log_csv)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, keys in zip(axes, (["loss"], ["logit_scale"], ["lr", "vision_lr"])):
@@ -51,6 +52,8 @@ class Scored:
 
 
 def confusion(path: Path, s: Scored) -> Path:
+    """The C x C confusion matrix of top-1 predictions, each row (true class) normalised to fractions.
+    O(C^2) memory and figure size: `evaluation_plots` draws it only up to MATRIX_CLASSES classes."""
     n = len(s.classes)
     matrix = np.zeros((n, n), dtype=np.int64)
     np.add.at(matrix, (s.targets, s.top[:, 0]), 1)
@@ -95,6 +98,8 @@ def per_class_recall(path: Path, s: Scored) -> Path:
 
 
 def similarity_heatmap(path: Path, sims: np.ndarray, captions: list[str]) -> Path:
+    """Heatmap of cosine similarities float [n, n]: row i an image, column j the caption of image j
+    (so a good model lights up the diagonal)."""
     n = len(captions)
     fig, ax = plt.subplots(figsize=(n * 0.45 + 4, n * 0.45 + 1))
     ax.imshow(sims, cmap="viridis")
@@ -105,6 +110,8 @@ def similarity_heatmap(path: Path, sims: np.ndarray, captions: list[str]) -> Pat
 
 
 def prediction_grid(path: Path, images: np.ndarray, truths: list[str], predictions: list[list[str]]) -> Path:
+    """Images uint8 [n, S, S, 3], four per row, each titled with its true class and its ranked
+    predicted classes (names cut to 30 characters)."""
     cols = 4
     rows = int(np.ceil(len(images) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 2.6, rows * 3.0))

@@ -11,13 +11,13 @@ import glob
 import hashlib
 import json
 import os
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from clipmodel import synthetic
+from clipmodel.shards import BadSample, read_samples
 from pipeline.params import CocoSource, CsvSource, DataParams, FolderSource, WebDatasetSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -27,16 +27,10 @@ class SourceError(Exception):
     """The source as a whole is unusable: a missing file, a CSV without the named columns, no shards."""
 
 
-class BadItem(Exception):
-    """An item a reader refuses; the reader turns it into a Rejection and reads on."""
-
-    def __init__(self, reason: str, detail: str = "") -> None:
-        super().__init__(reason, detail)
-        self.reason, self.detail = reason, detail
-
-
 @dataclass(frozen=True)
 class Record:
+    """One image with its captions, all that a reader can settle without decoding it. Rows sharing a
+    key are one image (ingest merges their captions); `labels` is a JSON object, "{}" when unlabelled."""
     key: str                                # stable id: names the item and decides its split
     source: str                             # where the pixels are: a file path, shard:key, "synthetic"
     origin: str                             # where the item was declared (a CSV row...), for rejected.csv
@@ -67,27 +61,31 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def clean_caption(raw: str | bytes) -> str:
-    """The caption stripped of surrounding whitespace; the tokenizer does any other normalisation."""
+    """The caption stripped of surrounding whitespace; the tokenizer does any other normalisation.
+
+    Raises: BadSample (bad_caption, caption_not_utf8, empty_caption) for a caption that is not usable text."""
     if not isinstance(raw, (str, bytes)):
-        raise BadItem("bad_caption", f"a {type(raw).__name__}, not text")
+        raise BadSample("bad_caption", f"a {type(raw).__name__}, not text")
     try:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")  # back to the file's bytes, see read_csv
         text = raw.decode("utf-8").strip()
     except UnicodeError:  # undecodable bytes, or a lone surrogate (a truncated emoji in JSON)
-        raise BadItem("caption_not_utf8", repr(raw[:60])) from None
+        raise BadSample("caption_not_utf8", repr(raw[:60])) from None
     if not text:
-        raise BadItem("empty_caption")
+        raise BadSample("empty_caption")
     return text
 
 
 def utf8_name(name: str) -> str:
     """`name` when it is valid UTF-8; a name holding undecodable bytes (read with surrogateescape) cannot be
-    written to the manifest or compared across systems, so the item is refused with the name escaped."""
+    written to the manifest or compared across systems, so the item is refused with the name escaped.
+
+    Raises: BadSample (path_not_utf8)."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise BadItem("path_not_utf8", escaped(name)) from None
+        raise BadSample("path_not_utf8", escaped(name)) from None
     return name
 
 
@@ -103,11 +101,14 @@ def escaped(text: str) -> str:
 def _inside(root: Path, path: Path) -> Path:
     """`path`, refused when it (or a symlink on the way) leads out of the already-resolved `root`."""
     if not path.resolve().is_relative_to(root):
-        raise BadItem("unsafe_path", f"{path} -> {path.resolve()}")
+        raise BadSample("unsafe_path", f"{path} -> {path.resolve()}")
     return path
 
 
 def read_synthetic(data: DataParams) -> Iterator[Item]:
+    """data.synthetic.num_images generated scenes, each a function of (data.seed, index): no rejections.
+    Train-split scenes never show the held-out (color, shape) pairs, so zero-shot on those tests
+    composition; val and test scenes may."""
     p = data.synthetic
     held_out = synthetic.holdout_pairs(data.seed, p.holdout_fraction)
     for i in range(p.num_images):
@@ -164,7 +165,7 @@ def read_csv(p: CsvSource) -> Iterator[Item]:
             try:
                 captions = (clean_caption(text),)
                 utf8_name(image)
-            except BadItem as e:
+            except BadSample as e:
                 yield Rejection(where, e.reason, e.detail)
                 continue
             yield Record(os.path.normpath(image), str(path.parent / image), where, path.parent / image, captions)
@@ -195,35 +196,35 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
     for i, im in enumerate(coco["images"]):
         try:
             if not isinstance(im, dict) or not _scalar_id(im.get("id")) or not isinstance(im.get("file_name"), str):
-                raise BadItem("bad_record", "an image needs a scalar id and a string file_name")
+                raise BadSample("bad_record", "an image needs a scalar id and a string file_name")
             if im["id"] in images:
-                raise BadItem("duplicate_row", f"image id {im['id']}")
+                raise BadSample("duplicate_row", f"image id {im['id']}")
             utf8_name(im["file_name"])
             images[im["id"]] = im
-        except BadItem as e:
+        except BadSample as e:
             yield Rejection(f"{path}:images[{i}]", e.reason, e.detail)
     captions: dict[int | str, list[str]] = defaultdict(list)
     for i, ann in enumerate(coco["annotations"]):
         where = f"{path}:annotations[{i}]"
         try:
             if not isinstance(ann, dict) or not _scalar_id(ann.get("image_id")):
-                raise BadItem("bad_record", "an annotation needs a scalar image_id")
+                raise BadSample("bad_record", "an annotation needs a scalar image_id")
             if ann["image_id"] not in images:
-                raise BadItem("missing_image", f"image_id {ann['image_id']}")
+                raise BadSample("missing_image", f"image_id {ann['image_id']}")
             text = clean_caption(ann.get("caption", ""))
             if text in captions[ann["image_id"]]:
-                raise BadItem("duplicate_row", text)
+                raise BadSample("duplicate_row", text)
             captions[ann["image_id"]].append(text)
-        except BadItem as e:
+        except BadSample as e:
             yield Rejection(where, e.reason, e.detail)
 
     for image_id, im in images.items():
         where = f"{path}:image {image_id}"
         try:
             if not captions.get(image_id):
-                raise BadItem("missing_caption", im["file_name"])
+                raise BadSample("missing_caption", im["file_name"])
             file = _inside(real_root, root / im["file_name"])
-        except BadItem as e:
+        except BadSample as e:
             yield Rejection(where, e.reason, e.detail)
             continue
         yield Record(im["file_name"], str(file), where, file, tuple(captions.pop(image_id)))
@@ -234,54 +235,17 @@ def _scalar_id(value: object) -> bool:
 
 
 def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:
-    """`.tar` shards streamed member by member (never extracted): key.{jpg,png,webp} + key.txt."""
+    """`.tar` shards streamed member by member (never extracted): key.{jpg,png,webp} + key.txt, the
+    key as clipmodel.shards reads it. Bad members and samples are rejections, never merged or dropped unseen."""
     shards = sorted(glob.glob(p.shards))
     if not shards:
         raise SourceError(f"no shards match {p.shards!r}")
     for shard in map(Path, shards):
-        try:
-            with tarfile.open(shard, mode="r|*") as tar:
-                yield from _shard_samples(shard, tar)
-        except (tarfile.TarError, OSError, EOFError) as e:
-            yield Rejection(str(shard), "corrupt_shard", f"{type(e).__name__}: {e}")
-
-
-def _shard_samples(shard: Path, tar: tarfile.TarFile) -> Iterator[Item]:
-    """Adjacent members sharing a key form one sample (WebDataset's convention: the key is the member's path
-    up to the first dot of its file name, the extension everything after it, so `x.y.png` is key `x`,
-    extension `y.png`). A key seen earlier in the shard, a file name starting with a dot and a sample
-    without an image or caption are rejections, never merged or dropped unseen."""
-    key, files, seen = None, {}, set()
-    for member in tar:
-        where = f"{shard}:{member.name}"
-        name = PurePosixPath(member.name)
-        if member.issym() or member.islnk():
-            yield Rejection(where, "unsafe_path", f"link to {member.linkname}")
-            continue
-        if name.is_absolute() or ".." in name.parts:
-            yield Rejection(where, "unsafe_path", "absolute or '..' member name")
-            continue
-        if not member.isfile():
-            continue
-        stem, _, ext = name.name.partition(".")
-        if not stem:
-            yield Rejection(where, "bad_key", "a file name starting with a dot has no key")
-            continue
-        if str(name.parent / stem) != key:
-            if key is not None:
-                yield _sample(shard, key, files)
-            key, files = str(name.parent / stem), {}
-            if key in seen:
-                yield Rejection(where, "duplicate_key", f"key {key} appeared earlier in the shard")
-                key = None
-                continue
-            seen.add(key)
-        if ext.lower() in files:
-            yield Rejection(where, "duplicate_key", f"a second .{ext} for key {key}")
-            continue
-        files[ext.lower()] = tar.extractfile(member).read()
-    if key is not None:
-        yield _sample(shard, key, files)
+        for item in read_samples(shard):
+            if isinstance(item, BadSample):
+                yield Rejection(item.where, item.reason, item.detail)
+            else:
+                yield _sample(shard, item.key, item.files)
 
 
 def _sample(shard: Path, key: str, files: dict[str, bytes]) -> Item:
@@ -289,11 +253,11 @@ def _sample(shard: Path, key: str, files: dict[str, bytes]) -> Item:
     image = next((files[s[1:]] for s in IMAGE_SUFFIXES if s[1:] in files), None)
     try:
         if image is None:
-            raise BadItem("missing_image", f"only {sorted(files)}")
+            raise BadSample("missing_image", f"only {sorted(files)}")
         if "txt" not in files:
-            raise BadItem("missing_caption", f"only {sorted(files)}")
+            raise BadSample("missing_caption", f"only {sorted(files)}")
         captions = (clean_caption(files["txt"]),)
-    except BadItem as e:
+    except BadSample as e:
         return Rejection(where, e.reason, e.detail)
     return Record(f"{shard.name}/{key}", where, where, image, captions)
 
@@ -318,17 +282,17 @@ def read_folder(p: FolderSource) -> Iterator[Item]:
             try:
                 if path.suffix == ".txt":
                     if path.stem not in image_stems:
-                        raise BadItem("missing_image", "caption without an image")
+                        raise BadSample("missing_image", "caption without an image")
                     continue
                 if path.suffix.lower() not in IMAGE_SUFFIXES:
                     continue
                 utf8_name(key)  # its sidecar shares the name: one rejection for the pair
                 caption = path.with_suffix(".txt")
                 if caption.name not in names:
-                    raise BadItem("missing_caption", caption.name)
+                    raise BadSample("missing_caption", caption.name)
                 captions = (clean_caption(_inside(real_root, caption).read_bytes()),)
                 yield Record(key, str(path), str(path), _inside(real_root, path), captions)
-            except BadItem as e:
+            except BadSample as e:
                 yield Rejection(key, e.reason, e.detail)
 
 
@@ -342,4 +306,8 @@ READERS = {
 
 
 def read(data: DataParams) -> Iterator[Item]:
+    """The reader of data.source, lazily: records and rejections in source order.
+
+    Raises: SourceError (when iterated) when the source as a whole cannot be read.
+    """
     return READERS[data.source](data)

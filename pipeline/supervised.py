@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clipmodel import synthetic
-from clipmodel.data import ContrastiveBatches, Corpus, to_tensor
+from clipmodel.data import CorpusBatches, Corpus, to_tensor
 from clipmodel.io import write_json
 from clipmodel.model import vision_tower
 from pipeline import tracking
@@ -29,12 +29,16 @@ REPORT = Path("reports/supervised.json")
 
 
 class Classifier(nn.Module):
+    """The baseline: an image encoder (CLIP's vision tower, `features` outputs) and a linear head over
+    `classes` shapes."""
+
     def __init__(self, visual: nn.Module, features: int, classes: int):
         super().__init__()
         self.visual = visual
         self.head = nn.Linear(features, classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, S, S] normalised images (`to_tensor`) -> logits [B, classes], unnormalised."""
         return self.head(self.visual(images))
 
 
@@ -47,6 +51,8 @@ def shape_labels(corpus: Corpus) -> np.ndarray:
 
 @torch.no_grad()
 def accuracy(model: Classifier, corpus: Corpus, index: np.ndarray, labels: np.ndarray, device) -> float:
+    """Top-1 (a fraction in [0, 1]; 0 for no images) on corpus images `index` int [N], against
+    `labels` indexed by corpus image, 256 images at a time. Leaves the model's mode alone."""
     correct = 0
     for s in range(0, len(index), 256):
         chunk = index[s:s + 256]
@@ -56,6 +62,7 @@ def accuracy(model: Classifier, corpus: Corpus, index: np.ndarray, labels: np.nd
 
 
 def main() -> None:
+    """Run the stage; on other than synthetic data, write the report with no metrics and a `skipped` reason."""
     p = load_params()
     if p.data.source != "synthetic":
         write_json(REPORT, {"metrics": {}, "skipped": "needs the synthetic data's shape labels"})
@@ -67,7 +74,7 @@ def main() -> None:
 
     single = np.flatnonzero(labels >= 0)
     train, val, test = (np.intersect1d(corpus.split(s), single) for s in ("train", "val", "test"))
-    data = ContrastiveBatches(corpus, train, p.train.batch_size, p.train.seed, p.supervised.crop_scale,
+    data = CorpusBatches(corpus, train, p.train.batch_size, p.train.seed, p.supervised.crop_scale,
                               p.supervised.crop_ratio)
     steps = p.train.epochs * (len(corpus.split("train")) // p.train.batch_size)  # CLIP's steps: same images seen
     y = torch.from_numpy(labels).to(device)

@@ -19,6 +19,8 @@ from pipeline.params import DataParams
 
 @dataclass
 class Task:
+    """One zero-shot task over a list of corpus images: its classes, the text naming each in a prompt,
+    and each image's target class."""
     name: str
     classes: list[str]      # label names, reported in confusion matrices
     texts: list[str]        # what fills the templates' {} for each class
@@ -27,6 +29,7 @@ class Task:
 
     @property
     def mask(self) -> np.ndarray:
+        """bool [N]: the images the task applies to (target >= 0)."""
         return self.targets >= 0
 
 
@@ -39,6 +42,10 @@ def _index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
 
 
 def synthetic_tasks(labels: Sequence[str], seed: int, holdout_fraction: float) -> list[Task]:
+    """The tasks of synthetic scenes, from the manifest's labels JSON [N]: shape, color, size and
+    position of single-object scenes, count of every scene, and colour+shape compositions split into
+    pairs seen in training and held out (`holdout_pairs(seed, holdout_fraction)`, as ingest drew them).
+    A task no image applies to is left out."""
     scenes = [json.loads(s) for s in labels]
     single = [s["objects"][0] if s["count"] == 1 else None for s in scenes]
 

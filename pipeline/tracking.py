@@ -13,17 +13,16 @@ import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-import mlflow  # noqa: E402
+import mlflow
 
-from clipmodel.io import _alive, write_json  # noqa: E402
+from clipmodel.io import _alive, write_json
 
 RUN_FILE = Path("reports/run.json")
 
 
 def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the SQLite store mlflow.db in the current directory (an absolute URI)."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
@@ -39,6 +38,8 @@ def _experiment(name: str) -> str:
 
 
 def git_commit() -> str:
+    """The full hash of the current directory's HEAD commit, or "unknown" outside git (never raises).
+    Uncommitted changes are not reflected."""
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
@@ -54,17 +55,6 @@ def data_fingerprint(paths: list[str | Path]) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()[:16]
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{key}."))
-        else:
-            out[key] = v
-    return out
 
 
 def start_run(experiment: str, run_id: str | None, tags: dict[str, str]) -> str:
@@ -93,6 +83,8 @@ def end_orphaned_runs(experiment_id: str) -> list[str]:
 
 
 def pipeline_tags(fingerprint: str) -> dict[str, str]:
+    """MLflow tags that tie a run to its code, data and orchestration: git_commit, data_fingerprint,
+    and dvc_experiment / prefect_flow_run_id when the flow set DVC_EXP_NAME / PREFECT__FLOW_RUN_ID."""
     tags = {"git_commit": git_commit(), "data_fingerprint": fingerprint}
     for env, tag in (("DVC_EXP_NAME", "dvc_experiment"), ("PREFECT__FLOW_RUN_ID", "prefect_flow_run_id")):
         if os.environ.get(env):

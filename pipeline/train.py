@@ -18,13 +18,14 @@ import torch
 
 from clipmodel import distributed
 from clipmodel.checkpoint import save_safetensors
-from clipmodel.data import MEAN, STD, ContrastiveBatches, Corpus, to_tensor
+from clipmodel.data import MEAN, STD, CorpusBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
 from clipmodel.model import CLIP, CLIPConfig
 from clipmodel.stream import StreamingBatches
 from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
+from pipeline.dvcfile import flatten
 from pipeline.device import autocast, resolve_precision
 from pipeline.loop import Objective, fit, load_checkpoint
 from pipeline.objectives import clip_loss, clip_objective, clip_split
@@ -57,7 +58,7 @@ def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> di
     return {"val_loss": float(np.mean(losses)) if losses else float("nan"), "val_r1": r["r1"]}
 
 
-def training_batches(p: Params, corpus: Corpus) -> ContrastiveBatches | StreamingBatches:
+def training_batches(p: Params, corpus: Corpus) -> CorpusBatches | StreamingBatches:
     """The train split as random-access batches (npy shards, bit-exact resume) or streamed from the
     WebDataset shards ingest wrote with data.output_format: webdataset (bounded memory, any size)."""
     train = corpus.split("train")
@@ -65,7 +66,7 @@ def training_batches(p: Params, corpus: Corpus) -> ContrastiveBatches | Streamin
         raise SystemExit(f"train: {len(train)} training images is fewer than train.batch_size={p.train.batch_size}; "
                          "lower train.batch_size (or data.val_fraction / test_fraction)")
     if p.data.output_format == "npy":
-        return ContrastiveBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
+        return CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
                                   p.train.crop_ratio)
     if not corpus.tars:
         raise SystemExit(f"train: data.output_format is webdataset but {DATA}/images holds no train-*.tar; "
@@ -77,6 +78,8 @@ def training_batches(p: Params, corpus: Corpus) -> ContrastiveBatches | Streamin
 
 
 def main() -> None:
+    """Run the stage on this rank; rank 0 alone writes models/, the reports and the MLflow run.
+    Raises: SystemExit (one line) when `fit` stops (see there)."""
     p = load_params()
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train")
@@ -102,7 +105,7 @@ def main() -> None:
     if main_rank:
         run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp))
         if state is None:
-            tracking.mlflow.log_params(tracking.flatten(p.model_dump()))
+            tracking.mlflow.log_params(flatten(p.model_dump()))
             tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
                                         "precision_used": resolve_precision(p.train.precision, device),
                                         "device_used": torch.cuda.get_device_name(device) if gpu else "cpu",

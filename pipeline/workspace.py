@@ -10,13 +10,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
-TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                 "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+from pipeline import TELEMETRY_OFF
 
 
-def subprocess_env(repo: Union[str, Path], extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+
+def subprocess_env(repo: str | Path, extra: dict[str, str] | None = None) -> dict[str, str]:
     """os.environ with telemetry off, this venv first on PATH (so `dvc` and the stages' `python`
     are the flow's), unbuffered output, sparse tqdm updates, and an explicit MLflow store."""
     env = dict(os.environ)
@@ -29,16 +29,26 @@ def subprocess_env(repo: Union[str, Path], extra: Optional[dict[str, str]] = Non
     return env
 
 
-def git(repo: Union[str, Path], *args: str) -> str:
+def git(repo: str | Path, *args: str) -> str:
+    """`git <args>` run in `repo`: its stdout, stripped.
+
+    Raises: subprocess.CalledProcessError (stderr captured on it) when git exits non-zero.
+    """
     return subprocess.run(["git", *args], cwd=repo, check=True, capture_output=True,
                           text=True).stdout.strip()
 
 
 def dvc(*args: str) -> list[str]:
+    """The argv of `dvc <args>` via this interpreter (`python -m dvc`): the flow's own DVC, whatever PATH holds."""
     return [sys.executable, "-m", "dvc", *args]
 
 
-def check_fresh_name(repo: Union[str, Path], name: str) -> None:
+def check_fresh_name(repo: str | Path, name: str) -> None:
+    """Fail before any work if `dvc exp save -n name` would fail at the end of the run.
+
+    Raises: ValueError when the name is not a safe ref name (letters, digits, '.', '_', '-'; no '..',
+    no trailing '.' or '.lock') or an experiment of that name exists in `repo` already.
+    """
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ".." in name or name.endswith((".", ".lock")):
         raise ValueError(f"experiment name {name!r}: use letters, digits, '.', '_' and '-'")
     refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
@@ -88,6 +98,11 @@ def _populate_clone(repo: Path, work: Path) -> None:
 
 
 def fetch_experiment(repo: Path, work: Path, name: str) -> None:
+    """Copy experiment `name`'s refs (refs/exps/...) from the clone `work` into `repo`, before the
+    clone is removed; an existing ref of the same name is overwritten.
+
+    Raises: subprocess.CalledProcessError when git fails.
+    """
     refs = [r for r in git(work, "for-each-ref", "--format=%(refname)", "refs/exps").splitlines()
             if r.rsplit("/", 1)[-1] == name]
     for ref in refs:

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pipeline  # noqa: F401  (first: telemetry off before any test imports Prefect or MLflow)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {

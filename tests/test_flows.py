@@ -15,16 +15,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from prefect import flow
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.settings import PREFECT_HOME, temporary_settings
+from prefect.testing.utilities import prefect_test_harness
+
 from conftest import ROOT, TINY, merge, write_params
-
-from pipeline import flows  # sets the telemetry env vars before importing prefect
+from pipeline import flows
 from pipeline.workspace import hydra_value, subprocess_env
-
-from prefect import flow  # noqa: E402
-from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId  # noqa: E402
-from prefect.settings import PREFECT_HOME, temporary_settings  # noqa: E402
-from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 SMALL = merge(TINY, {"data": {"synthetic": {"num_images": 300}},
                      "train": {"epochs": 1, "checkpoint_every": 50}})
@@ -222,7 +221,8 @@ def test_pipeline_runs_each_stage_and_returns_metrics(prefect_api, repo):
 
 
 @pytest.mark.slow
-def test_sweep_makes_one_experiment_and_one_mlflow_run_per_point(prefect_api, train_repo, tmp_path):
+def test_sweep_makes_one_experiment_and_one_mlflow_run_per_point_sequentially_or_concurrently(
+        prefect_api, train_repo, tmp_path):
     params_before = (train_repo / "params.yaml").read_text()
     grid = tmp_path / "sweep.yaml"
     grid.write_text("train.lr: [0.002, 0.0005]\n")
@@ -251,10 +251,8 @@ def test_sweep_makes_one_experiment_and_one_mlflow_run_per_point(prefect_api, tr
     assert tagged["lr-1"].data.tags["prefect_flow_run_id"] != tagged["lr-2"].data.tags["prefect_flow_run_id"]
     assert tagged["lr-1"].data.tags["git_commit"] == tagged["lr-2"].data.tags["git_commit"]
 
-
-@pytest.mark.slow
-def test_concurrent_sweep_runs_points_in_clones_and_leaves_the_workspace(prefect_api, train_repo):
-    # the points of the sweep above again: every stage is restored from the run cache
+    # The same points again, concurrently, each in a clone of its own: every stage is restored from
+    # the run cache the sequential sweep filled (one test, so the dependence does not hang on test order).
     before = {f: (train_repo / f).read_text() for f in ("params.yaml", "dvc.lock")}
     earlier = dvc_experiments(train_repo)
     table = flows.clip_sweep(grid=[{"train.lr": 0.002}, {"train.lr": 0.0005}], concurrency=2,

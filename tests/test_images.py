@@ -1,6 +1,7 @@
 """Decoding and preprocessing: every mode lands as the RGB a person would see, bad files get a reason."""
 from __future__ import annotations
 
+import io
 import pickle
 import subprocess
 import sys
@@ -8,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from torchvision import transforms
 
 from clipmodel.data import random_resized_crop
@@ -71,8 +72,18 @@ def test_exif_orientation_is_applied():
     assert out[0, 0, 0] == 255 and out[-1, 0, 2] == 255  # red on top, blue at the bottom
 
 
+def text_bomb() -> bytes:
+    """A 1 KB PNG whose compressed text chunk inflates past Pillow's limit: Image.open raises ValueError."""
+    info = PngImagePlugin.PngInfo()
+    info.add_text("comment", "a" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, "PNG", pnginfo=info)
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("data, reason", [
     (b"", "empty_file"),
+    (text_bomb(), "corrupt_image"),  # a decoder error of a kind not listed anywhere: still one reason
     (truncated(encode(noise(0, (64, 64)))), "corrupt_image"),
     (truncated(encode(noise(0, (64, 64)), "JPEG")), "corrupt_image"),
     (b"GIF89a but not really", "not_an_image"),

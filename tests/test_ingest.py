@@ -256,7 +256,7 @@ def test_folder(tmp_path):
 
 
 def test_synthetic_stage_writes_labels(tmp_path):
-    report = run(params(synthetic={"num_images": 40, "max_objects": 2}), tmp_path)
+    report = run(params(synthetic={"num_images": 40, "max_objects": 2, "captions_per_image": 1}), tmp_path)
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert report["accepted"] == len(manifest) == 40 and report["duplicates"] == 0
     labels = manifest.labels.map(json.loads)

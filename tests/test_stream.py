@@ -19,7 +19,8 @@ from clipmodel.data import Corpus, to_tensor
 from clipmodel.stream import SkippedSample, StreamingBatches, shuffle
 from clipmodel.tokenizer import SOT_ID, encode, load_tokenizer, train_tokenizer
 from conftest import ROOT, TINY, merge, run_stage, write_params
-from pipeline.ingest import encode_png, run, sample_key
+from clipmodel.shards import sample_key
+from pipeline.ingest import encode_png, run
 from pipeline.params import DataParams
 
 SIZE, CTX = 16, 16
