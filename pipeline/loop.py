@@ -267,39 +267,40 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
         if main:
             print(f"train: resuming at step {state.step}/{total}")
     net = parallel(obj.model, world, device, tp.compile)
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
-               mininterval=0.5 if sys.stderr.isatty() else 30)  # logs (DVC, Prefect) get a line every 30 s
     csv_log = CsvLog(obj.log_csv, state.rows, state.step) if main else None
-    loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})] if main else []
     bad, speed = 0, Throughput(state.step, tp.batch_size)
+    batches = data.rank_batches(state.step, total, tp.workers, device.type == "cuda")
     obj.model.train()
-    for step, batch in zip(range(state.step, total), data.rank_batches(state.step, total, tp.workers, device.type == "cuda")):
-        loss = train_step(obj, net, state, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tp,
-                          device, precision)
-        state.step = done = step + 1
-        bar.update()
-        bad = 0 if loss is not None else bad + 1
-        if bad:
-            mlflow_log(step, {"skipped_steps": bad})
-            if bad >= tp.max_bad_steps:
-                raise SystemExit(f"train: {bad} non-finite losses in a row at step {step}; "
-                                 f"stopped, last good checkpoint kept at {obj.checkpoint}")
-            continue
-        if not main:
-            continue
-        obj.on_step(done)
-        if done % tp.log_every == 0 or done == total:
-            lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
-            metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
-                       **obj.step_metrics(), "samples_per_s": speed(done)}
-            for log in loggers:
-                log(done, metrics)
-        if done % len(data) == 0:
-            validate(obj, done // len(data), done, bar)
-        if done % tp.checkpoint_every == 0 or done == total:
-            csv_log.write()
-            state.save(obj.checkpoint, fingerprint, run_id)
-    bar.close()
+    # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
+    with tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
+              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+        loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})]
+        for step, batch in zip(range(state.step, total), batches):
+            loss = train_step(obj, net, state, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tp,
+                              device, precision)
+            state.step = done = step + 1
+            bar.update()
+            bad = 0 if loss is not None else bad + 1
+            if bad:
+                mlflow_log(step, {"skipped_steps": bad})
+                if bad >= tp.max_bad_steps:
+                    raise SystemExit(f"train: {bad} non-finite losses in a row at step {step}; "
+                                     f"stopped, last good checkpoint kept at {obj.checkpoint}")
+                continue
+            if not main:
+                continue
+            obj.on_step(done)
+            if done % tp.log_every == 0 or done == total:
+                lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
+                metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
+                           **obj.step_metrics(), "samples_per_s": speed(done)}
+                for log in loggers:
+                    log(done, metrics)
+            if done % len(data) == 0:
+                validate(obj, done // len(data), done, bar)
+            if done % tp.checkpoint_every == 0 or done == total:
+                csv_log.write()
+                state.save(obj.checkpoint, fingerprint, run_id)
     return state.rows
 
 
