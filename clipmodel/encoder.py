@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
-from clipmodel.images import load_image
+from clipmodel.images import ImageError, load_image
 from clipmodel.model import CLIP
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
@@ -74,6 +74,12 @@ class Encoder:
     def images(self, sources: list[str | Path | bytes]) -> np.ndarray:
         """float32 [N, D], L2-normalised, for image files or encoded bytes.
 
-        Raises: ImageError on the first that cannot be decoded.
+        Raises: ImageError naming the first that cannot be decoded.
         """
-        return self.pixels(np.stack([self.load_image(s) for s in sources]))
+        return self.pixels(np.stack([self._load_named(s) for s in sources]))
+
+    def _load_named(self, source: str | Path | bytes) -> np.ndarray:
+        try:
+            return self.load_image(source)
+        except ImageError as e:
+            raise e.naming(source) from None

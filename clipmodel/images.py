@@ -31,6 +31,13 @@ class ImageError(Exception):
     def __str__(self) -> str:
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
+    def naming(self, source: object) -> ImageError:
+        """This error with `source` (a path) at the front of its detail, unless the detail is that
+        path already or the source is bytes: for callers that decode many images and stop at one."""
+        if not isinstance(source, (str, Path)) or self.detail == str(source):
+            return self
+        return ImageError(self.reason, f"{source}: {self.detail}" if self.detail else str(source))
+
 
 def _open(source: bytes | str | Path) -> io.BytesIO | Path:
     if isinstance(source, bytes):

@@ -164,9 +164,7 @@ class ClipRuntime:
         try:
             return self.pre.rgb(image)
         except ImageError as e:
-            if not isinstance(image, (str, Path)) or e.detail == str(image):
-                raise
-            raise ImageError(e.reason, f"{image}: {e.detail}" if e.detail else str(image)) from None
+            raise e.naming(image) from None
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """float32 [N, D] unit embeddings; over-long texts are truncated as in training (EOT kept last)."""

@@ -39,7 +39,7 @@ from clipmodel.images import load_image
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
-from pipeline.loop import Batch, Objective, fit, load_checkpoint
+from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_objective
 from pipeline.run import DATA, model_config, prepare, run_fingerprint
 
@@ -207,10 +207,9 @@ def train(objective: str) -> None:
     wall = time.perf_counter() - start
     model.eval()
     save_folder(MODELS / objective, model, objective, arch, p, data_fp)
-    speeds = [r["samples_per_s"] for r in rows[1:]] or [float("nan")]
     summary = {"objective": objective, "budget_images": total * bs, "batch_size": bs, "steps": total,
                "parameters": sum(x.numel() for x in model.parameters()),
-               "train_samples_per_s": float(np.median(speeds)), "wall_s": wall, "eval_s": eval_s[0],
+               "train_samples_per_s": median_samples_per_s(rows), "wall_s": wall, "eval_s": eval_s[0],
                "final_loss": rows[-1]["loss"], "run_id": run_id, "curve": curve}
     write_json(RESULTS / f"{objective}.json", summary)
     tracking.mlflow.log_metrics({"train_samples_per_s": summary["train_samples_per_s"], "eval_s": eval_s[0]})

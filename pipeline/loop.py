@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -302,6 +303,12 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                 csv_log.write()
                 state.save(obj.checkpoint, fingerprint, run_id)
     return state.rows
+
+
+def median_samples_per_s(rows: list[dict]) -> float:
+    """The run's throughput from its logged rows: the median, without the first row (compilation,
+    allocation and caches warm up there) unless it is the only one."""
+    return float(np.median([r["samples_per_s"] for r in rows[1:] or rows]))
 
 
 def parallel(model: nn.Module, world: int, device: torch.device, compile: bool) -> nn.Module:

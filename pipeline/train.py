@@ -27,7 +27,7 @@ from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
 from pipeline.dvcfile import flatten
 from pipeline.device import autocast, resolve_precision
-from pipeline.loop import Objective, fit, load_checkpoint
+from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
@@ -118,9 +118,8 @@ def main() -> None:
         return
     save_model(model, cfg, p, data_fp)
     plot = plot_training_curves(obj.log_csv, Path("reports/plots/train_curves.png"))
-    speeds = [r["samples_per_s"] for r in rows[1:]] or [float("nan")]
     summary = {"steps": int(rows[-1]["step"]), "final_loss": rows[-1]["loss"],
-               "samples_per_s": float(np.median(speeds)), "processes": processes,
+               "samples_per_s": median_samples_per_s(rows), "processes": processes,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if gpu else {})}
     write_json("reports/train.json", summary)

@@ -109,6 +109,14 @@ def stages() -> list:
             for name, stage in yaml.safe_load((ROOT / file).read_text())["stages"].items()]
 
 
+def has_key(values: dict, dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(values, dict) or part not in values:
+            return False
+        values = values[part]
+    return True
+
+
 def covered(path: Path, deps: list[Path]) -> bool:
     return any(path == d or d in path.parents for d in deps)
 
@@ -123,6 +131,9 @@ def test_stage_lists_its_code_and_params(file, stage):
     assert missing == [], f"{file}: {stage['cmd']}: deps miss {missing}"
 
     declared = [str(k) for k in stage.get("params", [])]
+    values = yaml.safe_load((wdir / "params.yaml").read_text())
+    absent = [k for k in declared if not has_key(values, k)]
+    assert absent == [], f"{file}: {stage['cmd']}: {wdir / 'params.yaml'} lacks {absent}: DVC refuses to run it"
     reads = set().union(*(params_read(m) for m in modules))
     uncovered = sorted(r for r in reads - SPEED_ONLY if not any(r == d or r.startswith(d + ".") for d in declared))
     assert uncovered == [], f"{file}: {stage['cmd']}: params miss {uncovered}"

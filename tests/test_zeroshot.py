@@ -1,6 +1,7 @@
 """Zero-shot maths (prompt ensembling, normalisation, top-k) and the `clipmodel` CLI."""
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 
@@ -75,6 +76,13 @@ def test_cli_embed_writes_normalised_npy_and_names_bad_files(model_dir, tmp_path
     broken.write_bytes(b"not an image")
     out = run_cli("embed", "--model", str(model_dir), "--images", str(broken), "--out", str(tmp_path / "x.npy"))
     assert out.returncode != 0 and "broken.png" in out.stderr and "Traceback" not in out.stderr
+    truncated = tmp_path / "truncated.png"  # the decoder's own message does not name the file: the CLI must
+    buf = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "PNG")
+    truncated.write_bytes(buf.getvalue()[:-200])
+    out = run_cli("classify", "--model", str(model_dir), str(truncated), "--labels", "red,blue")
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].endswith(f"corrupt_image: {truncated}: OSError: image file is truncated")
 
 
 @pytest.mark.parametrize("text, ok", [("a photo of a {}.", True), ("{}", True), ("a {x} of {}", False),
