@@ -20,6 +20,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 install: $(STAMP)
+	bash examples/install.sh
 
 pipeline: install
 	$(VENV)/bin/dvc repro

@@ -1,0 +1,239 @@
+// An exported clipmodel folder (python -m clipmodel.export) used from JavaScript: tokenizer, both
+// encoders, prompt ensembling and zero-shot probabilities, as clipmodel.runtime.ClipRuntime does.
+//
+// Shared by the Node CLI (with onnxruntime-node) and the web page (with onnxruntime-web): the caller
+// passes its onnxruntime module and a function that reads the folder's files, so nothing here needs
+// Node or browser APIs. In the browser "@huggingface/tokenizers" resolves through the page's import map.
+import { Tokenizer } from "@huggingface/tokenizers";
+
+import { preprocessImage } from "./preprocess.mjs";
+
+export const FILES = {
+  image: "image_encoder.onnx",
+  text: "text_encoder.onnx",
+  tokenizer: "tokenizer.json",
+  preprocess: "preprocess.json",
+};
+
+// ---------------------------------------------------------------------------------------------
+// Text
+
+// Where tokenizers.js's normalizers differ from the Rust ones that wrote the training tokens:
+// - Lowercase: Rust maps each character on its own; toLowerCase also applies context rules (a
+//   word-final capital sigma becomes "ς" in JavaScript, "σ" in Rust).
+// - Strip: Rust strips Unicode White_Space; trim() also strips U+FEFF (a byte-order mark).
+const RUST_NORMALIZE = {
+  Lowercase: () => (text) => Array.from(text, (ch) => ch.toLowerCase()).join(""),
+  Strip: ({ strip_left: left = true, strip_right: right = true }) => (text) => {
+    if (left) text = text.replace(/^\p{White_Space}+/u, "");
+    if (right) text = text.replace(/\p{White_Space}+$/u, "");
+    return text;
+  },
+};
+
+/** Give the normalizers inside `normalizer` (a Sequence nests others) the Rust behaviour. */
+function matchRustNormalizers(normalizer) {
+  if (!normalizer) return;
+  const rust = RUST_NORMALIZE[normalizer.config?.type];
+  if (rust) normalizer.normalize = rust(normalizer.config);
+  for (const inner of normalizer.normalizers ?? []) matchRustNormalizers(inner);
+}
+
+/**
+ * Caption -> token ids as clipmodel's tokenizer encodes them: normalised, byte-level BPE, the ids cut
+ * to contextLength - 2, then SOT first, EOT last and pad ids up to contextLength.
+ */
+export class CaptionTokenizer {
+  /** tokenizerJson: tokenizer.json parsed; pre: preprocess.json parsed. */
+  constructor(tokenizerJson, pre) {
+    // Special tokens are text like any other (Python's encode_special_tokens = True): a caption that
+    // contains "<end_of_text>" must not end early. Truncation, padding and the SOT/EOT template are
+    // applied below, so the file's own settings for them are dropped.
+    const json = { ...tokenizerJson, truncation: null, padding: null,
+                   added_tokens: (tokenizerJson.added_tokens ?? []).filter((t) => !t.special) };
+    this.tokenizer = new Tokenizer(json, {});
+    matchRustNormalizers(this.tokenizer.normalizer);
+    this.contextLength = pre.context_length;
+    this.pad = pre.pad_id;
+    this.sot = pre.sot_id;
+    this.eot = pre.eot_id;
+  }
+
+  /** The BPE ids of one caption, without special tokens or truncation. */
+  bpe(text) {
+    return this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+  }
+
+  /** One caption -> number[contextLength]; whether it was truncated is `ids.truncated`. */
+  encode(text) {
+    const bpe = this.bpe(text);
+    const kept = bpe.slice(0, this.contextLength - 2); // EOT is always kept, as the last real token
+    const ids = [this.sot, ...kept, this.eot];
+    while (ids.length < this.contextLength) ids.push(this.pad);
+    ids.truncated = bpe.length > kept.length;
+    return ids;
+  }
+
+  /** Captions -> BigInt64Array [N * contextLength], row-major: the text encoder's `tokens` input. */
+  encodeBatch(texts) {
+    const out = new BigInt64Array(texts.length * this.contextLength);
+    texts.forEach((text, i) => out.set(this.encode(text).map(BigInt), i * this.contextLength));
+    return out;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Vectors
+
+/** The vector scaled to unit length (zero stays zero, as numpy's x / max(|x|, 1e-12)). */
+export function unit(vector) {
+  let norm = 0;
+  for (const v of vector) norm += v * v;
+  norm = Math.max(Math.sqrt(norm), 1e-12);
+  return Float32Array.from(vector, (v) => v / norm);
+}
+
+export function dot(a, b) {
+  let s = 0;
+  for (let i = 0; i < a.length; i++) s += a[i] * b[i];
+  return s;
+}
+
+/** softmax(scale * x) over one row, computed stably. */
+export function softmax(values, scale = 1) {
+  const logits = values.map((v) => v * scale);
+  const max = Math.max(...logits);
+  const exps = logits.map((v) => Math.exp(v - max));
+  const sum = exps.reduce((a, b) => a + b, 0);
+  return exps.map((e) => e / sum);
+}
+
+/** Rows of a flat Float32Array [N * D] as N Float32Array views of length D. */
+function rows(flat, dim) {
+  return Array.from({ length: flat.length / dim }, (_, i) => flat.subarray(i * dim, (i + 1) * dim));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model
+
+export class ClipModel {
+  /**
+   * ort: onnxruntime-node or onnxruntime-web; readFile(name) -> Promise<Uint8Array> of a file of the
+   * exported folder; sessionOptions go to both InferenceSession.create calls.
+   */
+  static async load(ort, readFile, sessionOptions = {}) {
+    const decoder = new TextDecoder();
+    const readJson = async (name) => JSON.parse(decoder.decode(await readFile(name)));
+    const [pre, tokenizerJson] = await Promise.all([readJson(FILES.preprocess), readJson(FILES.tokenizer)]);
+    // One after the other: two sessions initialising at once double the peak memory.
+    const image = await ort.InferenceSession.create(await readFile(FILES.image), sessionOptions);
+    const text = await ort.InferenceSession.create(await readFile(FILES.text), sessionOptions);
+    return new ClipModel(ort, image, text, new CaptionTokenizer(tokenizerJson, pre), pre);
+  }
+
+  constructor(ort, imageSession, textSession, tokenizer, pre) {
+    this.ort = ort;
+    this.imageSession = imageSession;
+    this.textSession = textSession;
+    this.tokenizer = tokenizer;
+    this.pre = pre;
+    this.size = pre.image_size;
+    this.dim = pre.embed_dim;
+    this.logitScale = pre.logit_scale;
+    this.templates = pre.templates?.length ? pre.templates : ["{}"]; // clipmodel.templates.DEFAULT_TEMPLATES
+  }
+
+  /** A decoded image {width, height, data RGBA or RGB, orientation?} -> uint8 RGB [S, S, 3]. */
+  preprocess(image) {
+    return preprocessImage(image, { size: this.size, background: this.pre.background ?? [255, 255, 255],
+                                    orientation: image.orientation ?? 1 });
+  }
+
+  /** Preprocessed images (uint8 [S, S, 3] each) -> Float32Array[] unit embeddings. */
+  async embedPixels(pixelsList, batchSize = 16) {
+    const out = [];
+    for (let start = 0; start < pixelsList.length; start += batchSize) {
+      const batch = pixelsList.slice(start, start + batchSize);
+      const feeds = { [this.imageSession.inputNames[0]]: this.imageTensor(batch) };
+      const result = await this.imageSession.run(feeds);
+      out.push(...rows(result.embedding.data, this.dim));
+    }
+    return out;
+  }
+
+  /**
+   * The image encoder's input. Folder v2: `image`, uint8 [N, S, S, 3], normalised inside the graph.
+   * Earlier exports took `pixels`, float32 [N, 3, S, S] already normalised with preprocess.json's
+   * mean and std; those folders still work.
+   */
+  imageTensor(batch) {
+    const s = this.size, n = batch.length, plane = s * s;
+    if (this.imageSession.inputNames[0] !== "pixels") {
+      const data = new Uint8Array(n * plane * 3);
+      batch.forEach((pixels, i) => data.set(pixels, i * plane * 3));
+      return new this.ort.Tensor("uint8", data, [n, s, s, 3]);
+    }
+    const { mean, std } = this.pre;
+    const data = new Float32Array(n * 3 * plane);
+    batch.forEach((pixels, i) => {
+      for (let p = 0; p < plane; p++) {
+        for (let c = 0; c < 3; c++) {
+          // Same float32 steps as numpy: x / 255, minus mean, over std.
+          const x = Math.fround(pixels[p * 3 + c] / 255);
+          data[(i * 3 + c) * plane + p] = Math.fround(Math.fround(x - Math.fround(mean[c])) / Math.fround(std[c]));
+        }
+      }
+    });
+    return new this.ort.Tensor("float32", data, [n, 3, s, s]);
+  }
+
+  /** Decoded images -> Float32Array[] unit embeddings. */
+  async encodeImages(images, batchSize = 16) {
+    return this.embedPixels(images.map((image) => this.preprocess(image)), batchSize);
+  }
+
+  /** Captions -> Float32Array[] unit embeddings (over-long captions truncated, EOT kept). */
+  async encodeTexts(texts, batchSize = 64) {
+    const out = [];
+    const length = this.tokenizer.contextLength;
+    for (let start = 0; start < texts.length; start += batchSize) {
+      const batch = texts.slice(start, start + batchSize);
+      const tokens = new this.ort.Tensor("int64", this.tokenizer.encodeBatch(batch), [batch.length, length]);
+      const result = await this.textSession.run({ [this.textSession.inputNames[0]]: tokens });
+      out.push(...rows(result.embedding.data, this.dim));
+    }
+    return out;
+  }
+
+  /**
+   * One unit vector per label: the label's prompts (each template with "{}" replaced by it) embedded,
+   * each normalised, averaged and renormalised (clipmodel.evaluation.class_vectors).
+   */
+  async classEmbeddings(labels, templates = this.templates) {
+    // A replacer function, so that "$&" or "$1" in a label stays literal.
+    const prompts = labels.flatMap((label) => templates.map((t) => t.replace("{}", () => label)));
+    const embeddings = await this.encodeTexts(prompts);
+    return labels.map((_, i) => {
+      const mean = new Float32Array(this.dim);
+      for (const e of embeddings.slice(i * templates.length, (i + 1) * templates.length)) {
+        const u = unit(e);
+        for (let d = 0; d < this.dim; d++) mean[d] += u[d] / templates.length;
+      }
+      return unit(mean);
+    });
+  }
+
+  /**
+   * Per image embedding, every label with its probability, most probable first:
+   * softmax(logit_scale * cosine) over the labels (clipmodel.runtime.top_k).
+   */
+  scoreLabels(imageEmbeddings, classEmbeddings, labels) {
+    return imageEmbeddings.map((embedding) => {
+      const image = unit(embedding);
+      const cosines = classEmbeddings.map((c) => dot(image, c));
+      const probs = softmax(cosines, this.logitScale);
+      return labels.map((label, i) => ({ label, prob: probs[i], cosine: cosines[i] }))
+        .sort((a, b) => b.prob - a.prob);
+    });
+  }
+}
