@@ -30,6 +30,7 @@ from clipmodel.export import export_onnx
 from clipmodel.images import load_image
 from clipmodel.runtime import ClipRuntime
 from clipmodel.tokenizer import encode, load_tokenizer
+from conftest_ingest_helpers import png_header
 from test_export import build_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,6 +287,10 @@ def test_cli_errors_name_the_problem(node, model_dir, tmp_path):
     not_image.write_text("hello")
     proc = run_cli(node, "embed", "--model", str(model_dir), "--images", str(not_image))
     assert proc.returncode == 1 and "notes.png" in proc.stderr and "not a PNG or JPEG" in proc.stderr
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header(100_000, 100_000))  # refused from its header, before any pixel is inflated
+    proc = run_cli(node, "pixels", "--size", "32", "--out", str(tmp_path), str(bomb))
+    assert proc.returncode == 1 and "too many pixels" in proc.stderr
     proc = run_cli(node, "embed", "--model", str(tmp_path), "--texts", "x")
     assert proc.returncode == 1 and "not an exported model folder" in proc.stderr
     proc = run_cli(node, "classify", "--model", str(model_dir), "--labels", "a", "--templates", "no braces", "--", "x")
@@ -348,6 +353,21 @@ def wait_for(driver, css: str, states: tuple[str, ...], timeout: float = 120) ->
     return element().get_attribute("data-state")
 
 
+def classify_in_page(browser, path: Path) -> dict:
+    """Choose `path` in the page's file input and wait for its scores; the page's pixels, embedding, scores."""
+    from selenium.webdriver.common.by import By
+    browser.execute_script("document.querySelector('#results').dataset.state = 'waiting'")
+    browser.find_element(By.ID, "image-input").send_keys(str(path))
+    assert wait_for(browser, "#results", ("done", "error")) == "done", browser.find_element(By.ID, "image-info").text
+    return browser.execute_script(
+        "const s = window.clipDemo; return {pixels: Array.from(s.pixels), embedding: Array.from(s.embedding),"
+        " scores: s.scores, top: document.querySelector('#results').dataset.top}")
+
+
+# Opaque and transparent PNGs, EXIF-rotated and progressive JPEGs: decoded by Chromium itself.
+WEB_IMAGES = ["rgba_noise.png", "rgba_gradient_alpha.png", "exif6.jpg", "large_progressive.jpg", "rgb_97x61.png"]
+
+
 @pytest.mark.slow
 def test_web_page_classifies_like_python(browser, page_url, runtime, images, tmp_path):
     from selenium.webdriver.common.by import By
@@ -358,26 +378,29 @@ def test_web_page_classifies_like_python(browser, page_url, runtime, images, tmp
     labels = browser.find_element(By.ID, "labels")
     labels.clear()
     labels.send_keys("\n".join(LABELS))
-    image = images["rgb_97x61.png"]  # opaque PNG: the browser's decode is exact
-    browser.find_element(By.ID, "image-input").send_keys(str(image))
-    assert wait_for(browser, "#results", ("done", "error")) == "done", browser.find_element(By.ID, "image-info").text
-    result = browser.execute_script(
-        "const s = window.clipDemo; return {pixels: Array.from(s.pixels), embedding: Array.from(s.embedding),"
-        " scores: s.scores}")
-    size = runtime.pre.image_size
-    pixel_diff = max_diff(np.array(result["pixels"], np.uint8).reshape(size, size, 3), load_image(image, size))
-    cosine = float(np.dot(result["embedding"], runtime.encode_images([image])[0]))
-    py = runtime.classify([image], LABELS, runtime_templates(runtime), k=len(LABELS))[0]
-    shot = tmp_path / "web_client.png"
+    size, templates = runtime.pre.image_size, runtime_templates(runtime)
+    report = {}
+    for name in WEB_IMAGES:
+        page = classify_in_page(browser, images[name])
+        diff = np.abs(np.array(page["pixels"], np.int16).reshape(size, size, 3) - load_image(images[name], size))
+        py = runtime.classify([images[name]], LABELS, templates, k=len(LABELS))[0]
+        report[name] = {"pixel_max_diff": int(diff.max()), "pixel_mean_diff": round(float(diff.mean()), 3),
+                        "cosine": float(np.dot(page["embedding"], runtime.encode_images([images[name]])[0])),
+                        "top1_page": page["top"], "top1_python": py[0][0], "python_margin": py[0][1] - py[1][1]}
+    shot = tmp_path / "web_client.png"  # the page as left by the last image
     browser.save_screenshot(str(shot))
     SCREENSHOT.parent.mkdir(exist_ok=True)
     shutil.copy(shot, SCREENSHOT)
-    measured["web"] = {"pixel_max_diff": pixel_diff, "image_cosine": cosine, "top1_js": result["scores"][0]["label"],
-                       "top1_python": py[0][0], "python_margin": py[0][1] - py[1][1],
-                       "seconds": round(time.perf_counter() - started, 2)}
-    assert pixel_diff == 0 and cosine >= MIN_COSINE, measured["web"]
-    assert py[0][1] - py[1][1] > MARGIN, f"near tie in Python, change the labels: {py}"
-    assert result["scores"][0]["label"] == py[0][0] == browser.find_element(By.ID, "results").get_attribute("data-top")
+    measured["web"] = {"images": report, "seconds": round(time.perf_counter() - started, 2)}
+    for name, r in report.items():
+        # The canvas may hold premultiplied alpha and the browser has its own JPEG decoder: PNG pixels
+        # must be exact (opaque ones at least), JPEG ones close; every embedding as close as the Node client's.
+        exact = name.endswith(".png") and "rgba" not in name
+        assert (r["pixel_max_diff"] == 0 if exact else r["pixel_mean_diff"] < 3), (name, r)
+        assert r["cosine"] >= MIN_COSINE, (name, r)
+        if r["python_margin"] > MARGIN:
+            assert r["top1_page"] == r["top1_python"], (name, r)
+    assert report["rgb_97x61.png"]["python_margin"] > MARGIN, "near tie in Python: change the labels"
 
 
 def runtime_templates(runtime: ClipRuntime) -> list[str]:

@@ -31,6 +31,11 @@ function decodeJpeg(bytes) {
 }
 
 function decodePng(bytes) {
+  // Size from the IHDR header before any pixel is inflated: a small file can claim gigabytes.
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.length);
+  if (bytes.length >= 24 && view.getUint32(16) * view.getUint32(20) > MAX_PIXELS) {
+    throw new ImageDecodeError(`too many pixels: ${view.getUint32(16)}x${view.getUint32(20)} > ${MAX_PIXELS}`);
+  }
   let png;
   try {
     // skipRescale keeps the file's bit depth, so samples are reduced to 8 bits the way Pillow does (below).
@@ -38,7 +43,6 @@ function decodePng(bytes) {
   } catch (e) {
     throw new ImageDecodeError(`corrupt PNG: ${e.message}`);
   }
-  if (png.width * png.height > MAX_PIXELS) throw new ImageDecodeError(`too many pixels: ${png.width}x${png.height}`);
   const data = toEightBit(png.data, png.depth, png.colorType);
   return { width: png.width, height: png.height, data, orientation: pngOrientation(bytes) };
 }
