@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import NoReturn
 
 import torch
@@ -24,13 +25,13 @@ def launched() -> bool:
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def relaunch(nproc: int, module: str) -> NoReturn:
-    """Run `python -m module` as `nproc` ranks on this machine, then exit with the first failure's status.
+def relaunch(nproc: int, module: str, args: Sequence[str] = ()) -> NoReturn:
+    """Run `python -m module args...` as `nproc` ranks on this machine, then exit with the first failure's status.
 
     What torchrun --standalone does, with every endpoint on 127.0.0.1 (torchrun's store listens on all
     interfaces): this process holds the rendezvous store on a socket bound to loopback and the ranks
     join it as torchrun's agent store; gloo and NCCL bootstrap over the loopback interface. The command
-    line stays `python -m module` (DVC, Prefect). A SIGTERM or SIGINT here stops every rank; a rank
+    line stays `python -m module args...` (DVC, Prefect). A SIGTERM or SIGINT here stops every rank; a rank
     whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). Multi-node runs use torchrun directly.
 
     Raises: SystemExit always: 0 when every rank succeeded, else the first failure's status (128 + N
@@ -44,7 +45,7 @@ def relaunch(nproc: int, module: str) -> NoReturn:
            "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "TORCHELASTIC_USE_AGENT_STORE": "True",
            "TORCHELASTIC_RESTART_COUNT": "0", "GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: ranks share the cores
-    ranks = [subprocess.Popen([sys.executable, "-m", module], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+    ranks = [subprocess.Popen([sys.executable, "-m", module, *args], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               preexec_fn=_die_with_parent) for r in range(nproc)]
 
     def stop(signum: int, _frame) -> None:

@@ -1,6 +1,11 @@
 """The data-efficiency study (the paper's Figure 2): how many images each objective needs to learn zero-shot.
 
-    python -m pipeline.efficiency train contrastive|bow|decoder|encoder_decoder
+    python -m pipeline.efficiency train contrastive|bow|decoder|encoder_decoder [--data data]
+        [--model models/efficiency/<objective>] [--report reports/efficiency/<objective>.json]
+        [--log reports/efficiency/<objective>_log.csv]
+
+The paths shown are the defaults; efficiency/dvc.yaml names them. Checkpoints and partial curves
+stay in checkpoints/efficiency/, outside DVC.
 
 Every objective trains with `pipeline.loop.fit` on the same data, image encoder, batch, optimiser,
 schedule and budget of images seen; only the model head and loss differ. Zero-shot top-1 on the
@@ -10,9 +15,9 @@ Stages in efficiency/dvc.yaml, outside the default `dvc repro`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -41,12 +46,10 @@ from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
 from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_objective
-from pipeline.run import DATA, model_config, prepare, run_fingerprint
+from pipeline.run import model_config, prepare, run_fingerprint
 
 OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
 CHECKPOINTS = Path("checkpoints/efficiency")
-RESULTS = Path("reports/efficiency")
-MODELS = Path("models/efficiency")
 EXPERIMENT = "clip-efficiency"
 
 
@@ -132,13 +135,14 @@ def zero_shot_top1(objective: str, model: nn.Module, probe: Probe, tok) -> float
     return (pred == probe.targets).float().mean().item()
 
 
-def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: Params, data_fp: str) -> None:
-    """The same files as models/ (weights, config.json, tokenizer.json), the folder replaced atomically."""
+def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: Params, data_fp: str,
+                tokenizer: Path = Path("data/tokenizer.json")) -> None:
+    """The same files as models/ (weights, config.json, `tokenizer` as tokenizer.json), the folder replaced atomically."""
     weights = "clip.safetensors" if objective == "contrastive" else f"{objective}.safetensors"
     with atomic_path(folder) as tmp:
         tmp.mkdir(parents=True)
         save_safetensors(model, tmp / weights)
-        (tmp / "tokenizer.json").write_bytes((DATA / "tokenizer.json").read_bytes())
+        (tmp / "tokenizer.json").write_bytes(Path(tokenizer).read_bytes())
         write_json(tmp / "config.json", {
             "objective": objective, "weights": weights, **arch, "tokenizer": "tokenizer.json",
             "preprocess": {"image_size": p.data.image_size, "resize": "shorter_side_bicubic", "crop": "center",
@@ -146,18 +150,20 @@ def save_folder(folder: Path, model: nn.Module, objective: str, arch: dict, p: P
             "data_fingerprint": data_fp})
 
 
-def train(objective: str) -> None:
-    """The stage for one objective (one of OBJECTIVES): train to efficiency.budget_images images seen,
-    measuring zero-shot top-1 at `eval_steps`, resumable like train. Writes the model to
-    models/efficiency/<objective>/, the curve and summary to reports/efficiency/, one MLflow run.
+def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: Path) -> None:
+    """The stage for one objective (one of OBJECTIVES) on the corpus in `data_dir`: train to
+    efficiency.budget_images images seen, measuring zero-shot top-1 at `eval_steps`, resumable like
+    train. Writes the model to `folder` (models/efficiency/<objective>/), the summary and curve to
+    `report` (reports/efficiency/<objective>.json), the loss log to `log_csv`
+    (reports/efficiency/<objective>_log.csv), one MLflow run.
 
     Raises: SystemExit (one line) when efficiency.tasks names neither a task with test images nor an
     evaluate.datasets set, for a bad templates file or held-out set, or when `fit` stops (see there).
     """
     p = load_params()
     e, bs = p.efficiency, p.train.batch_size
-    device, corpus = prepare(p)
-    tok = load_tokenizer(DATA / "tokenizer.json")
+    device, corpus = prepare(p, data_dir)
+    tok = load_tokenizer(data_dir / "tokenizer.json")
     model, loss, arch = build(objective, p, tok.get_vocab_size())
     model.to(device)
     data = CorpusBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale,
@@ -165,7 +171,7 @@ def train(objective: str) -> None:
     total, steps = e.budget_images // bs, set(eval_steps(e, bs))
     tests = probes(p, corpus, tok, device)
 
-    data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
+    data_fp = tracking.data_fingerprint([data_dir / "manifest.parquet", data_dir / "tokens.npy"])
     fingerprint = run_fingerprint(p, data_fp, f"efficiency-{objective}", e)
     checkpoint, curve_file = CHECKPOINTS / f"{objective}.pt", CHECKPOINTS / f"{objective}_curve.json"
     state = load_checkpoint(checkpoint, fingerprint) if p.train.resume else None
@@ -199,31 +205,47 @@ def train(objective: str) -> None:
         print(f"efficiency {objective}: {step * bs} images seen, zero-shot top-1 {point['top1']:.3f} {top1}")
 
     obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
-                    checkpoint=checkpoint, log_csv=RESULTS / f"{objective}_log.csv")
+                    checkpoint=checkpoint, log_csv=log_csv)
     start = time.perf_counter()
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id)
     wall = time.perf_counter() - start
     model.eval()
-    save_folder(MODELS / objective, model, objective, arch, p, data_fp)
+    save_folder(folder, model, objective, arch, p, data_fp, data_dir / "tokenizer.json")
     summary = {"objective": objective, "budget_images": total * bs, "batch_size": bs, "steps": total,
                "parameters": sum(x.numel() for x in model.parameters()),
                "train_samples_per_s": median_samples_per_s(rows), "wall_s": wall, "eval_s": eval_s[0],
                "final_loss": rows[-1]["loss"], "run_id": run_id, "curve": curve}
-    write_json(RESULTS / f"{objective}.json", summary)
+    write_json(report, summary)
     tracking.mlflow.log_metrics({"train_samples_per_s": summary["train_samples_per_s"], "eval_s": eval_s[0]})
-    tracking.mlflow.log_artifact(str(MODELS / objective / "config.json"))
+    tracking.mlflow.log_artifact(str(folder / "config.json"))
     tracking.mlflow.end_run()
-    print(f"efficiency {objective}: done in {wall:.0f} s ({eval_s[0]:.0f} s zero-shot); wrote {MODELS / objective}")
+    print(f"efficiency {objective}: done in {wall:.0f} s ({eval_s[0]:.0f} s zero-shot); wrote {folder}")
 
 
-def main(argv: list[str]) -> None:
-    """`train <objective>` runs `train`. Raises: SystemExit with the usage line for anything else."""
-    if argv[:1] == ["train"] and len(argv) == 2 and argv[1] in OBJECTIVES:
-        return train(argv[1])
-    raise SystemExit(f"usage: python -m pipeline.efficiency train {{{'|'.join(OBJECTIVES)}}}")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """`train <objective>` and the stage's paths: the defaults are the root pipeline's, which
+    efficiency/dvc.yaml passes explicitly. Raises: SystemExit with the usage for anything else."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.efficiency", description=__doc__.split("\n")[0])
+    ap.add_argument("command", choices=["train"])
+    ap.add_argument("objective", choices=OBJECTIVES)
+    ap.add_argument("--data", type=Path, default=Path("data"),
+                    help="input: the corpus folder ingest and tokenize wrote (default: data)")
+    ap.add_argument("--model", type=Path, help="output: the model folder (default: models/efficiency/<objective>)")
+    ap.add_argument("--report", type=Path, help="output: summary and curve (default: reports/efficiency/<objective>.json)")
+    ap.add_argument("--log", type=Path, help="output: the loss log (default: reports/efficiency/<objective>_log.csv)")
+    args = ap.parse_args(argv)
+    args.model = args.model or Path("models/efficiency") / args.objective
+    args.report = args.report or Path("reports/efficiency") / f"{args.objective}.json"
+    args.log = args.log or Path("reports/efficiency") / f"{args.objective}_log.csv"
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    train(args.objective, args.data, args.model, args.report, args.log)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

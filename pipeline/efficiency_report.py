@@ -1,16 +1,18 @@
 """Stage `efficiency_report` of the data-efficiency study (the paper's Figure 2): how many images each
 objective needed to reach the target zero-shot accuracy, and the ratios between them.
 
-    python -m pipeline.efficiency_report reports/efficiency/{contrastive,bow,decoder,encoder_decoder}.json
+    python -m pipeline.efficiency_report [--curves reports/efficiency/{contrastive,bow,decoder,encoder_decoder}.json]
+        [--metrics reports/efficiency.json] [--plot reports/plots/efficiency.png]
 
-Reads the curves `pipeline.efficiency train` wrote; writes reports/efficiency.json and
-reports/plots/efficiency.png, and logs both to the study's MLflow experiment.
+Reads the curves `pipeline.efficiency train` wrote (one file per objective, named after it); writes
+the comparison --metrics and its plot --plot, and logs both to the study's MLflow experiment. The
+paths shown are the defaults; efficiency/dvc.yaml names them.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 from clipmodel.io import write_json
@@ -34,8 +36,12 @@ def images_to_reach(curve: list[dict], target: float) -> float | None:
     return None
 
 
-def report(files: list[Path]) -> None:
-    """Compare the objectives' curves (reports/efficiency/<objective>.json, one per file) at the target."""
+OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")  # pipeline.efficiency's, not imported: stages stay apart
+
+
+def report(files: list[Path], metrics: Path, plot_file: Path) -> None:
+    """Compare the objectives' curves (reports/efficiency/<objective>.json, one per file) at the target;
+    write the comparison to `metrics` and its plot to `plot_file`."""
     missing = [str(f) for f in files if not f.exists()]
     names = {f.stem for f in files}
     if missing or not {"contrastive", "bow"} <= names or not names & set(CAPTIONERS):
@@ -74,8 +80,8 @@ def report(files: list[Path]) -> None:
                        "tasks": {t: [pt["tasks"][t] for pt in r["curve"]] for t in r["curve"][0]["tasks"]}}
                    for o, r in results.items()},
     }
-    write_json("reports/efficiency.json", out)
-    plot = efficiency_curves(Path("reports/plots/efficiency.png"),
+    write_json(metrics, out)
+    plot = efficiency_curves(plot_file,
                              {o: (c["images_seen"], c["top1"]) for o, c in out["curves"].items()}, target)
     experiment = tracking.mlflow.get_run(results["contrastive"]["run_id"]).info.experiment_id  # the study's
     with tracking.mlflow.start_run(experiment_id=experiment, run_name="efficiency-report",
@@ -83,10 +89,28 @@ def report(files: list[Path]) -> None:
         tracking.mlflow.log_metrics({"target_accuracy": target,
                                      **{f"ratio.{k}": v for k, v in ratios.items() if v is not None},
                                      **{f"images_to_target.{o}": v for o, v in reach.items() if v is not None}})
-        tracking.mlflow.log_artifact("reports/efficiency.json")
+        tracking.mlflow.log_artifact(str(metrics))
         tracking.mlflow.log_artifact(str(plot), "plots")
     print(f"efficiency: target {target:.3f}; images to reach it {reach}; ratios {ratios} (paper {PAPER})")
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which efficiency/dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.efficiency_report", description=__doc__.split("\n")[0])
+    ap.add_argument("--curves", nargs="+", type=Path, default=[Path(f"reports/efficiency/{o}.json") for o in OBJECTIVES],
+                    help="inputs: the objectives' results, <objective>.json each (default: "
+                         "reports/efficiency/<objective>.json for contrastive, bow, decoder and encoder_decoder)")
+    ap.add_argument("--metrics", type=Path, default=Path("reports/efficiency.json"),
+                    help="output: the comparison (default: reports/efficiency.json)")
+    ap.add_argument("--plot", type=Path, default=Path("reports/plots/efficiency.png"),
+                    help="output: its plot (default: reports/plots/efficiency.png)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    report(args.curves, args.metrics, args.plot)
+
+
 if __name__ == "__main__":
-    report([Path(f) for f in sys.argv[1:]])
+    main()

@@ -1,11 +1,18 @@
 """Stage `evaluate`: zero-shot classification on the synthetic tasks and on held-out labelled sets
 (`evaluate.datasets`), retrieval and a linear probe on the test split.
 
-Writes reports/metrics.json (DVC's metrics file; key schema in the README), PNG plots under
-reports/plots/eval/, and logs both into the pipeline's MLflow run.
+    python -m pipeline.evaluate [--model models] [--data data] [--supervised reports/supervised.json]
+        [--run reports/run.json] [--metrics reports/metrics.json] [--per-class reports/per_class.json]
+        [--plots reports/plots/eval]
+
+Reads the model folder train wrote, the corpus, the supervised baseline's report (when it exists) and
+the MLflow run id; writes the metrics (DVC's metrics file; key schema in the README), per-class
+results and PNG plots, and logs them into the pipeline's MLflow run. The paths above are the
+defaults; dvc.yaml names them.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -25,9 +32,6 @@ from pipeline.device import resolve_device
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.params import load_params
 from pipeline.tasks import Task, canonical_scene, tasks_for
-
-PLOTS = Path("reports/plots/eval")
-
 
 def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
     """[N, D] normalised features of corpus images, a batch of pixels in memory at a time."""
@@ -88,17 +92,34 @@ PROBED = ("shape", "color", "size", "position", "count")  # synthetic tasks with
 SCALARS = ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n", "classes", "templates", "rejected")
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models"), help="input: the model folder train wrote")
+    ap.add_argument("--data", type=Path, default=Path("data"), help="input: the corpus folder ingest and tokenize wrote")
+    ap.add_argument("--supervised", type=Path, default=Path("reports/supervised.json"),
+                    help="input, read when it exists: the supervised baseline's report")
+    ap.add_argument("--run", type=Path, default=Path("reports/run.json"), help="input: the MLflow run id train recorded")
+    ap.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"), help="output: the metrics")
+    ap.add_argument("--per-class", type=Path, default=Path("reports/per_class.json"),
+                    help="output: per-class recall and confusions")
+    ap.add_argument("--plots", type=Path, default=Path("reports/plots/eval"), help="output: the plots folder")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the stage. Raises: SystemExit (one line) for a bad templates file or held-out set (before any
     model work), or when there is nothing to evaluate: no test split and no evaluate.datasets."""
+    args = parse_args(argv)
     p = load_params()
     ev = p.evaluate
     table = read_templates(ev.templates)
     sets = held_out_sets(ev, table)
     torch.manual_seed(0)
     device = resolve_device(p.train.device)
-    enc = Encoder.load("models", ev.batch_size, device)
-    corpus = Corpus.load("data")
+    enc = Encoder.load(args.model, ev.batch_size, device)
+    corpus = Corpus.load(args.data)
     split = {name: corpus.split(name) for name in ("train", "val", "test")}
     test = split["test"]
     labels = corpus.manifest.labels.to_numpy()
@@ -131,7 +152,7 @@ def main() -> None:
                                                                               for i in kept[rows]])))
         print(f"zero-shot {ds.name}: top1 {r['top1']:.3f}, top5 {r.get('top5', float('nan')):.3f} "
               f"(single template {r['top1_single_template']:.3f}, n={r['n']}, {r['classes']} classes, "
-              f"{r['rejected']} undecodable image(s){' listed in reports/per_class.json' if r['rejected'] else ''})")
+              f"{r['rejected']} undecodable image(s){f' listed in {args.per_class}' if r['rejected'] else ''})")
 
     for name in probed:
         probe = linear_probe(by_split["test"][name], feats, {s: by_split[s][name].targets for s in split},
@@ -152,21 +173,20 @@ def main() -> None:
     if not metrics["zero_shot"] and "retrieval" not in metrics:
         raise SystemExit("evaluate: nothing to evaluate: no test split and no evaluate.datasets")
 
-    supervised = Path("reports/supervised.json")
-    if supervised.exists():
-        metrics["supervised"] = json.loads(supervised.read_text())["metrics"]
+    if args.supervised.exists():
+        metrics["supervised"] = json.loads(args.supervised.read_text())["metrics"]
 
-    write_json("reports/metrics.json", metrics)
-    write_json("reports/per_class.json", per_class)
-    figures = plots.evaluation_plots(PLOTS, plotted)
+    write_json(args.metrics, metrics)
+    write_json(args.per_class, per_class)
+    figures = plots.evaluation_plots(args.plots, plotted)
     if text_feats is not None:
-        figures.append(plots.test_similarity(PLOTS / "similarity.png", corpus, test, feats["test"], text_feats, rows,
+        figures.append(plots.test_similarity(args.plots / "similarity.png", corpus, test, feats["test"], text_feats, rows,
                                              enc.tokenizer))
-    with tracking.pipeline_run():
+    with tracking.pipeline_run(args.run):
         tracking.mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
                                      if isinstance(v, (int, float))})
-        tracking.mlflow.log_artifact("reports/metrics.json")
-        tracking.mlflow.log_artifact("reports/per_class.json")
+        tracking.mlflow.log_artifact(str(args.metrics))
+        tracking.mlflow.log_artifact(str(args.per_class))
         for f in figures:
             tracking.mlflow.log_artifact(str(f), "plots")
 

@@ -1,8 +1,12 @@
 """Stage `ingest`: any source becomes the same memory-mappable image shards and manifest.
 
-Outputs: data/images/shard-NNNNN.npy (uint8 [n, S, S, 3], data.shard_images each),
-data/manifest.parquet (one row per unique image, in shard order: id, source, captions, split,
-shard, row, labels), data/rejected.csv (source, reason, detail) and reports/ingest.json.
+    python -m pipeline.ingest [--images data/images] [--manifest data/manifest.parquet]
+                              [--rejected data/rejected.csv] [--report reports/ingest.json]
+
+Outputs (the defaults; dvc.yaml names them): data/images/shard-NNNNN.npy (uint8 [n, S, S, 3],
+data.shard_images each), data/manifest.parquet (one row per unique image, in shard order: id,
+source, captions, split, shard, row, labels), data/rejected.csv (source, reason, detail) and
+reports/ingest.json.
 
 With data.output_format: webdataset, the train split goes to data/images/train-NNNNNN.tar instead
 (WebDataset shards of NNNNNNNNN.png + .json, the format in clipmodel/stream.py, streamed by
@@ -18,6 +22,7 @@ previous outputs, never half-written ones, and never touches the tokenize stage'
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import io
 import json
@@ -293,22 +298,36 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
     }
 
 
-def run(data: DataParams, root: Path = Path(".")) -> dict:
-    """Ingest into root/data and root/reports, replacing only this stage's outputs."""
+def run(data: DataParams, root: Path = Path("."), images: str | Path = "data/images",
+        manifest: str | Path = "data/manifest.parquet", rejected: str | Path = "data/rejected.csv",
+        report: str | Path = "reports/ingest.json") -> dict:
+    """Ingest into `images`, `manifest`, `rejected` and `report` (relative to `root`), replacing only these."""
     with ExitStack() as stack:  # contexts exit in reverse: images, then rejected.csv, then the manifest
-        manifest = stack.enter_context(atomic_path(root / "data/manifest.parquet"))
-        rejected = stack.enter_context(atomic_path(root / "data/rejected.csv"))
-        images = stack.enter_context(atomic_path(root / "data/images"))
-        report = ingest(data, images, manifest, rejected)
-    write_json(root / "reports/ingest.json", report)
-    return report
+        manifest_tmp = stack.enter_context(atomic_path(root / manifest))
+        rejected_tmp = stack.enter_context(atomic_path(root / rejected))
+        images_tmp = stack.enter_context(atomic_path(root / images))
+        summary = ingest(data, images_tmp, manifest_tmp, rejected_tmp)
+    write_json(root / report, summary)
+    return summary
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.ingest", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--images", type=Path, default=Path("data/images"), help="output: the image shards folder")
+    ap.add_argument("--manifest", type=Path, default=Path("data/manifest.parquet"), help="output: the manifest")
+    ap.add_argument("--rejected", type=Path, default=Path("data/rejected.csv"), help="output: each rejected item, why")
+    ap.add_argument("--report", type=Path, default=Path("reports/ingest.json"), help="output: the stage's summary")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the stage. Raises: SystemExit (one line) when the source is unreadable or yields no usable image."""
+    args = parse_args(argv)
     data = load_params().data
     try:
-        r = run(data)
+        r = run(data, images=args.images, manifest=args.manifest, rejected=args.rejected, report=args.report)
     except SourceError as e:
         raise SystemExit(f"ingest: {e}") from None
     print(f"ingest: {r['accepted']} images ({r['splits']}), {r['rejected']} rejected {r['reasons']}, "

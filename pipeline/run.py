@@ -1,5 +1,6 @@
-"""What the training stages (train, supervised, efficiency) share: where the data lies, the model
-config built from params, the seed and device, and the fingerprint a checkpoint must match."""
+"""What the training stages (train, supervised, efficiency) share: the model config built from
+params, the seed, device and corpus, and the fingerprint a checkpoint must match. Where the data
+lies is each stage's --data (dvc.yaml names it)."""
 from __future__ import annotations
 
 import hashlib
@@ -14,10 +15,6 @@ from clipmodel.model import CLIPConfig
 from pipeline.device import resolve_device
 from pipeline.params import Params
 
-DATA = Path("data")
-MODELS = Path("models")
-
-
 def model_config(p: Params, vocab_size: int) -> CLIPConfig:
     """The CLIP architecture of params' model section, at data.image_size and tokenize.context_length."""
     m = p.model
@@ -31,10 +28,10 @@ def model_config(p: Params, vocab_size: int) -> CLIPConfig:
     )
 
 
-def prepare(p: Params) -> tuple[torch.device, Corpus]:
-    """Seed torch with train.seed, resolve train.device and open the ingested corpus in data/."""
+def prepare(p: Params, data: str | Path = "data") -> tuple[torch.device, Corpus]:
+    """Seed torch with train.seed, resolve train.device and open the corpus ingest and tokenize wrote in `data`."""
     torch.manual_seed(p.train.seed)
-    return resolve_device(p.train.device), Corpus.load(DATA)
+    return resolve_device(p.train.device), Corpus.load(data)
 
 
 def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:

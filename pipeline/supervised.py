@@ -5,9 +5,15 @@ single-object training scenes, for the same number of images seen as CLIP's trai
 the same loop, optimiser and schedule. Only the crops are its own (params `supervised`): a shape
 label survives a crop, a caption that names size and place does not. Its test top-1 on the shape task goes to
 reports/supervised.json, which the evaluate stage puts beside zero-shot and the linear probe.
+
+    python -m pipeline.supervised [--data data] [--report reports/supervised.json] [--log reports/supervised_log.csv]
+
+Reads the corpus in --data; writes the report and the loss log (the defaults; dvc.yaml names them).
+The resumable checkpoint stays in checkpoints/supervised.pt, outside DVC.
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
@@ -23,9 +29,7 @@ from clipmodel.model import vision_tower
 from pipeline import tracking
 from pipeline.params import load_params
 from pipeline.loop import Objective, fit, load_checkpoint
-from pipeline.run import DATA, model_config, prepare, run_fingerprint
-
-REPORT = Path("reports/supervised.json")
+from pipeline.run import model_config, prepare, run_fingerprint
 
 
 class Classifier(nn.Module):
@@ -61,13 +65,24 @@ def accuracy(model: Classifier, corpus: Corpus, index: np.ndarray, labels: np.nd
     return correct / max(1, len(index))
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.supervised", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("data"), help="input: the corpus folder ingest and tokenize wrote")
+    ap.add_argument("--report", type=Path, default=Path("reports/supervised.json"), help="output: the test top-1")
+    ap.add_argument("--log", type=Path, default=Path("reports/supervised_log.csv"), help="output: the loss log")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the stage; on other than synthetic data, write the report with no metrics and a `skipped` reason."""
+    args = parse_args(argv)
     p = load_params()
     if p.data.source != "synthetic":
-        write_json(REPORT, {"metrics": {}, "skipped": "needs the synthetic data's shape labels"})
+        write_json(args.report, {"metrics": {}, "skipped": "needs the synthetic data's shape labels"})
         return
-    device, corpus = prepare(p)
+    device, corpus = prepare(p, args.data)
     labels = shape_labels(corpus)
     cfg = model_config(p, p.tokenize.vocab_size)  # the vision tower alone: the vocabulary plays no part
     model = Classifier(vision_tower(cfg), cfg.embed_dim, len(synthetic.SHAPES)).to(device)
@@ -81,14 +96,14 @@ def main() -> None:
 
     obj = Objective(model, lambda b: F.cross_entropy(model(b["images"]), y[b["image_index"]]),
                     validate=lambda: {"val_top1": accuracy(model, corpus, val, labels, device)},
-                    checkpoint=Path("checkpoints/supervised.pt"), log_csv=Path("reports/supervised_log.csv"))
-    data_fp = tracking.data_fingerprint([DATA / "manifest.parquet"])
+                    checkpoint=Path("checkpoints/supervised.pt"), log_csv=args.log)
+    data_fp = tracking.data_fingerprint([args.data / "manifest.parquet"])
     fingerprint = run_fingerprint(p, data_fp, "supervised", p.supervised)
     state = load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume else None
     fit(obj, data, p.train, device, steps, fingerprint, state, run_id=None)
     model.eval()
     top1 = accuracy(model, corpus, test, labels, device)
-    write_json(REPORT, {"metrics": {"shape": {"top1": top1}}, "images_seen": steps * p.train.batch_size,
+    write_json(args.report, {"metrics": {"shape": {"top1": top1}}, "images_seen": steps * p.train.batch_size,
                         "train_images": len(train)})
     print(f"supervised: shape top-1 {top1:.3f} after {steps * p.train.batch_size} images seen "
           f"({len(train)} single-object training images)")

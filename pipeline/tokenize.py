@@ -1,7 +1,11 @@
 """Stage `tokenize`: train BPE on the train captions only, then encode every caption.
 
-Outputs: data/tokenizer.json, data/tokens.npy (int32 [captions, context]), data/caption_image.npy
-(int32 [captions], the manifest row of each caption) and reports/tokenize.json.
+    python -m pipeline.tokenize [--manifest data/manifest.parquet] [--tokenizer data/tokenizer.json]
+        [--tokens data/tokens.npy] [--caption-image data/caption_image.npy] [--report reports/tokenize.json]
+
+Reads the manifest; writes (the defaults; dvc.yaml names them) data/tokenizer.json, data/tokens.npy
+(int32 [captions, context]), data/caption_image.npy (int32 [captions], the manifest row of each
+caption) and reports/tokenize.json.
 
 With tokenize.caption_views = K > 0 every train caption also yields K variants built from its parts
 (`caption_views`): the head alone, then the head with random subsets of the other parts. They are
@@ -9,8 +13,10 @@ extra caption rows of the same image, so the loader's per-step draw of one row p
 """
 from __future__ import annotations
 
+import argparse
 import re
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,7 +26,6 @@ from clipmodel.io import atomic_path, write_json
 from clipmodel.tokenizer import PAD_ID, encode, train_tokenizer
 from pipeline.params import load_params
 
-MANIFEST = "data/manifest.parquet"
 BATCH = 8192
 
 
@@ -53,9 +58,23 @@ def with_views(captions: list[str], k: int, sep: str) -> list[str]:
     return [*captions, *(v for c in captions for v in caption_views(c, k, pattern))]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.tokenize", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--manifest", type=Path, default=Path("data/manifest.parquet"), help="input: ingest's manifest")
+    ap.add_argument("--tokenizer", type=Path, default=Path("data/tokenizer.json"), help="output: the BPE tokenizer")
+    ap.add_argument("--tokens", type=Path, default=Path("data/tokens.npy"), help="output: int32 [captions, context] ids")
+    ap.add_argument("--caption-image", type=Path, default=Path("data/caption_image.npy"),
+                    help="output: each caption's manifest row")
+    ap.add_argument("--report", type=Path, default=Path("reports/tokenize.json"), help="output: the stage's summary")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     params = load_params().tokenize
-    manifest = pd.read_parquet(MANIFEST, columns=["captions", "split"])
+    manifest = pd.read_parquet(args.manifest, columns=["captions", "split"])
     train_captions = (c for caps in manifest.captions[manifest.split == "train"] for c in caps)
     tok = train_tokenizer(train_captions, params.vocab_size, params.context_length)
 
@@ -65,7 +84,7 @@ def main() -> None:
     owner = np.repeat(np.arange(len(manifest), dtype=np.int32), [len(caps) for caps in per_image])
     lengths = np.empty(len(captions), dtype=np.int32)
     truncated = 0
-    with atomic_path("data/tokens.npy") as tmp:
+    with atomic_path(args.tokens) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
                                         shape=(len(captions), params.context_length))
         for start in tqdm(range(0, len(captions), BATCH), desc="tokenize", unit="batch"):
@@ -75,13 +94,13 @@ def main() -> None:
             truncated += int(trunc.sum())
         out.flush()
         del out
-    with atomic_path("data/caption_image.npy") as tmp:
+    with atomic_path(args.caption_image) as tmp:
         np.save(tmp, owner)
-    with atomic_path("data/tokenizer.json") as tmp:
+    with atomic_path(args.tokenizer) as tmp:
         tok.save(str(tmp))
 
     pct = {f"p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 95, 99)} if len(lengths) else {}
-    write_json("reports/tokenize.json", {
+    write_json(args.report, {
         "vocab_size": tok.get_vocab_size(),
         "context_length": params.context_length,
         "captions": len(captions),

@@ -1,7 +1,8 @@
 """MLflow wiring: one run per pipeline run, opened by `train` and continued by later stages.
 
-The run id travels between stages in reports/run.json (a small DVC output), so evaluate and
-export log into the same run however far apart they execute.
+The run id travels between stages in a small DVC output (reports/run.json: train's --run, which
+evaluate and export read), so they log into the same run however far apart they execute. The MLflow
+store itself is no stage path: $MLFLOW_TRACKING_URI, else mlflow.db in the current directory.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import mlflow
 
 from clipmodel.io import _alive, write_json
 
-RUN_FILE = Path("reports/run.json")
+RUN_FILE = Path("reports/run.json")  # the default of the stages' --run
 
 
 def tracking_uri() -> str:
@@ -57,14 +58,14 @@ def data_fingerprint(paths: list[str | Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def start_run(experiment: str, run_id: str | None, tags: dict[str, str]) -> str:
-    """Open (or reopen, after a resume) the pipeline's run; record its id for later stages."""
+def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_file: str | Path = RUN_FILE) -> str:
+    """Open (or reopen, after a resume) the pipeline's run; record its id in `run_file` for later stages."""
     experiment_id = _experiment(experiment)
     end_orphaned_runs(experiment_id)
     tags = {**tags, "host": socket.gethostname(), "pid": str(os.getpid())}
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags,
                            run_name=None if run_id else os.environ.get("DVC_EXP_NAME"))
-    write_json(RUN_FILE, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+    write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                           "tracking_uri": tracking_uri()})
     return run.info.run_id
 
@@ -93,9 +94,9 @@ def pipeline_tags(fingerprint: str) -> dict[str, str]:
 
 
 @contextmanager
-def pipeline_run() -> Iterator[str]:
-    """Continue the run that `train` opened (for evaluate and export)."""
-    info = json.loads(RUN_FILE.read_text())
+def pipeline_run(run_file: str | Path = RUN_FILE) -> Iterator[str]:
+    """Continue the run that `train` opened and recorded in `run_file` (for evaluate and export)."""
+    info = json.loads(Path(run_file).read_text())
     mlflow.set_tracking_uri(tracking_uri())
     with mlflow.start_run(run_id=info["run_id"]) as run:
         yield run.info.run_id

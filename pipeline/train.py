@@ -4,13 +4,24 @@ The loop is `pipeline.loop.fit`; this stage supplies the CLIP objective (the sym
 or sigmoid loss over the global batch, split into features and loss so that accumulation is exact
 and data-parallel ranks see every negative), validation, and the model files.
 
-With train.nproc > 1 the stage re-launches itself as that many processes on 127.0.0.1
-(clipmodel.distributed.relaunch), or is started by torchrun directly, on one or several nodes.
+    python -m pipeline.train [--data data] [--model models] [--metrics reports/train.json]
+        [--log reports/train_log.csv] [--plot reports/plots/train_curves.png] [--run reports/run.json]
+
+Reads the corpus in --data (ingest's and tokenize's outputs), writes the model folder --model
+(clip.safetensors, config.json, tokenizer.json), the summary --metrics, the loss log --log, its plot
+--plot and the MLflow run id --run (the defaults; dvc.yaml names them). The resumable checkpoint
+stays in checkpoints/train.pt, outside DVC.
+
+With train.nproc > 1 the stage re-launches itself, with the same arguments, as that many processes
+on 127.0.0.1 (clipmodel.distributed.relaunch), or is started by torchrun directly, on one or several
+nodes.
 """
 from __future__ import annotations
 
+import argparse
 import resource
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +42,7 @@ from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
-from pipeline.run import DATA, MODELS, model_config, prepare, run_fingerprint
+from pipeline.run import model_config, prepare, run_fingerprint
 
 @torch.no_grad()
 def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
@@ -58,7 +69,7 @@ def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> di
     return {"val_loss": float(np.mean(losses)) if losses else float("nan"), "val_r1": r["r1"]}
 
 
-def training_batches(p: Params, corpus: Corpus) -> CorpusBatches | StreamingBatches:
+def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches | StreamingBatches:
     """The train split as random-access batches (npy shards, bit-exact resume) or streamed from the
     WebDataset shards ingest wrote with data.output_format: webdataset (bounded memory, any size)."""
     train = corpus.split("train")
@@ -69,41 +80,56 @@ def training_batches(p: Params, corpus: Corpus) -> CorpusBatches | StreamingBatc
         return CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
                                   p.train.crop_ratio)
     if not corpus.tars:
-        raise SystemExit(f"train: data.output_format is webdataset but {DATA}/images holds no train-*.tar; "
+        raise SystemExit(f"train: data.output_format is webdataset but {data_dir / 'images'} holds no train-*.tar; "
                          "run `dvc repro ingest`")
-    return StreamingBatches([str(t) for t in corpus.tars], DATA / "tokenizer.json",
+    return StreamingBatches([str(t) for t in corpus.tars], data_dir / "tokenizer.json",
                             batch_size=p.train.batch_size // distributed.world(), image_size=p.data.image_size,
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
                             resample=True, epoch_samples=len(corpus.split("train")))
 
 
-def main() -> None:
-    """Run the stage on this rank; rank 0 alone writes models/, the reports and the MLflow run.
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("data"), help="input: the corpus folder ingest and tokenize wrote")
+    ap.add_argument("--model", type=Path, default=Path("models"), help="output: the model folder")
+    ap.add_argument("--metrics", type=Path, default=Path("reports/train.json"), help="output: the run's summary")
+    ap.add_argument("--log", type=Path, default=Path("reports/train_log.csv"), help="output: the loss log")
+    ap.add_argument("--plot", type=Path, default=Path("reports/plots/train_curves.png"), help="output: its plot")
+    ap.add_argument("--run", type=Path, default=Path("reports/run.json"), help="output: the MLflow run id")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the stage on this rank; rank 0 alone writes the model folder, the reports and the MLflow run.
     Raises: SystemExit (one line) when `fit` stops (see there)."""
+    args = parse_args(argv)
     p = load_params()
     if p.train.nproc > 1 and not distributed.launched():
-        distributed.relaunch(p.train.nproc, "pipeline.train")
-    device, corpus = prepare(p)
+        distributed.relaunch(p.train.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
+    device, corpus = prepare(p, args.data)
     gpu = device.type == "cuda"
     distributed.init(device)
-    tok = load_tokenizer(DATA / "tokenizer.json")
+    tok = load_tokenizer(args.data / "tokenizer.json")
     cfg = model_config(p, tok.get_vocab_size())
     model = CLIP(cfg).to(device)
     model.set_grad_checkpointing(p.train.grad_checkpointing)
-    data = training_batches(p, corpus)
+    data = training_batches(p, corpus, args.data)
 
-    data_fp = tracking.data_fingerprint([DATA / "manifest.parquet", DATA / "tokens.npy"])
+    data_fp = tracking.data_fingerprint([args.data / "manifest.parquet", args.data / "tokens.npy"])
     fingerprint = run_fingerprint(p, data_fp, "clip")
     features, loss_from_features = clip_split(model, p)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
                     step_metrics=lambda: {"logit_scale": model.logit_scale.exp().item()},
-                    validate=lambda: validate(model, corpus, p, device),
+                    validate=lambda: validate(model, corpus, p, device), log_csv=args.log,
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()
     state = distributed.broadcast(load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume and main_rank else None)
     run_id = None
     if main_rank:
-        run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp))
+        run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp),
+                                    args.run)
         if state is None:
             tracking.mlflow.log_params(flatten(p.model_dump()))
             tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
@@ -116,29 +142,29 @@ def main() -> None:
     distributed.finish()
     if not main_rank:
         return
-    save_model(model, cfg, p, data_fp)
-    plot = plot_training_curves(obj.log_csv, Path("reports/plots/train_curves.png"))
+    save_model(model, cfg, p, data_fp, args.model, args.data / "tokenizer.json")
+    plot = plot_training_curves(obj.log_csv, args.plot)
     summary = {"steps": int(rows[-1]["step"]), "final_loss": rows[-1]["loss"],
                "samples_per_s": median_samples_per_s(rows), "processes": processes,
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if gpu else {})}
-    write_json("reports/train.json", summary)
+    write_json(args.metrics, summary)
     tracking.mlflow.log_metrics({"train_samples_per_s": summary["samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"]})
-    tracking.mlflow.log_artifact(str(MODELS / "config.json"))
+    tracking.mlflow.log_artifact(str(args.model / "config.json"))
     tracking.mlflow.log_artifact(str(plot), "plots")
     tracking.mlflow.end_run()
-    print(f"train: wrote {MODELS}/clip.safetensors; {summary}")
+    print(f"train: wrote {args.model / 'clip.safetensors'}; {summary}")
 
 
-def save_model(model: CLIP, cfg: CLIPConfig, p: Params, data_fp: str) -> None:
-    """models/: weights, tokenizer and a config that rebuilds the model without params.yaml.
+def save_model(model: CLIP, cfg: CLIPConfig, p: Params, data_fp: str, folder: Path, tokenizer: Path) -> None:
+    """The model folder (models/): weights, tokenizer and a config that rebuilds the model without params.yaml.
 
     Each file is replaced atomically; the folder itself stays, since export writes models/onnx beside them.
     """
-    save_safetensors(model, MODELS / "clip.safetensors")
-    with atomic_path(MODELS / "tokenizer.json") as tmp:
-        shutil.copy(DATA / "tokenizer.json", tmp)
-    write_json(MODELS / "config.json", {
+    save_safetensors(model, folder / "clip.safetensors")
+    with atomic_path(folder / "tokenizer.json") as tmp:
+        shutil.copy(tokenizer, tmp)
+    write_json(folder / "config.json", {
         "model": cfg.to_dict(), "tokenizer": "tokenizer.json",
         "preprocess": {"image_size": p.data.image_size, "resize": "shorter_side_bicubic", "crop": "center",
                        "mean": list(MEAN), "std": list(STD), "background": list(p.data.background)},

@@ -225,6 +225,20 @@ def test_two_process_stage_trains_in_the_default_precision(workspace):
     assert all(np.isfinite(w).all() for w in weights(workspace).values())
 
 
+def test_relaunched_ranks_get_the_stage_arguments(workspace):
+    """train.nproc > 1 relaunches `python -m pipeline.train` with the paths dvc.yaml passed, not the defaults."""
+    write_params(workspace, merge(TINY, {"train": {"nproc": 2, "epochs": 1, "precision": "fp32"}}))
+    args = ["--model", "elsewhere", "--metrics", "out/train.json", "--log", "out/log.csv", "--plot", "out/curves.png",
+            "--run", "out/run.json"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=workspace, env=stage_env(workspace),
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "'processes': 2" in proc.stdout
+    assert (workspace / "elsewhere/clip.safetensors").exists() and not (workspace / "models").exists()
+    assert {f.name for f in (workspace / "out").iterdir()} == {"train.json", "log.csv", "curves.png", "run.json"}
+    assert not (workspace / "reports").exists()
+
+
 PROBE = """
 import json, os, sys
 import psutil, torch, torch.distributed as dist
