@@ -1,7 +1,11 @@
-"""MLflow model registry: log the ONNX encoders into the pipeline's run and promote by metric.
+"""MLflow model registry: log the ONNX encoders and the servable pyfunc into the pipeline's run and
+promote by metric.
 
-Aliases, not the deprecated stages: a new version becomes `champion` only when its main metric
-beats the current champion's, otherwise `challenger`. Every version is tagged with the git
+Three registered models per export: the two ONNX encoders (`clip-image-encoder`, `clip-text-encoder`)
+and `clip`, the pyfunc of pipeline/serving.py that `mlflow models serve -m models:/clip@champion
+--env-manager local` answers embedding and zero-shot requests with. Aliases, not the deprecated stages:
+a new version becomes `champion` only when its main metric beats the current champion's, otherwise
+`challenger`. Every version is tagged with the git
 commit, the data fingerprint and its metrics, so the registry alone says where a model came from.
 """
 from __future__ import annotations
@@ -15,16 +19,18 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from pipeline import tracking
+from pipeline import serving, tracking
 
-IMAGE_MODEL, TEXT_MODEL = "clip-image-encoder", "clip-text-encoder"
+IMAGE_MODEL, TEXT_MODEL, PYFUNC_MODEL = "clip-image-encoder", "clip-text-encoder", "clip"
+MODELS = (IMAGE_MODEL, TEXT_MODEL, PYFUNC_MODEL)  # registered together, always under one alias
 
 
 def champion_value(client: MlflowClient, metric: str) -> float | None:
-    """The metric of the current champion pair, or None when there is no intact pair to beat: no champion,
-    a champion alias on one encoder only, the two aliases on versions of different runs, or a non-finite value."""
+    """The metric of the current champion trio, or None when there is no intact trio to beat: no champion,
+    a champion alias on some of the three models only (as in a store from before `clip` was registered),
+    aliases on versions of different runs, or a non-finite value."""
     versions = []
-    for name in (IMAGE_MODEL, TEXT_MODEL):
+    for name in MODELS:
         try:
             versions.append(client.get_model_version_by_alias(name, "champion"))
         except MlflowException:
@@ -37,22 +43,28 @@ def champion_value(client: MlflowClient, metric: str) -> float | None:
 
 def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings: dict[str, np.ndarray],
              metric: str, value: float, tags: dict[str, str]) -> dict[str, dict]:
-    """Log both encoders (signature and input example) into the active run and register new versions.
+    """Log both encoders and the pyfunc (each with a signature and input example) into the active run and
+    register new versions of the three models; returns {model name: {version, alias, previous_champion}}.
 
-    The encoders are a pair: both versions get the same alias, so `@champion` always names the two towers
-    of one run. A non-finite metric never becomes champion."""
+    `pixels` and `tokens` are the encoders' input examples and `embeddings` their outputs by model name
+    (any dtype the graphs take); the pyfunc makes its own example. The three are one model: their new
+    versions get the same alias, so `@champion` always names the models of one run. A non-finite metric
+    never becomes champion."""
     client = MlflowClient(tracking.tracking_uri())
     previous = champion_value(client, metric)
     wins = math.isfinite(value) and (previous is None or value > previous)
     alias = "champion" if wins else "challenger"
     tags = {**tags, "mlflow_run_id": tags.get("mlflow_run_id") or tracking.mlflow.active_run().info.run_id}
-    out = {}
+    versions = {}
     for name, file, example in ((IMAGE_MODEL, "image_encoder.onnx", pixels), (TEXT_MODEL, "text_encoder.onnx", tokens)):
         info = tracking.mlflow.onnx.log_model(
             onnx.load(str(onnx_dir / file)), name=name.removeprefix("clip-").replace("-", "_"),
             registered_model_name=name, input_example=example,
             signature=infer_signature(example, embeddings[name]), save_as_external_data=False)
-        version = str(info.registered_model_version)
+        versions[name] = str(info.registered_model_version)
+    versions[PYFUNC_MODEL] = str(serving.log_model(onnx_dir, PYFUNC_MODEL, PYFUNC_MODEL).registered_model_version)
+    out = {}
+    for name, version in versions.items():  # aliases last: a failed log moves none of them
         for key, val in {**tags, metric: str(value)}.items():
             client.set_model_version_tag(name, version, key, val)
         client.set_registered_model_alias(name, alias, version)

@@ -1,4 +1,5 @@
-"""MLflow registry: versions, champion/challenger aliases, and loading models:/…@champion."""
+"""MLflow registry: versions, champion/challenger aliases shared by the three models, and loading
+models:/…@champion."""
 from __future__ import annotations
 
 import mlflow
@@ -39,8 +40,9 @@ def test_champion_moves_only_when_the_metric_improves(onnx_dir, store):
                                              {"git_commit": "abc", "data_fingerprint": "fp"}))
     aliases = [r[registry.IMAGE_MODEL]["alias"] for r in results]
     assert aliases == ["champion", "challenger", "champion"]
+    assert all(len({r[name]["alias"] for name in registry.MODELS}) == 1 for r in results)  # one alias per export
     client = mlflow.MlflowClient()
-    for name in (registry.IMAGE_MODEL, registry.TEXT_MODEL):
+    for name in registry.MODELS:
         champion = client.get_model_version_by_alias(name, "champion")
         assert str(champion.version) == "3" and champion.tags["zero_shot.shape.top1"] == "0.7"
         assert champion.tags["git_commit"] == "abc" and champion.tags["data_fingerprint"] == "fp"
@@ -63,7 +65,7 @@ def test_champion_is_always_a_pair_of_one_run_and_never_non_finite(onnx_dir, sto
 
     def champion_runs() -> set[str]:
         return {client.get_model_version_by_alias(n, "champion").tags["mlflow_run_id"]
-                for n in (registry.IMAGE_MODEL, registry.TEXT_MODEL)}
+                for n in registry.MODELS}
 
     register(float("nan"))
     with pytest.raises(mlflow.exceptions.MlflowException):  # a NaN first is challenger, not champion
