@@ -6,6 +6,8 @@ seen, with no sampler state to save.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import io
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -112,9 +114,19 @@ class Corpus:
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 [B, H, W, 3] -> float32 [B, 3, H, W] normalised with CLIP's MEAN and STD, the encoders' input."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(STD).view(1, 3, 1, 1)
+    return normalize(torch.from_numpy(np.ascontiguousarray(images)))
+
+
+@functools.lru_cache(maxsize=None)
+def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] tensor -> float32 [B, 3, H, W] normalised with MEAN and STD, on the pixels' device
+    (`to_tensor` on the CPU; `finish_batch` on the GPU, after a uint8 copy a quarter the size of float32)."""
+    x = pixels.permute(0, 3, 1, 2).float().div_(255)
+    mean, std = _mean_std(x.device)
     return (x - mean) / std
 
 
@@ -125,10 +137,18 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tupl
     As torchvision's RandomResizedCrop (the Inception crop, Szegedy et al. 2015): the area fraction is
     uniform in `scale`, the log aspect ratio (width / height) uniform in log(`ratio`); a side that would
     exceed the image is clamped to it rather than redrawn. Scale and ratio both (1, 1) mean no crop:
-    the stored pixels, not a resampling of them. All randomness comes from `generator`."""
+    the stored pixels, not a resampling of them. All randomness comes from `generator`; the crops are
+    drawn by `crop_boxes` and applied by `apply_crops`, which can run apart (on the GPU)."""
+    return apply_crops(x, crop_boxes(x.shape[0], scale, ratio, generator))
+
+
+def crop_boxes(b: int, scale: tuple[float, float], ratio: tuple[float, float],
+               generator: torch.Generator) -> torch.Tensor | None:
+    """`b` random resized crops (see `random_resized_crop`) as float32 [b, 2, 3] affine matrices in
+    affine_grid's normalised coordinates, drawn on the CPU from `generator`; None for no crop (scale and
+    ratio both (1, 1))."""
     if tuple(scale) == tuple(ratio) == (1, 1):
-        return x
-    b = x.shape[0]
+        return None
     area = torch.empty(b).uniform_(*scale, generator=generator)
     log_r = torch.empty(b).uniform_(np.log(ratio[0]), np.log(ratio[1]), generator=generator)
     r = log_r.exp()
@@ -139,8 +159,26 @@ def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tupl
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0], theta[:, 0, 2] = w, cx
     theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    return theta
+
+
+def apply_crops(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
+    """float [B, C, H, W] resampled (bilinear, border padding) through the affine crops theta [B, 2, 3]
+    (`crop_boxes`, on x's device); x itself when theta is None."""
+    if theta is None:
+        return x
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def finish_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch as the encoders take it, on the device its tensors are on. A raw batch (rank_batches with
+    raw_pixels: uint8 "pixels" [B, S, S, 3] and, when cropping, "crops" [B, 2, 3]) is normalised and
+    cropped there, giving "images" float32 [B, 3, S, S]; any other batch is returned as it is."""
+    if "pixels" not in batch:
+        return batch
+    rest = {k: v for k, v in batch.items() if k not in ("pixels", "crops")}
+    return {"images": apply_crops(normalize(batch["pixels"]), batch.get("crops")), **rest}
 
 
 class CorpusBatches(torch.utils.data.Dataset):
@@ -158,6 +196,7 @@ class CorpusBatches(torch.utils.data.Dataset):
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.steps_per_epoch = len(index) // batch_size  # drop the ragged tail: the loss wants full batches
         self.caption_id = corpus.caption_ids()
+        self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (finish_batch)
 
     def __len__(self) -> int:
         return self.steps_per_epoch
@@ -171,7 +210,9 @@ class CorpusBatches(torch.utils.data.Dataset):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         """The batch of global step `step` (>= 0, any epoch): images float32 [B, 3, S, S] (cropped,
         normalised), tokens int64 [B, L] (L <= context, trimmed), caption_ids int64 [B] and
-        image_index [B] (global indices, `index`'s dtype).
+        image_index [B] (global indices, `index`'s dtype). With `raw_pixels` set, "pixels" uint8
+        [B, S, S, 3] and "crops" [B, 2, 3] (when cropping) instead of images: `finish_batch` turns
+        them into the same images wherever the batch is.
 
         Raises: ValueError when a train tar's member is not the image the manifest expects.
         """
@@ -182,20 +223,28 @@ class CorpusBatches(torch.utils.data.Dataset):
         c = self.corpus
         caption = c.caption_start[images] + (rng.random(len(images)) * c.caption_count[images]).astype(np.int64)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        pixels = random_resized_crop(to_tensor(c.images(images)), self.crop_scale, self.crop_ratio, g)
-        return {"images": pixels, "tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
-                "caption_ids": torch.from_numpy(self.caption_id[caption]),
-                "image_index": torch.from_numpy(images)}
+        pixels = torch.from_numpy(c.images(images))
+        crops = crop_boxes(len(images), self.crop_scale, self.crop_ratio, g)
+        rest = {"tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
+                "caption_ids": torch.from_numpy(self.caption_id[caption]), "image_index": torch.from_numpy(images)}
+        if self.raw_pixels:
+            return {"pixels": pixels, **({} if crops is None else {"crops": crops}), **rest}
+        return {"images": apply_crops(normalize(pixels), crops), **rest}
 
     __getitem__ = batch
 
-    def rank_batches(self, start: int, total: int, workers: int = 0,
-                     pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+    def rank_batches(self, start: int, total: int, workers: int = 0, pin_memory: bool = False,
+                     raw_pixels: bool = False) -> Iterator[dict[str, torch.Tensor]]:
         """This data-parallel rank's share of batches start..total-1, assembled by `workers`
         processes (0: in this one). Batch k is the global batch k and each rank takes its contiguous
-        rows, so a run resumes bit-exactly on any number of ranks."""
+        rows, so a run resumes bit-exactly on any number of ranks. `raw_pixels`: batches as `batch`
+        gives them with raw_pixels set (the caller applies `finish_batch`)."""
         world, rank = distributed.world(), distributed.rank()
         share = slice(rank * self.batch_size // world, (rank + 1) * self.batch_size // world)
-        loader = torch.utils.data.DataLoader(self, batch_size=None, sampler=range(start, total), num_workers=workers,
+        source = self
+        if raw_pixels != self.raw_pixels:
+            source = copy.copy(self)
+            source.raw_pixels = raw_pixels
+        loader = torch.utils.data.DataLoader(source, batch_size=None, sampler=range(start, total), num_workers=workers,
                                              pin_memory=pin_memory)
         return ({k: v[share] for k, v in batch.items()} for batch in loader)

@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from clipmodel import distributed
-from clipmodel.data import random_resized_crop, to_tensor
+from clipmodel.data import apply_crops, crop_boxes, normalize
 from clipmodel.shards import BadSample, caption_ids, read_samples
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
@@ -71,7 +71,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     gives len(), the nominal steps per epoch, which the training loop uses for epoch boundaries.
     A batch: images float32 [B, 3, S, S] (cropped, normalised; S = image_size pixels), tokens int64
     [B, L] (L <= context, trimmed), caption_ids int64 [B] (63-bit hash of the token row), image_index
-    int64 [B] (manifest rows). `shuffle_buffer` counts samples, not bytes.
+    int64 [B] (manifest rows); with `raw_pixels`, uint8 pixels and crop boxes instead of images, as
+    CorpusBatches.batch gives them. `shuffle_buffer` counts samples, not bytes.
 
     Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair or a
     batch_size or shuffle_buffer below 1. len() raises TypeError without `epoch_samples`. Iterating
@@ -99,6 +100,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
         self.resample, self.shuffle_buffer, self.start_step = resample, shuffle_buffer, start_step
         self.epoch_samples = epoch_samples
+        self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (data.finish_batch)
         self.skipped: Counter[str] = Counter()  # reason -> count in this process; workers' show as warnings
 
     def __len__(self) -> int:
@@ -121,11 +123,12 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         if batch:  # only a finite pass ends: its last batch may be short, so every sample is seen once
             yield self._collate(batch, rng, tok)
 
-    def rank_batches(self, start: int, total: int, workers: int = 0,
-                     pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    def rank_batches(self, start: int, total: int, workers: int = 0, pin_memory: bool = False,
+                     raw_pixels: bool = False) -> torch.utils.data.DataLoader:
         """This rank's stream, from its own shards, read by `workers` processes (0: this one). A run
-        resumed at step `start` draws a fresh stream seeded by it; the caller stops at `total`."""
-        self.start_step = start
+        resumed at step `start` draws a fresh stream seeded by it; the caller stops at `total`.
+        `raw_pixels`: uint8 "pixels" and "crops" instead of images (the caller applies data.finish_batch)."""
+        self.start_step, self.raw_pixels = start, raw_pixels
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
     def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
@@ -189,11 +192,14 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         captions = [s.captions[int(rng.integers(len(s.captions)))] for s in batch]
         tokens, _ = encode(tok, captions)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        pixels = to_tensor(np.stack([s.pixels for s in batch]))
-        pixels = random_resized_crop(pixels, self.crop_scale, self.crop_ratio, g)
-        return {"images": pixels, "tokens": torch.from_numpy(trim_padding(tokens).astype(np.int64)),
+        pixels = torch.from_numpy(np.stack([s.pixels for s in batch]))
+        crops = crop_boxes(len(batch), self.crop_scale, self.crop_ratio, g)
+        rest = {"tokens": torch.from_numpy(trim_padding(tokens).astype(np.int64)),
                 "caption_ids": torch.from_numpy(caption_ids(tokens)),
                 "image_index": torch.tensor([s.index for s in batch], dtype=torch.int64)}
+        if self.raw_pixels:
+            return {"pixels": pixels, **({} if crops is None else {"crops": crops}), **rest}
+        return {"images": apply_crops(normalize(pixels), crops), **rest}
 
     def _skip(self, where: str, reason: str, detail: str) -> None:
         self.skipped[reason] += 1

@@ -9,6 +9,11 @@ Data-parallel: every rank calls `fit` with the same arguments. Batch k is still 
 each rank trains on its contiguous slice, the objective gathers features across ranks where its
 loss couples the batch, and DDP averages the gradients. Checkpoints hold no per-rank state, so a
 run resumes on any number of ranks.
+
+On a GPU the step never waits for the device: the non-finite-loss check stays there (the fused AdamW
+skips a bad step itself) and is read back only where the loop needs a value anyway (log, validation
+and checkpoint steps), and batches travel as uint8 pixels, normalised and cropped on the GPU. On the
+CPU, where nothing is asynchronous, the step is the plain one (the check at every step).
 """
 from __future__ import annotations
 
@@ -29,9 +34,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from clipmodel import distributed
+from clipmodel.data import finish_batch
 from clipmodel.io import atomic_path
 from clipmodel.model import param_groups
-from pipeline import tracking
 from pipeline.device import autocast, resolve_precision
 from pipeline.params import TrainParams
 
@@ -40,11 +45,13 @@ Batch = dict[str, torch.Tensor]
 
 class BatchSource(Protocol):
     """What `fit` trains on (clipmodel.data.CorpusBatches, clipmodel.stream.StreamingBatches):
-    len() is the steps per epoch; rank_batches yields this rank's share of global batches."""
+    len() is the steps per epoch; rank_batches yields this rank's share of global batches (with
+    raw_pixels, uint8 pixels that clipmodel.data.finish_batch turns into images on the device)."""
 
     def __len__(self) -> int: ...
 
-    def rank_batches(self, start: int, total: int, workers: int, pin_memory: bool) -> Iterable[Batch]: ...
+    def rank_batches(self, start: int, total: int, workers: int, pin_memory: bool,
+                     raw_pixels: bool = False) -> Iterable[Batch]: ...
 
 
 @dataclass
@@ -147,20 +154,37 @@ def grad_cache(obj: Objective, net: nn.Module, batch: Batch, accum: int, device:
     return distributed.mean(loss.detach())
 
 
+def checks_on_device(device: torch.device, precision: str) -> bool:
+    """Whether the step keeps its non-finite-loss check on the device (CUDA, except fp16, whose grad
+    scaler has a check of its own): see `train_step`."""
+    return device.type == "cuda" and precision != "fp16"
+
+
 class TrainState:
     """What a checkpoint holds: the model, AdamW, the warmup-cosine schedule, the grad scaler, the
-    RNG states, the global step and the logged curve. Saved and restored here and nowhere else."""
+    RNG states, the global step and the logged curve. Saved and restored here and nowhere else.
 
-    def __init__(self, model: nn.Module, tp: TrainParams, total: int, device: torch.device, precision: str):
+    `deferred` (default: `checks_on_device`): AdamW is the fused one, which skips a step on the device
+    when told so (`found_inf`), and the counts of non-finite losses live on the device until
+    `bad_steps` reads them."""
+
+    def __init__(self, model: nn.Module, tp: TrainParams, total: int, device: torch.device, precision: str,
+                 deferred: bool | None = None):
         self.model, self.step, self.rows = model, 0, []
+        self.deferred = checks_on_device(device, precision) if deferred is None else deferred
         self.opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.vision_lr), lr=tp.lr, betas=tp.betas,
-                                     eps=tp.eps)
+                                     eps=tp.eps, **({"fused": True} if self.deferred else {}))
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, warmup_cosine(round(tp.warmup_fraction * total), total))
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16" and device.type == "cuda")
+        self._bad_run: torch.Tensor | None = None    # non-finite losses in a row, on the device (deferred)
+        self._bad_worst: torch.Tensor | None = None  # the longest such run since bad_steps last read it
 
     def restore(self, snapshot: dict) -> None:
         self.model.load_state_dict(snapshot["model"])
-        self.opt.load_state_dict(snapshot["optimizer"])
+        # the implementation (fused on a GPU, foreach on the CPU) is this run's, whichever device saved it
+        saved = snapshot["optimizer"]
+        impl = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
+        self.opt.load_state_dict({**saved, "param_groups": [{**g, **impl} for g in saved["param_groups"]]})
         self.sched.load_state_dict(snapshot["scheduler"])
         self.scaler.load_state_dict(snapshot["scaler"])
         torch.set_rng_state(snapshot["torch_rng"])
@@ -178,14 +202,38 @@ class TrainState:
         with atomic_path(path) as tmp:
             torch.save(snapshot, tmp)
 
+    def count_bad(self, finite: torch.Tensor) -> None:
+        """Count a step's 0-dim bool `finite` on its device, without reading it back."""
+        if self._bad_run is None:
+            self._bad_run = self._bad_worst = torch.zeros((), dtype=torch.int64, device=finite.device)
+        self._bad_run = torch.where(finite, 0, self._bad_run + 1)
+        self._bad_worst = torch.maximum(self._bad_worst, self._bad_run)
+
+    def bad_steps(self) -> tuple[int, int]:
+        """(non-finite losses in a row up to the last step, the longest such run in the steps since the
+        previous call, counting from its start before that call): one read-back from the device."""
+        if self._bad_run is None:
+            return 0, 0
+        run, worst = torch.stack([self._bad_run, self._bad_worst]).tolist()
+        self._bad_worst = torch.zeros_like(self._bad_run)
+        return run, worst
+
 
 def train_step(obj: Objective, net: nn.Module, state: TrainState, batch: Batch, tp: TrainParams,
                device: torch.device, precision: str) -> torch.Tensor | None:
     """One optimiser step on this rank's share of a batch: forward and backward in tp.accum_steps
     micro-batches (`backward`), clipping, the update and the schedule. Returns the 0-dim loss, or
-    None when it was not finite: the update is skipped, the schedule (and the data) move on."""
+    None when it was not finite: the update is skipped, the schedule (and the data) move on.
+
+    With state.deferred (on a GPU) the same happens without the host waiting for the loss: the fused
+    AdamW is handed the non-finite flag as `found_inf` and leaves weights, moments and its step count
+    alone where it is set; the loss is returned either way and `TrainState.bad_steps` tells."""
     loss = backward(obj, net, batch, tp.accum_steps, device, precision, state.scaler)
-    if not torch.isfinite(loss):
+    if state.deferred:
+        finite = torch.isfinite(loss)
+        state.opt.found_inf = (~finite).float()
+        state.count_bad(finite)
+    elif not torch.isfinite(loss):
         state.opt.zero_grad(set_to_none=True)
         state.sched.step()
         return None
@@ -196,7 +244,7 @@ def train_step(obj: Objective, net: nn.Module, state: TrainState, batch: Batch, 
     state.scaler.update()
     state.opt.zero_grad(set_to_none=True)
     state.sched.step()
-    obj.after_step()
+    obj.after_step()  # deferred and skipped: the clamp of unchanged weights changes nothing
     return loss
 
 
@@ -224,8 +272,9 @@ class CsvLog:
 
 
 def mlflow_log(step: int, metrics: dict[str, float]) -> None:
-    if tracking.mlflow.active_run() is not None:
-        tracking.mlflow.log_metrics(metrics, step=step)
+    mlflow = sys.modules.get("mlflow")  # no run is active where nothing imported MLflow (pipeline.tracking does):
+    if mlflow is not None and mlflow.active_run() is not None:  # benchmarks train without it
+        mlflow.log_metrics(metrics, step=step)
 
 
 def check_layout(obj: Objective, tp: TrainParams, world: int) -> None:
@@ -270,28 +319,40 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     net = parallel(obj.model, world, device, tp.compile)
     csv_log = CsvLog(obj.log_csv, state.rows, state.step) if main else None
     bad, speed = 0, Throughput(state.step, tp.batch_size)
-    batches = data.rank_batches(state.step, total, tp.workers, device.type == "cuda")
+    gpu = device.type == "cuda"
+    batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
     with tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})]
         for step, batch in zip(range(state.step, total), batches):
-            loss = train_step(obj, net, state, {k: v.to(device, non_blocking=True) for k, v in batch.items()}, tp,
-                              device, precision)
+            batch = finish_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            loss = train_step(obj, net, state, batch, tp, device, precision)
             state.step = done = step + 1
             bar.update()
-            bad = 0 if loss is not None else bad + 1
+            log_now = done % tp.log_every == 0 or done == total
+            save_now = done % tp.checkpoint_every == 0 or done == total
+            if state.deferred:
+                if not (log_now or save_now or done % len(data) == 0):  # nothing below reads the device
+                    if main:
+                        obj.on_step(done)
+                    continue
+                bad, worst = state.bad_steps()
+            else:
+                bad = 0 if loss is not None else bad + 1
+                worst = bad
             if bad:
                 mlflow_log(step, {"skipped_steps": bad})
-                if bad >= tp.max_bad_steps:
-                    raise SystemExit(f"train: {bad} non-finite losses in a row at step {step}; "
-                                     f"stopped, last good checkpoint kept at {obj.checkpoint}")
+            if worst >= tp.max_bad_steps:
+                raise SystemExit(f"train: {worst} non-finite losses in a row {'by' if state.deferred else 'at'} "
+                                 f"step {step}; stopped, last good checkpoint kept at {obj.checkpoint}")
+            if bad:
                 continue
             if not main:
                 continue
             obj.on_step(done)
-            if done % tp.log_every == 0 or done == total:
+            if log_now:
                 lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
                 metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
                            **obj.step_metrics(), "samples_per_s": speed(done)}
@@ -299,7 +360,7 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                     log(done, metrics)
             if done % len(data) == 0:
                 validate(obj, done // len(data), done, bar)
-            if done % tp.checkpoint_every == 0 or done == total:
+            if save_now:
                 csv_log.write()
                 state.save(obj.checkpoint, fingerprint, run_id)
     return state.rows
