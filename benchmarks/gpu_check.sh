@@ -78,7 +78,8 @@ step() {
 
 pack() {  # results back through $OUT (at most 8 files there, 16 MiB each)
   if [[ -n ${OUT:-} && -d ${OUT:-} ]]; then
-    tar czf "$OUT/gpu_check_results.tgz" "$out"/*.json "$out"/gpu_summary.md "$log" 2>/dev/null
+    tar czf "$OUT/gpu_check_results.tgz" "$out"/loss_memory_"$dev".json "$out"/profile_"$dev"_*.json \
+      "$out"/train_throughput_"$dev"_*.json "$out"/gpu_summary.md "$log" 2>/dev/null
     tar czf "$OUT/gpu_check_traces.tgz" "$out"/*.trace.json.gz 2>/dev/null
     cp "$log" "$OUT/"
     ls -la "$OUT"
