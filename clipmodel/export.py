@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from onnx_ir.passes.common import NameFixPass
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
+from tokenizers import Tokenizer
 from torch import nn
 
 from clipmodel.checkpoint import load_model
@@ -28,10 +29,34 @@ from clipmodel.data import to_tensor
 from clipmodel.io import atomic_path
 from clipmodel.model import CLIP
 from clipmodel.runtime import ClipRuntime
+from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import EOT, PAD, SOT, context_length, encode, load_tokenizer
 
-IMAGE_ONNX, TEXT_ONNX, PREPROCESS_JSON, TOKENIZER_JSON = (
-    "image_encoder.onnx", "text_encoder.onnx", "preprocess.json", "tokenizer.json")
+IMAGE_ONNX, TEXT_ONNX, PREPROCESS_JSON, TOKENIZER_JSON, MODEL_CARD = (
+    "image_encoder.onnx", "text_encoder.onnx", "preprocess.json", "tokenizer.json", "MODEL.md")
+
+# Every step between a file on disk and the image graph's input, in the order `clipmodel.images` runs them:
+# what a client in another language implements (examples/node/preprocess.mjs is one, tested pixel-exact).
+IMAGE_STEPS = [
+    "decode the file (PNG, JPEG, ...) to its stored pixels",
+    "apply the EXIF orientation tag (JPEG), as PIL's ImageOps.exif_transpose",
+    "16-bit greyscale: divide by 257 and round half to even; float greyscale in [0, 1]: multiply by 255 and round",
+    "alpha (RGBA, LA, palette or greyscale with a transparent colour): composite over an opaque `background` "
+    "with Pillow's Image.alpha_composite integer arithmetic; then drop alpha",
+    "greyscale and palette images: expand to RGB (R = G = B = grey)",
+    "resize so the shorter side is image_size pixels; the longer side becomes int(image_size * long / short) "
+    "(truncated); the filter is Pillow's 8-bit antialiased bicubic (a = -0.5, support scaled by the "
+    "downscale factor, horizontal pass then vertical, 22-bit fixed-point coefficients, rounded and clipped to 0..255)",
+    "centre-crop image_size x image_size; offsets round((new - image_size) / 2) with halves to even",
+    "past an aspect ratio of 8 only the crop's source box is resampled (Pillow's resize with box=), same filter",
+    "to float32: value / 255, then (x - mean) / std per RGB channel, channels first: float32 [N, 3, S, S]",
+]
+TEXT_STEPS = [
+    "encode with tokenizer.json (NFC, lower-case, whitespace runs to one space, strip; byte-level BPE); "
+    "the file has no added tokens, so no caption text can produce the pad, SOT or EOT ids",
+    "keep the first context_length - 2 BPE ids; then [sot_id] + ids + [eot_id]; EOT is always last",
+    "pad with pad_id to context_length; the graph reads the feature at the last non-pad position",
+]
 
 
 class _Encoder(nn.Module):
@@ -61,8 +86,11 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
     onnx.checker.check_model(str(path), full_check=True)
 
 
-def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3) -> Path:
-    """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json and preprocess.json into `out_dir`; returns it.
+def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3,
+                metrics: dict[str, float] | None = None) -> Path:
+    """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json, preprocess.json and MODEL.md into
+    `out_dir`; returns it. The folder describes itself: MODEL.md and preprocess.json (also stamped into
+    each graph's metadata_props) give every step from a file to an embedding.
 
     Image graph: `pixels` float32 [N, 3, S, S] (normalised, S = image_size pixels) -> `embedding`
     float32 [N, embed_dim]; text graph: `tokens` int64 [N, context_length] -> `embedding`; both
@@ -85,14 +113,83 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
     tokens = torch.randint(3, cfg.vocab_size, (example_batch, cfg.context_length))
     preprocess = {**config["preprocess"], "context_length": cfg.context_length,
                   "pad_id": tok.token_to_id(PAD), "sot_id": tok.token_to_id(SOT), "eot_id": tok.token_to_id(EOT),
-                  "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item()}
+                  "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item(),
+                  "templates": list(DEFAULT_TEMPLATES), "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
+                  "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings"}
     with atomic_path(out_dir) as tmp, torch.no_grad():
         tmp.mkdir()
         _export(_Encoder(model, "image"), pixels, "pixels", tmp / IMAGE_ONNX, opset)
         _export(_Encoder(model, "text"), tokens, "tokens", tmp / TEXT_ONNX, opset)
-        shutil.copy(folder / config["tokenizer"], tmp / TOKENIZER_JSON)
+        (tmp / TOKENIZER_JSON).write_text(standalone_tokenizer(tok))
         (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
+        (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}))
+        for name in (IMAGE_ONNX, TEXT_ONNX):
+            stamp_metadata(tmp / name, preprocess)
     return out_dir
+
+
+def standalone_tokenizer(tok: Tokenizer) -> str:
+    """tokenizer.json that encodes like `load_tokenizer` in any `tokenizers` port, as a JSON string.
+
+    The special tokens leave the added-token list (they stay in the BPE vocabulary and the SOT/EOT
+    template keeps their ids), so no caption text can ever produce them, whatever a client's
+    `encode_special_tokens` default; the ids, truncation and padding are unchanged.
+    """
+    spec = json.loads(tok.to_str())
+    spec["added_tokens"] = []
+    return json.dumps(spec, ensure_ascii=False)
+
+
+def stamp_metadata(path: Path, preprocess: dict) -> None:
+    """Copy preprocess.json's facts into the graph's metadata_props (string values; lists as JSON), so
+    a client holding only the .onnx file still knows how to feed it."""
+    graph = onnx.load(str(path))
+    del graph.metadata_props[:]
+    for key, value in preprocess.items():
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+    onnx.save(graph, str(path))
+
+
+def _numbered(items: list[str]) -> str:
+    return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
+
+
+def model_card(pre: dict, config: dict, metrics: dict[str, float]) -> str:
+    """MODEL.md: what a client in any language needs to reproduce `ClipRuntime`'s embeddings, as markdown;
+    `metrics` (name -> value) are listed as measured by the pipeline's evaluate stage."""
+    return f"""# CLIP encoders (ONNX)
+
+Trained from scratch by this project's pipeline (`dvc repro`); data fingerprint `{config.get("data_fingerprint", "unknown")}`.
+Data provenance and licence: those of the training set that fingerprint names (see the pipeline's reports/ingest.json);
+the weights carry no other licence terms.
+
+## Files
+- `image_encoder.onnx`: input `pixels` float32 [N, 3, {pre["image_size"]}, {pre["image_size"]}] (see Image steps),
+  output `embedding` float32 [N, {pre["embed_dim"]}], L2-normalised.
+- `text_encoder.onnx`: input `tokens` int64 [N, {pre["context_length"]}] (see Text steps), output `embedding`
+  float32 [N, {pre["embed_dim"]}], L2-normalised.
+- `tokenizer.json`: HF `tokenizers` byte-level BPE; `preprocess.json`: every constant below, machine-readable
+  (the same keys are in each graph's metadata_props).
+
+## Image steps
+image_size {pre["image_size"]}, background RGB {pre["background"]}, mean {pre["mean"]}, std {pre["std"]}.
+
+{_numbered(pre["image_steps"])}
+
+## Text steps
+context_length {pre["context_length"]}, pad_id {pre["pad_id"]}, sot_id {pre["sot_id"]}, eot_id {pre["eot_id"]}.
+
+{_numbered(pre["text_steps"])}
+
+## Zero-shot classification
+For each class, format every template in `templates` ({pre["templates"]}) with the class name, embed the
+prompts, average them and L2-normalise the mean (prompt ensembling, Radford et al. 2021 sec. 3.1.4).
+Probabilities: softmax over classes of logit_scale ({pre["logit_scale"]:.4f}) x cosine(image, class).
+
+## Metrics
+{chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
+"""
 
 
 @torch.no_grad()
@@ -144,7 +241,7 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path) -> dict[str, int]:
             stem = name.removesuffix(".onnx")
             sizes[f"{stem}_fp32"] = (onnx_dir / name).stat().st_size
             sizes[f"{stem}_int8"] = (tmp / name).stat().st_size
-        for name in (TOKENIZER_JSON, PREPROCESS_JSON):
+        for name in (TOKENIZER_JSON, PREPROCESS_JSON, MODEL_CARD):
             shutil.copy(onnx_dir / name, tmp / name)
     return sizes
 

@@ -7,6 +7,7 @@ every task and set; with none to check it on, it is not published.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import statistics
@@ -28,8 +29,6 @@ from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.params import Params, load_params
 from pipeline.tasks import tasks_for
 
-ONNX_DIR = Path("models/onnx")
-INT8_DIR = ONNX_DIR / "int8"  # inside the stage output, so DVC tracks it when published
 PARITY_IMAGES = 256  # images checked for embedding parity when there is no test split
 
 
@@ -97,32 +96,49 @@ def median_ms(fn, repeats: int = 10) -> float:
     return 1000 * statistics.median(times)
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The stage's paths: the defaults are the root pipeline's, which dvc.yaml passes explicitly."""
+    ap = argparse.ArgumentParser(prog="python -m pipeline.export", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", type=Path, default=Path("models"), help="input: the model folder train wrote")
+    ap.add_argument("--data", type=Path, default=Path("data"), help="input: the corpus folder")
+    ap.add_argument("--metrics", type=Path, default=Path("reports/metrics.json"), help="input: evaluate's metrics")
+    ap.add_argument("--run", type=Path, default=Path("reports/run.json"), help="input: the MLflow run id")
+    ap.add_argument("--onnx", type=Path, default=Path("models/onnx"),
+                    help="output: the ONNX folder (int8/ inside it when published, so DVC tracks it)")
+    ap.add_argument("--report", type=Path, default=Path("reports/export.json"), help="output: the report")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
     """Run the stage. Raises: SystemExit (one line) when no champion metric can be found (see
     `champion_metric`), for a bad templates file or held-out set, or when ONNX parity fails (then
-    reports/export.json is written but nothing is registered)."""
+    the report is written but nothing is registered)."""
+    args = parse_args(argv)
+    onnx_dir, int8_dir = args.onnx, args.onnx / "int8"
     p = load_params()
     ex = p.export
-    metrics = flatten(json.loads(Path("reports/metrics.json").read_text()))
+    metrics = flatten(json.loads(args.metrics.read_text()))
     metric = champion_metric(p, metrics)
-    corpus = Corpus.load("data")
+    corpus = Corpus.load(args.data)
     test = corpus.split("test")
-    enc = Encoder.load("models", p.evaluate.batch_size)
+    enc = Encoder.load(args.model, p.evaluate.batch_size)
     checks = Checks(p, corpus, test, enc)
     # Embedding parity on the test split, or on the first images of the corpus when there is none.
     sample = test if len(test) else np.arange(min(PARITY_IMAGES, len(corpus.manifest)))
     pixels = corpus.images(sample)
     tokens = np.asarray(corpus.tokens[corpus.caption_start[sample]])
 
-    export_onnx("models", ONNX_DIR, opset=ex.opset)
-    check = parity("models", ONNX_DIR, pixels, tokens)
-    rt = ClipRuntime.load(ONNX_DIR)
+    key_metrics = {k: v for k, v in metrics.items() if k.endswith((".top1", ".r1"))}
+    export_onnx(args.model, onnx_dir, opset=ex.opset, metrics=key_metrics)
+    check = parity(args.model, onnx_dir, pixels, tokens)
+    rt = ClipRuntime.load(onnx_dir)
     torch_top1 = checks.top1(enc.pixels, enc.texts)
     ort_top1 = checks.top1(rt.embed_pixels, rt.encode_texts)
     report = {**check, "torch_top1": torch_top1, "onnx_top1": ort_top1}
 
-    sizes = quantize_int8(ONNX_DIR, INT8_DIR)
-    rt8 = ClipRuntime.load(INT8_DIR)
+    sizes = quantize_int8(onnx_dir, int8_dir)
+    rt8 = ClipRuntime.load(int8_dir)
     int8_top1 = checks.top1(rt8.embed_pixels, rt8.encode_texts) if checks else {}
     batch = pixels[:32]
     drop = max((ort_top1[k] - int8_top1[k] for k in ort_top1), default=None)
@@ -131,8 +147,8 @@ def main() -> None:
                       "image_batch32_ms": {"fp32": median_ms(lambda: rt.embed_pixels(batch)),
                                            "int8": median_ms(lambda: rt8.embed_pixels(batch))}}
     if not published:
-        shutil.rmtree(INT8_DIR)
-    write_json("reports/export.json", report)
+        shutil.rmtree(int8_dir)
+    write_json(args.report, report)
 
     failures = []
     if check["max_abs_diff"] > ex.max_abs_diff or check["min_cosine"] < ex.min_cosine:
@@ -142,20 +158,20 @@ def main() -> None:
     if failures:
         raise SystemExit("export: ONNX parity failed: " + "; ".join(failures))
 
-    with tracking.pipeline_run() as run_id:
+    with tracking.pipeline_run(args.run) as run_id:
         info = tracking.mlflow.get_run(run_id)
         tags = {"git_commit": info.data.tags.get("git_commit", "unknown"),
                 "data_fingerprint": info.data.tags.get("data_fingerprint", "unknown"), "mlflow_run_id": run_id}
-        key_metrics = {k: str(v) for k, v in metrics.items() if k.endswith(".top1") or k.endswith(".r1")}
         example = to_tensor(pixels[:2]).numpy()
-        versions = registry.register(ONNX_DIR, example, tokens[:2].astype(np.int64),
+        versions = registry.register(onnx_dir, example, tokens[:2].astype(np.int64),
                                      {registry.IMAGE_MODEL: rt.embed_pixels(pixels[:2]),
                                       registry.TEXT_MODEL: rt.embed_tokens(tokens[:2])},
-                                     metric, float(metrics[metric]), {**tags, **key_metrics})
+                                     metric, float(metrics[metric]),
+                                     {**tags, **{k: str(v) for k, v in key_metrics.items()}})
         tracking.mlflow.log_metrics({"export.max_abs_diff": check["max_abs_diff"], "export.min_cosine": check["min_cosine"]})
-        tracking.mlflow.log_artifact("reports/export.json")
+        tracking.mlflow.log_artifact(str(args.report))
     report["registry"] = versions
-    write_json("reports/export.json", report)
+    write_json(args.report, report)
     why = f"max drop {drop:.4f}" if drop is not None else "no zero-shot task or held-out set to check it on"
     print(f"export: parity {check}; registry {versions} by {metric}; int8 published: {published} ({why})")
 

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from clipmodel.checkpoint import save_safetensors
 from clipmodel.data import MEAN, STD
@@ -73,7 +74,7 @@ def sample_inputs(folder: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarr
 def test_folder_contents_and_graphs(exported):
     folder, onnx_dir = exported
     assert sorted(p.name for p in onnx_dir.iterdir()) == [
-        "image_encoder.onnx", "preprocess.json", "text_encoder.onnx", "tokenizer.json"]
+        "MODEL.md", "image_encoder.onnx", "preprocess.json", "text_encoder.onnx", "tokenizer.json"]
     assert sorted(p.name for p in onnx_dir.parent.iterdir()) == ["models", "onnx"]  # no temporary left behind
     for name, input_name, dtype in (("image_encoder.onnx", "pixels", onnx.TensorProto.FLOAT),
                                     ("text_encoder.onnx", "tokens", onnx.TensorProto.INT64)):
@@ -89,6 +90,25 @@ def test_folder_contents_and_graphs(exported):
     assert pre["image_size"] == cfg["preprocess"]["image_size"]
     assert (pre["context_length"], pre["pad_id"], pre["sot_id"], pre["eot_id"]) == (CONTEXT, 0, 1, 2)
     assert pre["embed_dim"] == 16 and pre["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    assert pre["templates"] and pre["image_steps"] and pre["text_steps"]
+    for name in ("image_encoder.onnx", "text_encoder.onnx"):  # the graphs carry the same facts
+        props = {p.key: p.value for p in onnx.load(onnx_dir / name).metadata_props}
+        assert json.loads(props["image_size"]) == pre["image_size"] and json.loads(props["mean"]) == pre["mean"]
+        assert json.loads(props["templates"]) == pre["templates"]
+    card = (onnx_dir / "MODEL.md").read_text()
+    assert f"int64 [N, {CONTEXT}]" in card and "antialiased bicubic" in card and "logit_scale" in card
+
+
+def test_tokenizer_file_alone_never_makes_special_tokens(exported):
+    """A client that loads tokenizer.json with plain `tokenizers` (encode_special_tokens left off, as in
+    the npm ports) encodes exactly as training did, special-token text included."""
+    folder, onnx_dir = exported
+    texts = ["a <pad> b <end_of_text> c <start_of_text>", "<end_of_text>", "", "red " * 40, "日本 émoji"]
+    plain = Tokenizer.from_file(str(onnx_dir / "tokenizer.json"))
+    assert not plain.encode_special_tokens
+    ours, _ = encode(load_tokenizer(folder / "tokenizer.json"), texts)
+    assert np.array_equal(np.array([e.ids for e in plain.encode_batch(texts)]), ours)
+    assert not np.isin(ours[:, 1:-1], [1]).any() and (ours[:, 0] == 1).all()
 
 
 @pytest.mark.parametrize("batch", [1, 7])
