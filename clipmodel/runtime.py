@@ -24,7 +24,7 @@ from clipmodel.evaluation import class_vectors, unit
 from clipmodel.images import ImageError, load_image, preprocess, to_rgb
 from clipmodel.io import atomic_path
 from clipmodel.templates import DEFAULT_TEMPLATES
-from clipmodel.tokenizer import encode, load_tokenizer
+from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -146,8 +146,11 @@ class ClipRuntime:
         return self.image.run(None, {"pixels": self.pre.normalise(images)})[0]
 
     def embed_tokens(self, tokens: np.ndarray) -> np.ndarray:
-        """int token ids [N, context_length] -> float32 [N, D] unit embeddings."""
-        return self.text.run(None, {"tokens": tokens.astype(np.int64)})[0]
+        """int token ids [N, context_length] -> float32 [N, D] unit embeddings. The pad columns every row
+        has are dropped first when the graph's sequence axis is symbolic (exports since the model card)."""
+        if isinstance(self.text.get_inputs()[0].shape[1], str):
+            tokens = trim_padding(tokens)
+        return self.text.run(None, {"tokens": np.ascontiguousarray(tokens, dtype=np.int64)})[0]
 
     def encode_images(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """float32 [N, D] unit embeddings of paths, encoded bytes or PIL images.
