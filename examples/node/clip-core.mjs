@@ -74,11 +74,18 @@ export class CaptionTokenizer {
     return ids;
   }
 
-  /** Captions -> BigInt64Array [N * contextLength], row-major: the text encoder's `tokens` input. */
-  encodeBatch(texts) {
-    const out = new BigInt64Array(texts.length * this.contextLength);
-    texts.forEach((text, i) => out.set(this.encode(text).map(BigInt), i * this.contextLength));
-    return out;
+  /**
+   * Captions -> {data: BigInt64Array [N * length], length}, row-major: the text encoder's `tokens`.
+   * Rows are padded to contextLength, or with `trim` only as far as the longest caption needs: exact
+   * for the causal text tower, and cheaper, where the graph's sequence axis is symbolic.
+   */
+  encodeBatch(texts, trim = false) {
+    const rows = texts.map((text) => this.encode(text));
+    const used = (ids) => ids.lastIndexOf(this.eot) + 1;
+    const length = trim ? Math.max(1, ...rows.map(used)) : this.contextLength;
+    const data = new BigInt64Array(texts.length * length);
+    rows.forEach((ids, i) => data.set(ids.slice(0, length).map(BigInt), i * length));
+    return { data, length };
   }
 }
 
@@ -141,6 +148,9 @@ export class ClipModel {
     this.dim = pre.embed_dim;
     this.logitScale = pre.logit_scale;
     this.templates = pre.templates?.length ? pre.templates : ["{}"]; // clipmodel.templates.DEFAULT_TEMPLATES
+    // Folders from before the sequence axis became symbolic take exactly context_length tokens.
+    const tokensShape = textSession.inputMetadata?.[0]?.shape;
+    this.trimTokens = Array.isArray(tokensShape) && typeof tokensShape[1] !== "number";
   }
 
   /** A decoded image {width, height, data RGBA or RGB, orientation?} -> uint8 RGB [S, S, 3]. */
@@ -195,10 +205,10 @@ export class ClipModel {
   /** Captions -> Float32Array[] unit embeddings (over-long captions truncated, EOT kept). */
   async encodeTexts(texts, batchSize = 64) {
     const out = [];
-    const length = this.tokenizer.contextLength;
     for (let start = 0; start < texts.length; start += batchSize) {
       const batch = texts.slice(start, start + batchSize);
-      const tokens = new this.ort.Tensor("int64", this.tokenizer.encodeBatch(batch), [batch.length, length]);
+      const { data, length } = this.tokenizer.encodeBatch(batch, this.trimTokens);
+      const tokens = new this.ort.Tensor("int64", data, [batch.length, length]);
       const result = await this.textSession.run({ [this.textSession.inputNames[0]]: tokens });
       out.push(...rows(result.embedding.data, this.dim));
     }
