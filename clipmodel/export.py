@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import PIL
 import onnx
 import torch
 import torch.nn.functional as F
@@ -46,7 +47,9 @@ IMAGE_STEPS = [
     "greyscale and palette images: expand to RGB (R = G = B = grey)",
     "resize so the shorter side is image_size pixels; the longer side becomes int(image_size * long / short) "
     "(truncated); the filter is Pillow's 8-bit antialiased bicubic (a = -0.5, support scaled by the "
-    "downscale factor, horizontal pass then vertical, 22-bit fixed-point coefficients, rounded and clipped to 0..255)",
+    "downscale factor, 22-bit fixed-point coefficients, rounded and clipped to 0..255); the order of the two "
+    "passes is Pillow's own and changed in Pillow 13 (vertical first when the height shrinks by more than twice "
+    "the width's pixels): `pillow` names the version ingest used",
     "centre-crop image_size x image_size; offsets round((new - image_size) / 2) with halves to even",
     "past an aspect ratio of 8 only the crop's source box is resampled (Pillow's resize with box=), same filter",
     "to float32: value / 255, then (x - mean) / std per RGB channel, channels first: float32 [N, 3, S, S]",
@@ -116,7 +119,8 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
                   "pad_id": tok.token_to_id(PAD), "sot_id": tok.token_to_id(SOT), "eot_id": tok.token_to_id(EOT),
                   "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item(),
                   "templates": list(DEFAULT_TEMPLATES), "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
-                  "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings"}
+                  "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings",
+                  "pillow": PIL.__version__}
     with atomic_path(out_dir) as tmp, torch.no_grad():
         tmp.mkdir()
         batch = torch.export.Dim("batch")
