@@ -172,17 +172,11 @@ export class ClipModel {
   }
 
   /**
-   * The image encoder's input. Folder v2: `image`, uint8 [N, S, S, 3], normalised inside the graph.
-   * Earlier exports took `pixels`, float32 [N, 3, S, S] already normalised with preprocess.json's
-   * mean and std; those folders still work.
+   * The image encoder's input `pixels`: float32 [N, 3, S, S], normalised with preprocess.json's mean
+   * and std in the same float32 steps as the Python runtime.
    */
   imageTensor(batch) {
     const s = this.size, n = batch.length, plane = s * s;
-    if (this.imageSession.inputNames[0] !== "pixels") {
-      const data = new Uint8Array(n * plane * 3);
-      batch.forEach((pixels, i) => data.set(pixels, i * plane * 3));
-      return new this.ort.Tensor("uint8", data, [n, s, s, 3]);
-    }
     const { mean, std } = this.pre;
     const data = new Float32Array(n * 3 * plane);
     batch.forEach((pixels, i) => {
