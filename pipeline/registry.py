@@ -44,17 +44,11 @@ def champion_value(client: MlflowClient, metric: str) -> float | None:
 def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings: dict[str, np.ndarray],
              metric: str, value: float, tags: dict[str, str]) -> dict[str, dict]:
     """Log both encoders and the pyfunc (each with a signature and input example) into the active run and
-    register new versions of the three models; returns {model name: {version, alias, previous_champion}}.
+    register new versions of the three models, then `promote` them; returns {model name: {version,
+    alias, previous_champion}}.
 
     `pixels` and `tokens` are the encoders' input examples and `embeddings` their outputs by model name
-    (any dtype the graphs take); the pyfunc makes its own example. The three are one model: their new
-    versions get the same alias, so `@champion` always names the models of one run. A non-finite metric
-    never becomes champion."""
-    client = MlflowClient(tracking.tracking_uri())
-    previous = champion_value(client, metric)
-    wins = math.isfinite(value) and (previous is None or value > previous)
-    alias = "champion" if wins else "challenger"
-    tags = {**tags, "mlflow_run_id": tags.get("mlflow_run_id") or tracking.mlflow.active_run().info.run_id}
+    (any dtype the graphs take); the pyfunc makes its own example."""
     versions = {}
     for name, file, example in ((IMAGE_MODEL, "image_encoder.onnx", pixels), (TEXT_MODEL, "text_encoder.onnx", tokens)):
         info = tracking.mlflow.onnx.log_model(
@@ -63,8 +57,21 @@ def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings:
             signature=infer_signature(example, embeddings[name]), save_as_external_data=False)
         versions[name] = str(info.registered_model_version)
     versions[PYFUNC_MODEL] = str(serving.log_model(onnx_dir, PYFUNC_MODEL, PYFUNC_MODEL).registered_model_version)
+    return promote(versions, metric, value, tags)
+
+
+def promote(versions: dict[str, str], metric: str, value: float, tags: dict[str, str]) -> dict[str, dict]:
+    """Tag the new `versions` ({model name: version}, one per model in MODELS, from the active run) with
+    `tags` and the metric, and give all three the same alias: `champion` when `value` beats the current
+    champion trio's, else `challenger`, so `@champion` always names the models of one run. A non-finite
+    metric never becomes champion. Aliases are set last: a failed log moves none of them."""
+    client = MlflowClient(tracking.tracking_uri())
+    previous = champion_value(client, metric)
+    wins = math.isfinite(value) and (previous is None or value > previous)
+    alias = "champion" if wins else "challenger"
+    tags = {**tags, "mlflow_run_id": tags.get("mlflow_run_id") or tracking.mlflow.active_run().info.run_id}
     out = {}
-    for name, version in versions.items():  # aliases last: a failed log moves none of them
+    for name, version in versions.items():
         for key, val in {**tags, metric: str(value)}.items():
             client.set_model_version_tag(name, version, key, val)
         client.set_registered_model_alias(name, alias, version)
