@@ -122,12 +122,85 @@ def _mean_std(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(MEAN, device=device).view(1, 3, 1, 1), torch.tensor(STD, device=device).view(1, 3, 1, 1)
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
+def normalize(pixels: torch.Tensor, color: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 [B, H, W, 3] tensor -> float32 [B, 3, H, W] normalised with MEAN and STD, on the pixels' device
-    (`to_tensor` on the CPU; `finish_batch` on the GPU, after a uint8 copy a quarter the size of float32)."""
+    (`to_tensor` on the CPU; `finish_batch` on the GPU, after a uint8 copy a quarter the size of float32).
+    `color` [B, 5] (`ColorAugment.draw`) is applied first, to pixel values in [0, 1]."""
     x = pixels.permute(0, 3, 1, 2).float().div_(255)
+    if color is not None:
+        x = apply_color(x, color.to(x.device))
     mean, std = _mean_std(x.device)
     return (x - mean) / std
+
+
+@dataclass(frozen=True)
+class ColorAugment:
+    """Photometric augmentation per image: SimCLR's colour distortion and blur (Chen et al. 2020, appendix
+    A) without the hue shift, in batched tensor ops. With probability `jitter_p` brightness, contrast and
+    saturation are scaled by factors uniform in [1 - s, 1 + s] (s = `jitter`, in that order, as
+    torchvision's ColorJitter defines each), then greyscale with probability `grayscale_p`, then a 5-tap
+    Gaussian blur with sigma uniform in `blur_sigma` pixels with probability `blur_p`.
+
+    On real artwork it breaks the link between a concept and one artist's palette and line work: see
+    docs/real-data.md. All zero (the default) draws nothing, so batches are as without it."""
+    jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    jitter_p: float = 0.0
+    grayscale_p: float = 0.0
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 1.5)
+
+    def draw(self, b: int, generator: torch.Generator) -> torch.Tensor | None:
+        """float32 [b, 5] per-image parameters (brightness, contrast and saturation factors, greyscale
+        flag, blur sigma with 0 for none), drawn on the CPU from `generator`; None when inactive."""
+        if not (self.jitter_p and any(self.jitter)) and not self.grayscale_p and not self.blur_p:
+            return None
+        u = torch.rand(b, 7, generator=generator)
+        factors = 1 + (2 * u[:, 1:4] - 1) * torch.tensor(self.jitter)
+        factors = torch.where(u[:, :1] < self.jitter_p, factors, torch.ones(()))
+        grey = (u[:, 4] < self.grayscale_p).float()
+        lo, hi = self.blur_sigma
+        sigma = torch.where(u[:, 6] < self.blur_p, lo + (hi - lo) * u[:, 5], torch.zeros(()))
+        return torch.cat([factors, grey[:, None], sigma[:, None]], 1)
+
+
+def _luma(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] -> [B, 1, H, W]: ITU-R 601 luma, as PIL's and torchvision's greyscale."""
+    return (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> the same, with `ColorAugment.draw`'s parameters [B, 5] applied
+    image by image (factors of 1, flag 0 and sigma 0 leave an image unchanged, up to float rounding)."""
+    b, c, s = (color[:, i].view(-1, 1, 1, 1) for i in range(3))
+    x = (x * b).clamp(0, 1)
+    m = _luma(x).mean((1, 2, 3), keepdim=True)
+    x = ((x - m) * c + m).clamp(0, 1)
+    grey = _luma(x)
+    x = ((x - grey) * s + grey).clamp(0, 1)
+    x = torch.where(color[:, 3].view(-1, 1, 1, 1) > 0, _luma(x).expand_as(x), x)
+    sigma = color[:, 4]
+    t = torch.arange(-2, 3, device=x.device, dtype=x.dtype)
+    k = torch.exp(-t**2 / (2 * sigma.clamp(min=1e-3).view(-1, 1)**2))  # [B, 5]; sigma 0 -> a delta
+    k = torch.where(sigma.view(-1, 1) > 0, k, (t == 0).to(x.dtype))
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(3, 0)  # one kernel per channel: [3B, 5]
+    n, _, h, w = x.shape
+    y = F.pad(x.reshape(1, 3 * n, h, w), (2, 2, 2, 2), mode="reflect")
+    y = F.conv2d(y, k.view(-1, 1, 5, 1), groups=3 * n)
+    y = F.conv2d(y, k.view(-1, 1, 1, 5), groups=3 * n)
+    return y.view(n, 3, h, w)
+
+
+def image_fields(pixels: torch.Tensor, crop_scale: tuple[float, float], crop_ratio: tuple[float, float],
+                 color: ColorAugment, generator: torch.Generator, raw: bool) -> dict[str, torch.Tensor]:
+    """The image entries of a training batch from uint8 pixels [B, S, S, 3]: crops, then colour
+    parameters, drawn from `generator` in that order. `raw`: the pixels with "crops" [B, 2, 3] and
+    "color" [B, 5] where drawn (`finish_batch` applies them on the device); else "images" float32
+    [B, 3, S, S], augmented, normalised and cropped here."""
+    crops = crop_boxes(len(pixels), crop_scale, crop_ratio, generator)
+    params = color.draw(len(pixels), generator)
+    if raw:
+        return {"pixels": pixels, **{k: v for k, v in (("crops", crops), ("color", params)) if v is not None}}
+    return {"images": apply_crops(normalize(pixels, params), crops)}
 
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
@@ -173,12 +246,12 @@ def apply_crops(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
 
 def finish_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch as the encoders take it, on the device its tensors are on. A raw batch (rank_batches with
-    raw_pixels: uint8 "pixels" [B, S, S, 3] and, when cropping, "crops" [B, 2, 3]) is normalised and
-    cropped there, giving "images" float32 [B, 3, S, S]; any other batch is returned as it is."""
+    raw_pixels: uint8 "pixels" [B, S, S, 3] and, where drawn, "crops" [B, 2, 3] and "color" [B, 5]) is
+    augmented, normalised and cropped there, giving "images" float32 [B, 3, S, S]; any other batch is returned as it is."""
     if "pixels" not in batch:
         return batch
-    rest = {k: v for k, v in batch.items() if k not in ("pixels", "crops")}
-    return {"images": apply_crops(normalize(batch["pixels"]), batch.get("crops")), **rest}
+    rest = {k: v for k, v in batch.items() if k not in ("pixels", "crops", "color")}
+    return {"images": apply_crops(normalize(batch["pixels"], batch.get("color")), batch.get("crops")), **rest}
 
 
 class CorpusBatches(torch.utils.data.Dataset):
@@ -189,11 +262,12 @@ class CorpusBatches(torch.utils.data.Dataset):
     """
 
     def __init__(self, corpus: Corpus, index: np.ndarray, batch_size: int, seed: int,
-                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)):
+                 crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                 color: ColorAugment = ColorAugment()):
         if len(index) < batch_size:
             raise ValueError(f"{len(index)} training images is fewer than batch_size={batch_size}")
         self.corpus, self.index, self.batch_size, self.seed = corpus, index, batch_size, seed
-        self.crop_scale, self.crop_ratio = crop_scale, crop_ratio
+        self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
         self.steps_per_epoch = len(index) // batch_size  # drop the ragged tail: the loss wants full batches
         self.caption_id = corpus.caption_ids()
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (finish_batch)
@@ -211,7 +285,7 @@ class CorpusBatches(torch.utils.data.Dataset):
         """The batch of global step `step` (>= 0, any epoch): images float32 [B, 3, S, S] (cropped,
         normalised), tokens int64 [B, L] (L <= context, trimmed), caption_ids int64 [B] and
         image_index [B] (global indices, `index`'s dtype). With `raw_pixels` set, "pixels" uint8
-        [B, S, S, 3] and "crops" [B, 2, 3] (when cropping) instead of images: `finish_batch` turns
+        [B, S, S, 3], "crops" [B, 2, 3] and "color" [B, 5] (where drawn) instead of images: `finish_batch` turns
         them into the same images wherever the batch is.
 
         Raises: ValueError when a train tar's member is not the image the manifest expects.
@@ -223,13 +297,10 @@ class CorpusBatches(torch.utils.data.Dataset):
         c = self.corpus
         caption = c.caption_start[images] + (rng.random(len(images)) * c.caption_count[images]).astype(np.int64)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        pixels = torch.from_numpy(c.images(images))
-        crops = crop_boxes(len(images), self.crop_scale, self.crop_ratio, g)
-        rest = {"tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
+        return {**image_fields(torch.from_numpy(c.images(images)), self.crop_scale, self.crop_ratio, self.color, g,
+                               self.raw_pixels),
+                "tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
                 "caption_ids": torch.from_numpy(self.caption_id[caption]), "image_index": torch.from_numpy(images)}
-        if self.raw_pixels:
-            return {"pixels": pixels, **({} if crops is None else {"crops": crops}), **rest}
-        return {"images": apply_crops(normalize(pixels), crops), **rest}
 
     __getitem__ = batch
 

@@ -46,7 +46,7 @@ from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, Params, load_params
 from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_objective
-from pipeline.run import model_config, prepare, run_fingerprint
+from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
 CHECKPOINTS = Path("checkpoints/efficiency")
@@ -167,7 +167,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     model, loss, arch = build(objective, p, tok.get_vocab_size())
     model.to(device)
     data = CorpusBatches(corpus, corpus.split("train"), bs, p.train.seed, p.train.crop_scale,
-                               p.train.crop_ratio)
+                         p.train.crop_ratio, color_augment(p.train))
     total, steps = e.budget_images // bs, set(eval_steps(e, bs))
     tests = probes(p, corpus, tok, device)
 

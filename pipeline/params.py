@@ -152,7 +152,8 @@ class TrainParams(Section):
 
     `loss`: contrastive is CLIP's symmetric cross-entropy (Radford et al. 2021), sigmoid is SigLIP
     (Zhai et al. 2023). batch_size is the global batch and must divide by nproc x accum_steps.
-    Validation also checks the crop ranges (0 < low <= high, scale <= 1) and betas in [0, 1).
+    Validation also checks the crop ranges (0 < low <= high, scale <= 1), the colour augmentation's
+    (clipmodel.data.ColorAugment) and betas in [0, 1).
     """
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -170,6 +171,11 @@ class TrainParams(Section):
     multi_positive: bool = False  # identical normalised captions count as positives of each other
     crop_scale: tuple[float, float] = (1.0, 1.0)
     crop_ratio: tuple[float, float] = (1.0, 1.0)  # aspect ratios of the random crops (1, 1: no stretching)
+    color_jitter: tuple[float, float, float] = (0.0, 0.0, 0.0)  # brightness, contrast, saturation strengths
+    color_jitter_p: float = Field(0.0, ge=0, le=1)  # share of images jittered
+    grayscale_p: float = Field(0.0, ge=0, le=1)
+    blur_p: float = Field(0.0, ge=0, le=1)
+    blur_sigma: tuple[float, float] = (0.1, 1.5)  # Gaussian blur sigma range, pixels
     checkpoint_every: int = Field(200, ge=1)
     resume: bool = True  # continue from checkpoints/ when its fingerprint matches these params and data
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
@@ -190,6 +196,10 @@ class TrainParams(Section):
             raise ValueError("crop_scale must be 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError("crop_ratio must be 0 < low <= high")
+        if not all(0 <= j <= 1 for j in self.color_jitter):
+            raise ValueError("color_jitter strengths must be in [0, 1]")
+        if not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError("blur_sigma must be 0 < low <= high")
         if not all(0 <= b < 1 for b in self.betas):
             raise ValueError("betas must be in [0, 1)")
         return self

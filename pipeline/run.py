@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from clipmodel.data import Corpus
+from clipmodel.data import ColorAugment, Corpus
 from clipmodel.model import CLIPConfig
 from pipeline.device import resolve_device
-from pipeline.params import Params
+from pipeline.params import Params, TrainParams
 
 def model_config(p: Params, vocab_size: int) -> CLIPConfig:
     """The CLIP architecture of params' model section, at data.image_size and tokenize.context_length."""
@@ -26,6 +26,12 @@ def model_config(p: Params, vocab_size: int) -> CLIPConfig:
         text_layers=m.text_layers,
         init_logit_bias=-10.0 if p.train.loss == "sigmoid" else None,
     )
+
+
+def color_augment(tp: TrainParams) -> ColorAugment:
+    """The photometric augmentation train.color_jitter, color_jitter_p, grayscale_p, blur_p and
+    blur_sigma ask for (all zero: none)."""
+    return ColorAugment(tp.color_jitter, tp.color_jitter_p, tp.grayscale_p, tp.blur_p, tp.blur_sigma)
 
 
 def prepare(p: Params, data: str | Path = "data") -> tuple[torch.device, Corpus]:

@@ -42,7 +42,7 @@ from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
-from pipeline.run import model_config, prepare, run_fingerprint
+from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 @torch.no_grad()
 def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
@@ -78,13 +78,14 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
                          "lower train.batch_size (or data.val_fraction / test_fraction)")
     if p.data.output_format == "npy":
         return CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
-                                  p.train.crop_ratio)
+                             p.train.crop_ratio, color_augment(p.train))
     if not corpus.tars:
         raise SystemExit(f"train: data.output_format is webdataset but {data_dir / 'images'} holds no train-*.tar; "
                          "run `dvc repro ingest`")
     return StreamingBatches([str(t) for t in corpus.tars], data_dir / "tokenizer.json",
                             batch_size=p.train.batch_size // distributed.world(), image_size=p.data.image_size,
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
+                            color=color_augment(p.train),
                             resample=True, epoch_samples=len(corpus.split("train")))
 
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from clipmodel.data import Corpus, CorpusBatches, finish_batch
+from clipmodel.data import ColorAugment, Corpus, CorpusBatches, finish_batch
 from clipmodel.model import CLIP, CLIPConfig
 from pipeline import loop
 from pipeline.loop import Objective, TrainState, fit, train_step
@@ -18,14 +18,17 @@ CFG = CLIPConfig(embed_dim=16, image_size=32, vision="vit", vision_width=16, vis
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("crop", [None, (0.5, 1.0)])
-def test_raw_pixels_finish_into_the_same_images(tiny_data, crop):
+@pytest.mark.parametrize("crop, color", [(None, ColorAugment()), ((0.5, 1.0), ColorAugment()),
+                                         ((0.5, 1.0), ColorAugment((0.4, 0.4, 0.4), 0.8, 0.2, 0.5))])
+def test_raw_pixels_finish_into_the_same_images(tiny_data, crop, color):
     corpus = Corpus.load(tiny_data / "data")
-    data = CorpusBatches(corpus, corpus.split("train"), 16, 0, crop or (1, 1), (3 / 4, 4 / 3) if crop else (1, 1))
+    data = CorpusBatches(corpus, corpus.split("train"), 16, 0, crop or (1, 1), (3 / 4, 4 / 3) if crop else (1, 1),
+                         color)
     raw = list(data.rank_batches(3, 5, raw_pixels=True))
     assert not data.raw_pixels  # the source itself is left as it was
     for step, batch in zip((3, 4), raw):
         assert batch["pixels"].dtype == torch.uint8 and ("crops" in batch) == bool(crop)
+        assert ("color" in batch) == bool(color.grayscale_p)
         finished, plain = finish_batch(batch), data.batch(step)
         assert finished.keys() == plain.keys()
         for k in plain:
