@@ -132,6 +132,8 @@ def test_int8_is_static_smaller_and_independent_of_the_batch(exported, tmp_path)
     sizes = quantize_int8(onnx_dir, tmp_path / "int8", calib_images, calib_tokens, batch_size=16)
     assert sizes["image_encoder_int8"] < sizes["image_encoder_fp32"]
     assert sizes["text_encoder_int8"] < sizes["text_encoder_fp32"]
+    card = (tmp_path / "int8" / "MODEL.md").read_text()
+    assert card.startswith((onnx_dir / "MODEL.md").read_text()) and "## Quantisation" in card and "40 training images" in card
     images, tokens = sample_inputs(folder, 32, seed=0)
     fp32, int8 = ClipRuntime.load(onnx_dir), ClipRuntime.load(tmp_path / "int8")
     ops = {n.op_type for n in onnx.load(tmp_path / "int8" / "image_encoder.onnx").graph.node}
