@@ -183,7 +183,8 @@ the weights carry no other licence terms.
   (the same keys are in each graph's metadata_props).
 
 ## Image steps
-image_size {pre["image_size"]}, background RGB {pre["background"]}, mean {pre["mean"]}, std {pre["std"]}.
+image_size {pre["image_size"]}, background RGB {pre["background"]}, mean {pre["mean"]}, std {pre["std"]},
+Pillow {pre["pillow"]} (`pillow`: whose resize the steps below reproduce).
 
 {_numbered(pre["image_steps"])}
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import PIL
 import onnx
 import pytest
 import torch
@@ -101,6 +102,7 @@ def test_folder_contents_and_graphs(exported):
         assert json.loads(props["templates"]) == pre["templates"]
     card = (onnx_dir / "MODEL.md").read_text()
     assert f"1 <= L <= {CONTEXT}" in card and "antialiased bicubic" in card and "logit_scale" in card
+    assert f"Pillow {PIL.__version__}" in card
 
 
 def test_tokenizer_file_alone_never_makes_special_tokens(exported):
