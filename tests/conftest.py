@@ -70,21 +70,31 @@ def workspace(tiny_data, tmp_path) -> Path:
     return tmp_path
 
 
-def git_copy(dest: Path, params_override: dict) -> Path:
-    """The repo's working tree (tracked and unignored files) as a fresh git repo with one commit."""
+def git_copy(dest: Path, params_override: dict, stages: list[str] | None = None) -> Path:
+    """The repo's working tree (tracked and unignored files, no outputs under reports/ or checkpoints/) as a
+    fresh git repo with one commit; `stages`: keep only these stages of dvc.yaml."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
         src = ROOT / name
-        if src.is_file():
+        if src.is_file() and not name.startswith(("checkpoints/", "reports/")):
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     write_params(dest, params_override)
-    env = stage_env(dest)
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "ci@example.com"],
-                ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, env=env, check=True)
+    if stages:
+        spec = yaml.safe_load((dest / "dvc.yaml").read_text())
+        spec["stages"] = {k: v for k, v in spec["stages"].items() if k in stages}
+        (dest / "dvc.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    for args in (["init", "-q", "-b", "main"], ["config", "user.email", "ci@example.com"],
+                 ["config", "user.name", "ci"], ["add", "-A"], ["commit", "-qm", "copy"]):
+        git(dest, *args)
     return dest
+
+
+def git(repo: Path, *args: str, check: bool = True) -> str:
+    """`git args` in `repo` with the stages' environment; its stdout."""
+    return subprocess.run(["git", *args], cwd=repo, env=stage_env(repo), capture_output=True, text=True,
+                          check=check).stdout
 
 
 def dvc(workdir: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:

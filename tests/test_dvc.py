@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from clipmodel import synthetic
-from conftest import TINY, dvc, git_copy, merge
+from conftest import TINY, dvc, git, git_copy, merge
 
 pytestmark = pytest.mark.slow
 
@@ -59,13 +59,22 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     held = {f"{c} {s}" for c, s in synthetic.holdout_pairs(0, 0.2)}
     assert per_class["composition_unseen"]["recall"] and set(per_class["composition_unseen"]["recall"]) <= held
     assert "Running stage" not in dvc(repo, "repro").stdout
+    # As DVC intends for `cache: false` metrics: git holds them, so a commit is the baseline to diff against.
+    assert "reports/metrics.json" not in git(repo, "check-ignore", "-v", "reports/metrics.json", check=False)
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline")
 
     for lr in ("0.002", "0.0005"):
         dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
     exps = json.loads(dvc(repo, "exp", "show", "--json").stdout)
-    assert len([e for row in exps for e in (row.get("experiments") or [])]) == 2
-    diff = json.loads(dvc(repo, "metrics", "diff", "main", "--json").stdout)
-    assert "reports/metrics.json" in diff
+    runs = [e for row in exps for e in (row.get("experiments") or [])]
+    assert len(runs) == 2
+    for run in runs:  # each experiment's commit carries its own metrics
+        data = run["revs"][0]["data"]
+        assert flat(data["metrics"]["reports/metrics.json"]["data"])["zero_shot.shape.top1"] is not None
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)["reports/metrics.json"]
+    old, new = diff["zero_shot.shape.top1"]["old"], diff["zero_shot.shape.top1"]["new"]
+    assert old == metrics["zero_shot.shape.top1"] and new is not None
     plots = dvc(repo, "plots", "diff", "main", "--json").stdout
     assert "confusion_shape.png" in plots and "train_log.csv" in plots
 

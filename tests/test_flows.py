@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import ROOT, TINY, merge, write_params
+from conftest import ROOT, TINY, git_copy, merge
 from pipeline import flows
 from pipeline.workspace import hydra_value, subprocess_env
 
@@ -36,27 +35,6 @@ def prefect_api(tmp_path_factory):
     home = tmp_path_factory.mktemp("prefect_home")
     with temporary_settings({PREFECT_HOME: home}), prefect_test_harness(server_startup_timeout=180):
         yield
-
-
-def git_copy(dest: Path, params: dict, stages: list[str] | None = None) -> Path:
-    """Tracked and unignored files of the working tree (no outputs) as a fresh one-commit repo;
-    `stages`: keep only these stages of dvc.yaml."""
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                           capture_output=True, text=True, check=True).stdout.split("\0")
-    for name in filter(None, files):
-        src = ROOT / name
-        if src.is_file() and not name.startswith(("checkpoints/", "reports/")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
-    write_params(dest, params)
-    if stages:
-        pipeline = yaml.safe_load((dest / "dvc.yaml").read_text())
-        pipeline["stages"] = {k: v for k, v in pipeline["stages"].items() if k in stages}
-        (dest / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    for cmd in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "ci@example.com"],
-                ["git", "config", "user.name", "ci"], ["git", "add", "-A"], ["git", "commit", "-qm", "copy"]):
-        subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
-    return dest
 
 
 @pytest.fixture(scope="module")
