@@ -127,9 +127,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
                                cli_args.templates_of(args, parser))
     top, probs = classify(torch.from_numpy(enc.images(args.images)), classes, enc.logit_scale, args.top)
     for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
-        print(path)
-        for i, p in zip(idx, pr):
-            print(f"  {p:6.1%}  {labels[i]}")
+        cli_args.print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])
     sys.stdout.flush()
 
 

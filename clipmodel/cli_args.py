@@ -57,6 +57,14 @@ def templates_of(args: argparse.Namespace, parser: argparse.ArgumentParser) -> l
         parser.error(f"--templates {args.templates}: {e}")
 
 
+def print_top(image: object, top: list[tuple[str, float]]) -> None:
+    """One image's classification as both CLIs print it: its name, then `probability  label` per line,
+    most probable first (probabilities as fractions in [0, 1], like `search`'s scores)."""
+    print(image)
+    for label, prob in top:
+        print(f"  {prob:.4f}  {label}")
+
+
 def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:
     """Add the `zeroshot` subcommand to `sub` (add_subparsers' result) and return its parser, for the
     CLI to add its own --model."""

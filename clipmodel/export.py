@@ -46,13 +46,30 @@ IMAGE_STEPS = [
     "alpha (RGBA, LA, palette or greyscale with a transparent colour): composite over an opaque `background` "
     "with Pillow's Image.alpha_composite integer arithmetic; then drop alpha",
     "greyscale and palette images: expand to RGB (R = G = B = grey)",
-    "resize so the shorter side is image_size pixels; the longer side becomes int(image_size * long / short) "
-    "(truncated); the filter is Pillow's 8-bit antialiased bicubic (a = -0.5, support scaled by the "
-    "downscale factor, 22-bit fixed-point coefficients, rounded and clipped to 0..255); the order of the two "
-    "passes is Pillow's own and changed in Pillow 13 (vertical first when the height shrinks by more than twice "
-    "the width's pixels): `pillow` names the version ingest used",
-    "centre-crop image_size x image_size; offsets round((new - image_size) / 2) with halves to even",
-    "past an aspect ratio of 8 only the crop's source box is resampled (Pillow's resize with box=), same filter",
+    "sizes: S = image_size; short, long = the smaller and larger of W, H; new_long = int(S * long / short) "
+    "(truncated); (new_w, new_h) = (S, new_long) if W <= H else (new_long, S); crop offsets "
+    "left = round((new_w - S) / 2), top = round((new_h - S) / 2), halves to even",
+    "if new_long <= 8 * S: resize the whole image to new_w x new_h (`resize` below, box = (0, 0, W, H)), then "
+    "keep the S x S region at (left, top); if new_long > 8 * S (a strip): resize only the source box "
+    "(left * W / new_w, top * H / new_h, (left + S) * W / new_w, (top + S) * H / new_h), straight to S x S",
+    "`resize` (Pillow's 8-bit antialiased bicubic, Image.resize with BICUBIC): the four box edges are first "
+    "rounded to float32; a box of whole pixels exactly the output's size is a plain crop; otherwise two "
+    "separable passes, horizontal (W -> out_w, needed when out_w != W or the box's x edges are not 0 and out_w) "
+    "and vertical (likewise for H), each rounding to uint8 before the other reads it",
+    "pass order: horizontal first, except with Pillow >= 13.0 when H - out_h > 0 and "
+    "H - out_h > 2 * (W - out_w) (vertical first); Pillow 12.2-12.3: vertical first when H > 100 * W and "
+    "out_h < H; earlier: always horizontal first (W, H: the whole image's size whatever the box)",
+    "coefficients, per axis of input size n, box edges (b0, b1), output size m: scale = (b1 - b0) / m "
+    "(the subtraction in float32, the division in float64), "
+    "fscale = max(scale, 1), support = 2 * fscale; for output pixel i: centre = b0 + (i + 0.5) * scale, "
+    "lo = max(0, int(centre - support + 0.5)), hi = min(n, int(centre + support + 0.5)); weight of input pixel "
+    "x in [lo, hi) = k((x - centre + 0.5) / fscale), k the cubic kernel with a = -0.5 (k(t) = (a+2)|t|^3 - "
+    "(a+3)|t|^2 + 1 for |t| < 1, a(|t|^3 - 5|t|^2 + 8|t| - 4) for |t| < 2, else 0); weights divided by their sum "
+    "(when it is not 0), then to 22-bit fixed point: int(w * 2^22 + 0.5) for w >= 0, int(w * 2^22 - 0.5) "
+    "for w < 0 (truncating toward zero)",
+    "each output channel value = (2^21 + sum of pixel * fixed-point weight) >> 22 (arithmetic shift), "
+    "clipped to 0..255; the horizontal-first order only computes the rows the vertical pass reads "
+    "(no effect on the result)",
     "to float32: value / 255, then (x - mean) / std per RGB channel, channels first: float32 [N, 3, S, S]",
 ]
 TEXT_STEPS = [
@@ -92,10 +109,13 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
 
 
 def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3,
-                metrics: dict[str, float] | None = None) -> Path:
+                metrics: dict[str, float] | None = None,
+                evaluated_templates: dict[str, list[str]] | None = None) -> Path:
     """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json, preprocess.json and MODEL.md into
     `out_dir`; returns it. The folder describes itself: MODEL.md and preprocess.json (also stamped into
-    each graph's metadata_props) give every step from a file to an embedding.
+    each graph's metadata_props) give every step from a file to an embedding. `metrics` (name -> value)
+    and `evaluated_templates` (task or set -> the templates its metrics were measured with) go into the
+    card; the clients' default templates stay DEFAULT_TEMPLATES, the bare class name.
 
     Image graph: `pixels` float32 [N, 3, S, S] (normalised, S = image_size pixels) -> `embedding`
     float32 [N, embed_dim]; text graph: `tokens` int64 [N, context_length] -> `embedding`; both
@@ -119,7 +139,8 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
     preprocess = {**config["preprocess"], "context_length": cfg.context_length,
                   "pad_id": tok.token_to_id(PAD), "sot_id": tok.token_to_id(SOT), "eot_id": tok.token_to_id(EOT),
                   "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item(),
-                  "templates": list(DEFAULT_TEMPLATES), "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
+                  "templates": list(DEFAULT_TEMPLATES), "evaluated_templates": evaluated_templates or {},
+                  "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
                   "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings",
                   "pillow": PIL.__version__}
     with atomic_path(out_dir) as tmp, torch.no_grad():
@@ -199,7 +220,13 @@ prompts, average them and L2-normalise the mean (prompt ensembling, Radford et a
 Probabilities: softmax over classes of logit_scale ({pre["logit_scale"]:.4f}) x cosine(image, class).
 
 ## Metrics
+Zero-shot top-1 and retrieval R@1 as the pipeline's evaluate stage measured them (fractions in [0, 1]):
 {chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
+
+Each task or set was scored with its own templates (`evaluated_templates`); pass the same list
+(`--templates FILE`, one per line, or the clients' `templates` option) to reproduce its figure or to
+classify images like that task's:
+{chr(10).join(f"- {k}: {v}" for k, v in pre["evaluated_templates"].items()) or "None were passed to the export."}
 """
 
 

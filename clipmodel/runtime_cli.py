@@ -26,11 +26,8 @@ def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.Argumen
     """
     labels = cli_args.labels_of(args, parser)
     templates = cli_args.templates_of(args, parser)
-    width = max(map(len, labels))
     for image, top in zip(args.images, rt.classify(args.images, labels, templates, args.top)):
-        print(image)
-        for label, prob in top:
-            print(f"  {label:<{width}}  {prob:.4f}")
+        cli_args.print_top(image, top)
 
 
 def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

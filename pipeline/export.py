@@ -66,6 +66,11 @@ class Checks:
             pixels, kept, _ = evaluation.embed_images(ds.images, enc.load_image, np.stack)
             self.sets.append((ds, templates, pixels, ds.targets()[kept]))
 
+    def templates(self) -> dict[str, list[str]]:
+        """Task or set name -> the templates evaluate scored it with (the model card lists them)."""
+        return {**{t.name: templates for t, templates in self.tasks},
+                **{ds.name: templates for ds, templates, _, _ in self.sets}}
+
     def __bool__(self) -> bool:
         return bool(self.tasks or self.sets)
 
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     tokens = np.asarray(corpus.tokens[corpus.caption_start[sample]])
 
     key_metrics = {k: v for k, v in metrics.items() if k.endswith((".top1", ".r1"))}
-    export_onnx(args.model, onnx_dir, opset=ex.opset, metrics=key_metrics)
+    export_onnx(args.model, onnx_dir, opset=ex.opset, metrics=key_metrics, evaluated_templates=checks.templates())
     check = parity(args.model, onnx_dir, pixels, tokens)
     rt = ClipRuntime.load(onnx_dir)
     torch_top1 = checks.top1(enc.pixels, enc.texts)

@@ -60,7 +60,8 @@ def exported(request, tmp_path_factory) -> tuple[Path, Path]:
     folder = build_model_folder(root / "models", request.param)
     (root / "onnx").mkdir()
     (root / "onnx" / "stale.txt").write_text("from an earlier export")  # must not survive the export
-    return folder, export_onnx(folder, root / "onnx", example_batch=3)
+    return folder, export_onnx(folder, root / "onnx", example_batch=3, metrics={"zero_shot.shape.top1": 0.5},
+                               evaluated_templates={"shape": ["a photo of a {}.", "a {} on a plain background"]})
 
 
 def sample_inputs(folder: Path, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -100,8 +101,13 @@ def test_folder_contents_and_graphs(exported):
         props = {p.key: p.value for p in onnx.load(onnx_dir / name).metadata_props}
         assert json.loads(props["image_size"]) == pre["image_size"] and json.loads(props["mean"]) == pre["mean"]
         assert json.loads(props["templates"]) == pre["templates"]
+        assert json.loads(props["evaluated_templates"]) == pre["evaluated_templates"]
     card = (onnx_dir / "MODEL.md").read_text()
     assert f"1 <= L <= {CONTEXT}" in card and "antialiased bicubic" in card and "logit_scale" in card
+    # The metrics and the templates each was measured with, so a client can reproduce the figure.
+    assert "- zero_shot.shape.top1: 0.5000" in card
+    assert "- shape: ['a photo of a {}.', 'a {} on a plain background']" in card
+    assert "new_long > 8 * S" in card and "Pillow >= 13.0" in card  # the resize is specified, not referenced
     assert f"Pillow {PIL.__version__}" in card
 
 

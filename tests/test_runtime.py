@@ -194,8 +194,8 @@ def test_cli_classify_and_search(onnx_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == str(paths[0]) and lines[3] == str(paths[1]) and len(lines) == 6
-    probs = [float(line.split()[-1]) for line in lines[1:3]]
-    assert probs[0] >= probs[1] and lines[1].split()[0] in ("red", "blue", "green")
+    probs = [float(line.split()[0]) for line in lines[1:3]]
+    assert probs[0] >= probs[1] and lines[1].split(maxsplit=1)[1] in ("red circle", "blue square", "green star")
 
     proc = clip_onnx("search", "--model", str(onnx_dir), "--images", str(tmp_path / "images"), "a red circle",
                      "--top", "2", env_home=tmp_path)
