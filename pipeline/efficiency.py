@@ -209,7 +209,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     start = time.perf_counter()
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
-    rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id)
+    rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=tracking.log_metrics)
     wall = time.perf_counter() - start
     model.eval()
     save_folder(folder, model, objective, arch, p, data_fp, data_dir / "tokenizer.json")

@@ -220,23 +220,24 @@ class TrainState:
 
 
 def train_step(obj: Objective, net: nn.Module, state: TrainState, batch: Batch, tp: TrainParams,
-               device: torch.device, precision: str) -> torch.Tensor | None:
+               device: torch.device, precision: str) -> torch.Tensor:
     """One optimiser step on this rank's share of a batch: forward and backward in tp.accum_steps
-    micro-batches (`backward`), clipping, the update and the schedule. Returns the 0-dim loss, or
-    None when it was not finite: the update is skipped, the schedule (and the data) move on.
+    micro-batches (`backward`), clipping, the update and the schedule. Returns the 0-dim loss. When it
+    is not finite the update is skipped, the schedule (and the data) move on, and `TrainState.bad_steps`
+    counts it.
 
     With state.deferred (on a GPU) the same happens without the host waiting for the loss: the fused
     AdamW is handed the non-finite flag as `found_inf` and leaves weights, moments and its step count
-    alone where it is set; the loss is returned either way and `TrainState.bad_steps` tells."""
+    alone where it is set."""
     loss = backward(obj, net, batch, tp.accum_steps, device, precision, state.scaler)
+    finite = torch.isfinite(loss)
+    state.count_bad(finite)
     if state.deferred:
-        finite = torch.isfinite(loss)
         state.opt.found_inf = (~finite).float()
-        state.count_bad(finite)
-    elif not torch.isfinite(loss):
+    elif not finite:
         state.opt.zero_grad(set_to_none=True)
         state.sched.step()
-        return None
+        return loss
     if tp.grad_clip > 0:
         state.scaler.unscale_(state.opt)
         torch.nn.utils.clip_grad_norm_(state.model.parameters(), tp.grad_clip)
@@ -271,12 +272,6 @@ class CsvLog:
             writer.writerows(self.rows)
 
 
-def mlflow_log(step: int, metrics: dict[str, float]) -> None:
-    mlflow = sys.modules.get("mlflow")  # no run is active where nothing imported MLflow (pipeline.tracking does):
-    if mlflow is not None and mlflow.active_run() is not None:  # benchmarks train without it
-        mlflow.log_metrics(metrics, step=step)
-
-
 def check_layout(obj: Objective, tp: TrainParams, world: int) -> None:
     """Raises SystemExit (one line) when the batch does not split into ranks x micro-batches, or the
     objective cannot train data-parallel."""
@@ -300,15 +295,20 @@ class Throughput:
         return rate
 
 
+Log = Callable[[int, dict[str, float]], None]  # (step, metrics): a sink for the curve (CSV, MLflow, tqdm)
+
+
 def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device, total: int,
-        fingerprint: str, snapshot: dict | None, run_id: str | None) -> list[dict]:
+        fingerprint: str, snapshot: dict | None, run_id: str | None, log: Log | None = None) -> list[dict]:
     """The training loop shared by every objective: `total` steps of `data` (epochs wrap around),
-    resumed from `snapshot` (a checkpoint matching `fingerprint`) when given.
+    resumed from `snapshot` (a checkpoint matching `fingerprint`) when given. `log` receives every
+    logged row and validation result besides the CSV and the progress bar (the stages pass MLflow's).
 
     Every rank calls it with the same arguments; rank 0 alone logs, validates and writes files.
     Returns the logged rows (step, loss, lr, ...). Raises SystemExit (one line) when the batch does
     not divide into ranks x micro-batches, or after tp.max_bad_steps non-finite losses in a row."""
-    world, main = distributed.world(), distributed.is_main()
+    world, main, gpu = distributed.world(), distributed.is_main(), device.type == "cuda"
+    log = log if main else None
     check_layout(obj, tp, world)
     precision = resolve_precision(tp.precision, device)
     state = TrainState(obj.model, tp, total, device, precision)
@@ -317,49 +317,32 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
         if main:
             print(f"train: resuming at step {state.step}/{total}")
     net = parallel(obj.model, world, device, tp.compile)
-    csv_log = CsvLog(obj.log_csv, state.rows, state.step) if main else None
-    bad, speed = 0, Throughput(state.step, tp.batch_size)
-    gpu = device.type == "cuda"
+    csv_log, speed = CsvLog(obj.log_csv, state.rows, state.step) if main else None, Throughput(state.step, tp.batch_size)
     batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
     with tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
               mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        loggers = [csv_log, mlflow_log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})]
+        sinks = [s for s in (csv_log, log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})) if s]
         for step, batch in zip(range(state.step, total), batches):
             batch = finish_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             loss = train_step(obj, net, state, batch, tp, device, precision)
             state.step = done = step + 1
             bar.update()
-            log_now = done % tp.log_every == 0 or done == total
-            save_now = done % tp.checkpoint_every == 0 or done == total
-            if state.deferred:
-                if not (log_now or save_now or done % len(data) == 0):  # nothing below reads the device
-                    if main:
-                        obj.on_step(done)
-                    continue
-                bad, worst = state.bad_steps()
-            else:
-                bad = 0 if loss is not None else bad + 1
-                worst = bad
-            if bad:
-                mlflow_log(step, {"skipped_steps": bad})
-            if worst >= tp.max_bad_steps:
-                raise SystemExit(f"train: {worst} non-finite losses in a row {'by' if state.deferred else 'at'} "
-                                 f"step {step}; stopped, last good checkpoint kept at {obj.checkpoint}")
-            if bad:
+            log_now, save_now = done % tp.log_every == 0 or done == total, done % tp.checkpoint_every == 0 or done == total
+            if state.deferred and not (log_now or save_now or done % len(data) == 0):  # nothing below reads the device
+                if main:
+                    obj.on_step(done)
                 continue
-            if not main:
+            if skipped(state, tp, step, obj.checkpoint, log) or not main:
                 continue
             obj.on_step(done)
             if log_now:
-                lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
-                metrics = {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
-                           **obj.step_metrics(), "samples_per_s": speed(done)}
-                for log in loggers:
-                    log(done, metrics)
+                row = step_metrics(obj, state, tp, loss, speed(done))
+                for sink in sinks:
+                    sink(done, row)
             if done % len(data) == 0:
-                validate(obj, done // len(data), done, bar)
+                validate(obj, done // len(data), done, bar, log)
             if save_now:
                 csv_log.write()
                 state.save(obj.checkpoint, fingerprint, run_id)
@@ -385,11 +368,32 @@ def parallel(model: nn.Module, world: int, device: torch.device, compile: bool) 
     return net
 
 
-def validate(obj: Objective, epoch: int, step: int, bar: tqdm) -> None:
-    """obj.validate at an epoch's end, in eval mode; its metrics go to MLflow and the log."""
+def skipped(state: TrainState, tp: TrainParams, step: int, checkpoint: Path, log: Log | None) -> bool:
+    """Whether the last step's update was skipped for a non-finite loss (one read-back from the device;
+    the count goes to `log`). Raises SystemExit (one line) after tp.max_bad_steps of them in a row."""
+    bad, worst = state.bad_steps()
+    if bad and log:
+        log(step, {"skipped_steps": bad})
+    if worst >= tp.max_bad_steps:
+        raise SystemExit(f"train: {worst} non-finite losses in a row by step {step}; stopped, "
+                         f"last good checkpoint kept at {checkpoint}")
+    return bad > 0
+
+
+def step_metrics(obj: Objective, state: TrainState, tp: TrainParams, loss: torch.Tensor,
+                 samples_per_s: float) -> dict[str, float]:
+    """One row of the curve: loss, learning rates, the objective's own metrics and throughput."""
+    lrs = state.sched.get_last_lr()  # param_groups puts the image tower's groups last
+    return {"loss": loss.item(), "lr": lrs[0], **({"vision_lr": lrs[-1]} if tp.vision_lr else {}),
+            **obj.step_metrics(), "samples_per_s": samples_per_s}
+
+
+def validate(obj: Objective, epoch: int, step: int, bar: tqdm, log: Log | None) -> None:
+    """obj.validate at an epoch's end, in eval mode; its metrics go to `log` and the console."""
     obj.model.eval()
     val = obj.validate()
     obj.model.train()
-    if val:
-        mlflow_log(step, {**val, "epoch": epoch})
-    bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))
+    if val:  # nothing to say without a val split
+        if log:
+            log(step, {**val, "epoch": epoch})
+        bar.write(f"epoch {epoch}: " + ", ".join(f"{k} {v:.4f}" for k, v in val.items()))

@@ -93,6 +93,11 @@ def pipeline_tags(fingerprint: str) -> dict[str, str]:
     return tags
 
 
+def log_metrics(step: int, metrics: dict[str, float]) -> None:
+    """Metrics at a training step into the active run: `pipeline.loop.fit`'s `log`."""
+    mlflow.log_metrics(metrics, step=step)
+
+
 @contextmanager
 def pipeline_run(run_file: str | Path = RUN_FILE) -> Iterator[str]:
     """Continue the run that `train` opened and recorded in `run_file` (for evaluate and export)."""

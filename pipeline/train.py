@@ -138,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                                         "device_used": torch.cuda.get_device_name(device) if gpu else "cpu",
                                         "total_steps": p.train.epochs * len(data),
                                         "parameters": sum(x.numel() for x in model.parameters())})
-    rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id)
+    rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id,
+               log=tracking.log_metrics)
     processes = distributed.world()
     distributed.finish()
     if not main_rank:
