@@ -220,7 +220,7 @@ prompts, average them and L2-normalise the mean (prompt ensembling, Radford et a
 Probabilities: softmax over classes of logit_scale ({pre["logit_scale"]:.4f}) x cosine(image, class).
 
 ## Metrics
-Zero-shot top-1 and retrieval R@1 as the pipeline's evaluate stage measured them (fractions in [0, 1]):
+Top-1 (zero-shot, linear probe, supervised baseline) and retrieval R@1, as the pipeline measured them (fractions):
 {chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
 
 Each task or set was scored with its own templates (`evaluated_templates`); pass the same list
