@@ -43,8 +43,9 @@ IMAGE_STEPS = [
     "decode the file (PNG, JPEG, ...) to its stored pixels",
     "apply the EXIF orientation tag (JPEG), as PIL's ImageOps.exif_transpose",
     "16-bit greyscale: divide by 257 and round half to even; float greyscale in [0, 1]: multiply by 255 and round",
-    "alpha (RGBA, LA, palette or greyscale with a transparent colour): composite over an opaque `background` "
-    "with Pillow's Image.alpha_composite integer arithmetic; then drop alpha",
+    "alpha (RGBA, LA, palette or greyscale with a transparent colour): composite over an opaque `background`, "
+    "per channel out = round((c * a + bg * (255 - a)) / 255) (equal to Pillow's Image.alpha_composite for "
+    "every c, a; no ties occur); then drop alpha",
     "greyscale and palette images: expand to RGB (R = G = B = grey)",
     "sizes: S = image_size; short, long = the smaller and larger of W, H; new_long = int(S * long / short) "
     "(truncated); (new_w, new_h) = (S, new_long) if W <= H else (new_long, S); crop offsets "
@@ -54,8 +55,9 @@ IMAGE_STEPS = [
     "(left * W / new_w, top * H / new_h, (left + S) * W / new_w, (top + S) * H / new_h), straight to S x S",
     "`resize` (Pillow's 8-bit antialiased bicubic, Image.resize with BICUBIC): the four box edges are first "
     "rounded to float32; a box of whole pixels exactly the output's size is a plain crop; otherwise two "
-    "separable passes, horizontal (W -> out_w, needed when out_w != W or the box's x edges are not 0 and out_w) "
-    "and vertical (likewise for H), each rounding to uint8 before the other reads it",
+    "separable passes, horizontal (W -> out_w; skipped when out_w == W and the box's x edges are exactly 0 "
+    "and out_w) and vertical (the same with H, y), each rounding to uint8 before the other reads it; each pass "
+    "covers every row (column) of its input",
     "pass order: horizontal first, except with Pillow >= 13.0 when H - out_h > 0 and "
     "H - out_h > 2 * (W - out_w) (vertical first); Pillow 12.2-12.3: vertical first when H > 100 * W and "
     "out_h < H; earlier: always horizontal first (W, H: the whole image's size whatever the box)",

@@ -30,6 +30,16 @@ def test_alpha_is_composited_onto_the_background_not_dropped():
     assert np.allclose(out[0, 2], [(250 + 10) / 2, 100, 15], atol=2)
 
 
+@pytest.mark.parametrize("background", [(255, 255, 255), (0, 0, 0), BG])
+def test_compositing_is_the_formula_the_model_card_gives(background):
+    """MODEL.md tells other-language clients: out = round((c * a + bg * (255 - a)) / 255); every (c, a)."""
+    c, a = np.meshgrid(np.arange(256), np.arange(256), indexing="ij")
+    rgba = np.stack([c, c, c, a], -1).astype(np.uint8)
+    out = load_rgb(encode(Image.fromarray(rgba, "RGBA")), background=background)
+    expected = np.rint((c[..., None] * a[..., None] + np.array(background) * (255 - a[..., None])) / 255)
+    assert np.array_equal(out, expected.astype(np.uint8))
+
+
 def test_la_and_palette_transparency_use_the_background():
     la = Image.fromarray(np.array([[[77, 0], [77, 255]]], dtype=np.uint8), "LA")
     assert load_rgb(encode(la), background=BG)[0].tolist() == [list(BG), [77, 77, 77]]

@@ -37,15 +37,19 @@ def test_schema_defaults_are_params_yaml():
 
 
 @pytest.mark.parametrize("name", ["params.yaml", "real/params.yaml"])
-def test_params_file_is_in_dvc_writer_form(tmp_path, name):
-    """`dvc exp run -S` rewrites params.yaml through DVC's round-trip writer; in that form already, the
-    experiment's diff is the one value it set."""
-    from dvc.utils.serialize import modify_yaml
+def test_dvc_exp_run_set_changes_only_the_value_it_sets(tmp_path, name):
+    """`dvc exp run -S` rewrites params.yaml through DVC's writer (`apply_overrides`); the files are kept
+    in that form (block lists, empty nulls), so an experiment's diff is the one line it set."""
+    from dvc.utils.hydra import apply_overrides
+    text = (ROOT / name).read_text()
     copy = tmp_path / "params.yaml"
-    copy.write_text((ROOT / name).read_text())
-    with modify_yaml(copy):
-        pass
-    assert copy.read_text() == (ROOT / name).read_text()
+    copy.write_text(text)
+    epochs = yaml.safe_load(text)["train"]["epochs"]
+    apply_overrides(copy, [f"train.epochs={epochs + 1}"])
+    before, after = text.splitlines(), copy.read_text().splitlines()
+    assert len(before) == len(after)
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert len(changed) == 1 and changed[0][1].split("#")[0].split() == ["epochs:", str(epochs + 1)]
 
 
 @pytest.mark.parametrize("make", [lambda p: p.mkdir(), lambda p: p.write_bytes(b"data:\n  seed: \xff\xfe\n")])
