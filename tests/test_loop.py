@@ -81,10 +81,11 @@ def test_a_non_finite_loss_skips_the_update_but_not_the_schedule():
     model = CLIP(CFG)
     state = TrainState(model, tp, total=10, device=CPU, precision="fp32")
     before = [p.detach().clone() for p in model.parameters()]
-    assert train_step(objective(model, poison=True), model, state, batch(), tp, CPU, "fp32") is None
+    bad = train_step(objective(model, poison=True), model, state, batch(), tp, CPU, "fp32")
+    assert not torch.isfinite(bad) and state.bad_steps() == (1, 1)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(p.grad is None for p in model.parameters())
     assert state.sched.last_epoch == 1
     loss = train_step(objective(model), model, state, batch(), tp, CPU, "fp32")
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert loss.ndim == 0 and torch.isfinite(loss) and state.bad_steps() == (0, 0)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
