@@ -243,6 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`python -m pipeline.efficiency train OBJECTIVE`: one objective's run of the study (see `train`)."""
     args = parse_args(argv)
     train(args.objective, args.data, args.model, args.report, args.log)
 

@@ -108,6 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the stage: the objectives' curves -> the ratios (metrics) and the plot (see `report`)."""
     args = parse_args(argv)
     report(args.curves, args.metrics, args.plot)
 

@@ -78,6 +78,8 @@ class Objective:
 
 
 def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
+    """LambdaLR's multiplier at a step: linear from 1/warmup to 1 over `warmup` steps, then a half
+    cosine to 0 at `total` (Loshchilov & Hutter 2017, SGDR, without restarts)."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
@@ -87,6 +89,8 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The snapshot at `path` if it was written for `fingerprint` (the same params and data), else None
+    (missing, or from another run: training starts over and says so)."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -97,6 +101,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 def micro_batches(batch: Batch, n: int) -> list[Batch]:
+    """`batch` cut into `n` equal consecutive slices along the batch axis (check_layout made it divide)."""
     size = len(batch["images"]) // n
     return [{k: v[i * size:(i + 1) * size] for k, v in batch.items()} for i in range(n)]
 

@@ -72,6 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run the stage: train the BPE on the train split's captions, then encode every caption (and its views)."""
     args = parse_args(argv)
     params = load_params().tokenize
     manifest = pd.read_parquet(args.manifest, columns=["captions", "split"])
