@@ -43,7 +43,7 @@ from clipmodel.evaluation import embed_images
 from clipmodel.images import load_image
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
-from pipeline.params import EfficiencyParams, Params, load_params
+from pipeline.params import EfficiencyParams, EvaluateParams, Params, load_params
 from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_objective
 from pipeline.run import color_augment, model_config, prepare, run_fingerprint
@@ -89,17 +89,19 @@ class Probe:
 
 def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
     """efficiency.tasks as probes: synthetic tasks on the test split, or held-out sets of evaluate.datasets
-    (a seeded sample of efficiency.eval_images images each)."""
+    (a seeded sample of efficiency.eval_images images each). Only the sets a task names are read, so
+    a set added for the evaluate stage leaves the study's DVC deps (evaluate.datasets.<task>) alone."""
     e = p.efficiency
     test = corpus.split("test")
     table = read_templates(p.evaluate.templates)
     tasks = {t.name: t for t in tasks_for(p.data, corpus.manifest.labels.to_numpy()[test])}
-    sets = {ds.name: (ds, templates) for ds, templates in held_out_sets(p.evaluate, table)}
+    named = EvaluateParams(datasets={n: s for n, s in p.evaluate.datasets.items() if n in e.tasks})
+    sets = {ds.name: (ds, templates) for ds, templates in held_out_sets(named, table)}
     missing = [name for name in e.tasks if name not in tasks and name not in sets]
     if missing:
         raise SystemExit(f"efficiency: params.yaml efficiency.tasks: {', '.join(missing)} is neither a task with test "
                          f"images on this data nor an evaluate.datasets set (available: "
-                         f"{', '.join([*tasks, *sets]) or 'none'})")
+                         f"{', '.join([*tasks, *p.evaluate.datasets]) or 'none'})")
     out = []
     for name in e.tasks:
         if name in tasks:

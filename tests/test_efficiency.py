@@ -43,6 +43,8 @@ def test_study_runs_apart_from_the_default_pipeline(tmp_path):
     again = dvc(repo, "repro", "efficiency/dvc.yaml").stdout
     assert "Running stage" not in again  # ingest, tokenize and the study are all reused
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"evaluate": {"datasets": {"pets": {"path": "pets.csv"}}}})))
+    assert "efficiency_train" not in dvc(repo, "status", "efficiency/dvc.yaml").stdout  # a set no task probes
     (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"efficiency": {"eval_images": 4}})))
     assert "efficiency_train@bow" in dvc(repo, "status", "efficiency/dvc.yaml").stdout
     # A plain `dvc repro` plans only the root dvc.yaml: its dry run (which stops at evaluate, whose
