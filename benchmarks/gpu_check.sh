@@ -9,7 +9,8 @@
 #       224 px (batch 256), with Chrome traces;
 #     - train_throughput against open_clip at batch 256: the ViT-B/32 and the default model;
 #     - A/B timings of the default model: the finite check read every step, 4 DataLoader workers;
-#     - the ViT-B/16 step at batch 256 and 64 (docs/scale.md), torch.compile on the default model;
+#     - the ViT-B/16 step at batch 256 and 64 (docs/scale.md), torch.compile on the default model
+#       (mode default, and reduce-overhead: CUDA graphs);
 #     - tests/test_cuda.py, if time is left and MLflow is installed.
 #     Writes reports/benchmarks/{loss_memory_cuda,profile_cuda_*,train_throughput_cuda_*}.json,
 #     the traces, gpu_summary.md and gpu_check_suite.log; where $OUT is set (the device tool) it also
@@ -118,8 +119,12 @@ if [[ -z ${GPU_CHECK_DRY:-} ]]; then
     --steps "$steps" --profile-steps 0 --workers "$workers"
   step profile_vitb16_b64 60 $P --model vitb16 --batch-size 64 --images "$img224" --warmup "$warm" \
     --steps "$steps" --profile-steps 0 --workers "$workers" --name "profile_${dev}_vitb16_b64"
+  # torch.compile, and CUDA graphs through its reduce-overhead mode: the default step is bound by
+  # host dispatch (docs/performance.md), which only graphs remove
   step default_compile 150 $P --model default $prof_default --images "$img64" --warmup 30 \
     --steps "$steps" --profile-steps 5 --compile --name "profile_${dev}_default_compile"
+  step default_cudagraphs 150 $P --model default $prof_default --images "$img64" --warmup 30 \
+    --steps "$steps" --profile-steps 0 --compile reduce-overhead --name "profile_${dev}_default_cudagraphs"
 fi
 python3 benchmarks/gpu_summary.py "$out" 2>&1 | tee -a "$log"
 if [[ -z ${GPU_CHECK_DRY:-} ]] && (( budget - (SECONDS - t0) >= 200 )) && python3 -c "import mlflow" 2>/dev/null; then

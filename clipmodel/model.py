@@ -356,7 +356,14 @@ class CLIP(nn.Module):
         The feature is read at EOT, the last non-pad token. Counting non-pad tokens (in int32) rather
         than taking argmax over ids works for any tokenizer that pads after EOT and exports to ONNX,
         where onnxruntime has no ArgMax over int64; for OpenAI's tokens it picks the same position.
+
+        On CUDA, L is padded up to a multiple of 8: cuDNN's attention builds an execution plan for
+        every new sequence length, 40-76 ms of host time each on an H200
+        (reports/benchmarks/profile_cuda_default.json), and captions trimmed to each batch's longest
+        would meet a new length every few steps. Exact, as trimming is: pads come after EOT.
         """
+        if tokens.is_cuda and (pad := min(-tokens.shape[1] % 8, self.cfg.context_length - tokens.shape[1])):
+            tokens = F.pad(tokens, (0, pad), value=self.cfg.pad_id)
         x = self.token_embedding(tokens) + self.positional_embedding[: tokens.shape[1]]
         x = self.ln_final(self.transformer(x))
         eot = ((tokens != self.cfg.pad_id).sum(dim=-1, dtype=torch.int32) - 1).long()  # ONNX GatherND: int64 only

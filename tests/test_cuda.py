@@ -64,12 +64,15 @@ def test_stages_on_cuda(gpu_data, tmp_path, precision):
 def test_cuda_features_match_cpu(vision):
     cfg = CLIPConfig(embed_dim=32, image_size=64, vision=vision, vision_width=16 if vision == "resnet" else 64,
                      vision_layers=(1, 1, 1, 1) if vision == "resnet" else 2, vision_heads=4, vision_patch_size=8,
-                     vocab_size=100, context_length=16, text_width=64, text_heads=2, text_layers=2)
+                     vocab_size=100, context_length=32, text_width=64, text_heads=2, text_layers=2)
     torch.manual_seed(0)
     model = CLIP(cfg).eval()
     images = torch.randn(8, 3, 64, 64)
-    text = torch.randint(1, 98, (8, 16))
-    text[:, -1] = 99  # the end-of-text token: the largest id
+    # captions of 4..11 tokens trimmed to the longest, 11 columns: CUDA pads them to 16 (encode_text)
+    length = torch.arange(4, 12)
+    text = torch.randint(1, 98, (8, 11))
+    text[torch.arange(8), length - 1] = 99  # the end-of-text token
+    text[torch.arange(11) >= length[:, None]] = 0  # pad after it
     with torch.no_grad():
         cpu = [model.encode_image(images), model.encode_text(text)]
         model.cuda()
