@@ -1,0 +1,77 @@
+"""Where the real benchmark's unseen concepts fail: top-1 split by whether a label's words were ever
+in a training caption.
+
+A class whose every word occurs in some training caption can be named by composition ("woman
+juggling" from "woman" and "juggling"); one with a word no caption has ("pretzel") can only be
+reached through shared subwords. Splitting the recall of `zero_shot.unseen` that way bounds what
+any training recipe on these captions can reach. Words are lower-cased runs of letters, digits and
+apostrophes, as the tokenizer's normaliser lower-cases.
+
+    python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
+        [--out reports/benchmarks/real_unseen_words.json]
+
+Raises SystemExit (one line) when a file is missing or a label of the set has no recall in per_class.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clipmodel.io import atomic_path  # noqa: E402
+
+WORD = re.compile(r"[a-z0-9']+")
+
+
+def words(text: str) -> set[str]:
+    return set(WORD.findall(text.lower()))
+
+
+def split_by_novel_words(captions: list[str], labels: pd.Series, recall: dict[str, float]) -> dict:
+    """Per group (labels with every word seen in `captions`, labels with a novel word): classes,
+    images, mean per-class recall and top-1 over images (recall weighted by each class's images)."""
+    seen = set().union(*map(words, captions))
+    images = labels.value_counts()
+    missing = sorted(set(images.index) - set(recall))
+    if missing:
+        raise SystemExit(f"per_class recall lacks {len(missing)} labels of the set, e.g. {missing[0]!r}")
+    groups: dict[str, dict] = {}
+    for name, keep in (("all_words_seen", lambda w: w <= seen), ("novel_word", lambda w: not w <= seen)):
+        cls = [c for c in images.index if keep(words(c))]
+        n = int(images[cls].sum())
+        groups[name] = {"classes": len(cls), "images": n,
+                        "mean_per_class_recall": sum(recall[c] for c in cls) / max(len(cls), 1),
+                        "top1": sum(recall[c] * images[c] for c in cls) / max(n, 1)}
+    groups["novel_word"]["examples"] = sorted(
+        {w for c in images.index for w in words(c) - seen})[:30]
+    return groups
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", default=str(ROOT.parent / "shared/real-emoji"))
+    ap.add_argument("--per-class", default="real/reports/per_class.json")
+    ap.add_argument("--set", default="unseen", help="the set's key in per_class.json; its CSV is eval_<set>.csv")
+    ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/real_unseen_words.json"))
+    args = ap.parse_args()
+    data = Path(args.data)
+    for f in (data / "train.csv", data / f"eval_{args.set}.csv", Path(args.per_class)):
+        if not f.is_file():
+            sys.exit(f"real_unseen_words: {f} not found")
+    captions = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)["caption"].tolist()
+    labels = pd.read_csv(data / f"eval_{args.set}.csv", dtype=str, keep_default_na=False)["label"]
+    recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
+    result = {"set": args.set, "per_class": args.per_class, **split_by_novel_words(captions, labels, recall)}
+    with atomic_path(Path(args.out)) as tmp:
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""benchmarks/real_unseen_words.py: the split of a zero-shot set by labels with a word no caption has."""
+from __future__ import annotations
+
+import sys
+
+import pandas as pd
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.real_unseen_words import split_by_novel_words  # noqa: E402
+
+
+def test_split_weights_recall_by_images_and_names_the_novel_words():
+    captions = ["grinning face (happy, smile)", "woman juggling (Juggler)"]
+    labels = pd.Series(["woman smile", "woman smile", "face", "pretzel face"])  # 2 + 1 images seen, 1 novel
+    groups = split_by_novel_words(captions, labels, {"woman smile": 0.5, "face": 1.0, "pretzel face": 0.0})
+    seen, novel = groups["all_words_seen"], groups["novel_word"]
+    assert (seen["classes"], seen["images"], novel["classes"], novel["images"]) == (2, 3, 1, 1)
+    assert seen["mean_per_class_recall"] == pytest.approx(0.75)
+    assert seen["top1"] == pytest.approx((0.5 * 2 + 1.0) / 3)
+    assert novel["top1"] == 0.0 and novel["examples"] == ["pretzel"]
+
+
+def test_a_label_without_recall_is_a_one_line_error():
+    with pytest.raises(SystemExit, match="lacks 1 labels of the set, e.g. 'face'"):
+        split_by_novel_words(["face"], pd.Series(["face"]), {})
