@@ -5,7 +5,7 @@ A class whose every word occurs in some training caption can be named by composi
 juggling" from "woman" and "juggling"); one with a word no caption has ("pretzel") can only be
 reached through shared subwords. Splitting the recall of `zero_shot.unseen` that way bounds what
 any training recipe on these captions can reach. Words are lower-cased runs of letters, digits and
-apostrophes, as the tokenizer's normaliser lower-cases.
+apostrophes (any script), as the tokenizer's normaliser lower-cases.
 
     python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
         [--out reports/benchmarks/real_unseen_words.json]
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clipmodel.io import atomic_path  # noqa: E402
 
-WORD = re.compile(r"[a-z0-9']+")
+WORD = re.compile(r"[\w']+")
 
 
 def words(text: str) -> set[str]:
