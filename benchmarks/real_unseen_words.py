@@ -10,7 +10,8 @@ apostrophes (any script), as the tokenizer's normaliser lower-cases.
     python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
         [--out reports/benchmarks/real_unseen_words.json]
 
-Raises SystemExit (one line) when a file is missing or a label of the set has no recall in per_class.
+Raises SystemExit (one line) when a file is missing or unreadable, or a label of the set has no recall
+in per_class.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from clipmodel.evaluation import DatasetError, LabelledSet  # noqa: E402
 from clipmodel.io import atomic_path  # noqa: E402
 
 WORD = re.compile(r"[\w']+")
@@ -61,11 +63,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/real_unseen_words.json"))
     args = ap.parse_args()
     data = Path(args.data)
-    for f in (data / "train.csv", data / f"eval_{args.set}.csv", Path(args.per_class)):
+    for f in (data / "train.csv", Path(args.per_class)):
         if not f.is_file():
             sys.exit(f"real_unseen_words: {f} not found")
     captions = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)["caption"].tolist()
-    labels = pd.read_csv(data / f"eval_{args.set}.csv", dtype=str, keep_default_na=False)["label"]
+    try:  # the evaluate stage's reader: image or filepath column, labels kept as strings
+        labels = pd.Series(LabelledSet.load(data / f"eval_{args.set}.csv").labels)
+    except DatasetError as e:
+        sys.exit(f"real_unseen_words: {e}")
     recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
     result = {"set": args.set, "per_class": args.per_class, **split_by_novel_words(captions, labels, recall)}
     with atomic_path(Path(args.out)) as tmp:
