@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -58,7 +59,7 @@ def split_by_novel_words(captions: list[str], labels: pd.Series, recall: dict[st
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/real-emoji"))
-    ap.add_argument("--per-class", default="real/reports/per_class.json")
+    ap.add_argument("--per-class", default=str(ROOT / "real/reports/per_class.json"))
     ap.add_argument("--set", default="unseen", help="the set's key in per_class.json; its CSV is eval_<set>.csv")
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/real_unseen_words.json"))
     args = ap.parse_args()
@@ -72,7 +73,8 @@ def main() -> None:
     except DatasetError as e:
         sys.exit(f"real_unseen_words: {e}")
     recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
-    result = {"set": args.set, "per_class": args.per_class, **split_by_novel_words(captions, labels, recall)}
+    source = os.path.relpath(Path(args.per_class).resolve(), ROOT)  # the report names it from the repo root
+    result = {"set": args.set, "per_class": source, **split_by_novel_words(captions, labels, recall)}
     with atomic_path(Path(args.out)) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
