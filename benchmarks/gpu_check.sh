@@ -15,6 +15,7 @@
 #     Writes reports/benchmarks/{loss_memory_cuda,profile_cuda_*,train_throughput_cuda_*}.json,
 #     the traces, gpu_summary.md and gpu_check_suite.log; where $OUT is set (the device tool) it also
 #     leaves there gpu_check_results.tgz (JSON, summary, log), gpu_check_traces.tgz and the log.
+#     GPU_CHECK_ONLY="default_cudagraphs default_compile" runs only the named steps (a short rerun).
 #     GPU_CHECK_DRY=1 runs the same commands on the CPU at toy sizes into /tmp/gpu_check_dry
 #     (everything but CUDA; ViT-B/16 and torch.compile left out: same code path, minutes on a CPU).
 #
@@ -59,9 +60,12 @@ t0=$SECONDS
 failed=()
 
 # step NAME SECONDS COMMAND...: run COMMAND under a timeout (cut to the budget left), logged; skipped
-# when less than 20 s of the budget is left
+# when less than 20 s of the budget is left, or when GPU_CHECK_ONLY is set and does not name it
 step() {
   local name=$1 limit=$2; shift 2
+  if [[ -n ${GPU_CHECK_ONLY:-} && " $GPU_CHECK_ONLY " != *" $name "* ]]; then
+    return 0
+  fi
   local left=$(( budget - (SECONDS - t0) ))
   (( left < limit )) && limit=$left
   if (( limit < 20 )); then
