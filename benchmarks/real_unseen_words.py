@@ -5,7 +5,8 @@ A class whose every word occurs in some training caption can be named by composi
 juggling" from "woman" and "juggling"); one with a word no caption has ("pretzel") can only be
 reached through shared subwords. Splitting the recall of `zero_shot.unseen` that way bounds what
 any training recipe on these captions can reach. Words are lower-cased runs of letters, digits and
-apostrophes (any script), as the tokenizer's normaliser lower-cases.
+apostrophes (any script), as the tokenizer's normaliser lower-cases. It also counts the label words
+that GPT-2's byte-level split (this project's before 2026-12-04) spells as no training caption does.
 
     python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
         [--out reports/benchmarks/real_unseen_words.json]
@@ -20,9 +21,11 @@ import json
 import os
 import re
 import sys
+import unicodedata
 from pathlib import Path
 
 import pandas as pd
+from tokenizers import pre_tokenizers
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -56,6 +59,28 @@ def split_by_novel_words(captions: list[str], labels: pd.Series, recall: dict[st
     return groups
 
 
+def gpt2_split_forms(captions: list[str], labels: list[str]) -> dict[str, int]:
+    """How the labels' words fare under GPT-2's byte-level split, which this project's tokenizer used
+    before it split words apart: a word carries its leading space there, so "cake" at the start of a
+    label or after "(" is another pre-token than " cake" after a space. Counts the label pre-tokens
+    with a letter whose form some caption has, those whose only the other form (with or without the
+    space) some caption has, and those no caption has in either form."""
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    def pieces(text: str) -> list[str]:
+        text = " ".join(unicodedata.normalize("NFC", text).lower().split())  # the tokenizer's normaliser
+        return [p for p, _ in split.pre_tokenize_str(text)]
+    trained = {p for c in captions for p in pieces(c)}
+    counts = {"form_trained": 0, "only_other_form_trained": 0, "not_trained": 0}
+    for label in labels:
+        for p in pieces(label):
+            if not any(ch.isalpha() for ch in p):
+                continue
+            other = p[1:] if p.startswith("Ġ") else "Ġ" + p  # Ġ: the byte-level space
+            counts["form_trained" if p in trained else
+                   "only_other_form_trained" if other in trained else "not_trained"] += 1
+    return counts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/real-emoji"))
@@ -74,7 +99,8 @@ def main() -> None:
         sys.exit(f"real_unseen_words: {e}")
     recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
     source = os.path.relpath(Path(args.per_class).resolve(), ROOT)  # the report names it from the repo root
-    result = {"set": args.set, "per_class": source, **split_by_novel_words(captions, labels, recall)}
+    result = {"set": args.set, "per_class": source, **split_by_novel_words(captions, labels, recall),
+              "gpt2_split_label_words": gpt2_split_forms(captions, sorted(set(labels)))}
     with atomic_path(Path(args.out)) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

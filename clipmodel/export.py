@@ -75,7 +75,8 @@ IMAGE_STEPS = [
     "to float32: value / 255, then (x - mean) / std per RGB channel, channels first: float32 [N, 3, S, S]",
 ]
 TEXT_STEPS = [
-    "encode with tokenizer.json (NFC, lower-case, whitespace runs to one space, strip; byte-level BPE); "
+    "encode with tokenizer.json (NFC, lower-case, whitespace runs to one space, strip; letter runs, digit "
+    "runs and other non-space runs split apart, each with the byte-level space mark; byte-level BPE); "
     "the file has no added tokens, so no caption text can produce the pad, SOT or EOT ids",
     "keep the first context_length - 2 BPE ids; then [sot_id] + ids + [eot_id]; EOT is always last",
     "pad with pad_id to one length L <= context_length for the whole batch (the longest caption's is the "

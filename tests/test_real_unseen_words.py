@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_unseen_words import split_by_novel_words  # noqa: E402
+from benchmarks.real_unseen_words import gpt2_split_forms, split_by_novel_words  # noqa: E402
 
 
 def test_split_weights_recall_by_images_and_names_the_novel_words():
@@ -26,3 +26,11 @@ def test_split_weights_recall_by_images_and_names_the_novel_words():
 def test_a_label_without_recall_is_a_one_line_error():
     with pytest.raises(SystemExit, match="lacks 1 labels of the set, e.g. 'face'"):
         split_by_novel_words(["face"], pd.Series(["face"]), {})
+
+
+def test_gpt2_split_forms_count_a_word_trained_only_after_a_space():
+    captions = ["grinning face (happy, cake)"]  # " face", "happy" (after "("), " cake"
+    counts = gpt2_split_forms(captions, ["cake", "Happy face", "a happy pretzel", "12"])
+    # trained as is: "happy" first, " face"; only the other form: "cake" first, " happy" after a space;
+    # nowhere: "a", " pretzel"; "12" has no letter
+    assert counts == {"form_trained": 2, "only_other_form_trained": 2, "not_trained": 2}

@@ -62,11 +62,23 @@ def test_save_and_load_encode_identically(tmp_path):
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=60))
-def test_decode_inverts_encode_for_captions_that_fit(text):
+def test_decode_keeps_every_character_and_encodes_back_to_the_same_ids(text):
     ids, truncated = encode(TOK, [text])
     if truncated[0]:
         return
-    assert decode(TOK, ids[0]) == normalize(TOK, text)
+    decoded = decode(TOK, ids[0])
+    assert decoded.replace(" ", "") == normalize(TOK, text).replace(" ", "")
+    assert (encode(TOK, [decoded])[0] == ids).all()
+
+
+def test_a_word_has_the_same_tokens_wherever_it_stands():
+    def word_ids(text):
+        ids = encode(TOK, [text])[0][0]
+        return ids[(ids != PAD_ID) & (ids != SOT_ID) & (ids != EOT_ID)].tolist()
+    circle = word_ids("circle")
+    assert word_ids("red circle") == word_ids("red") + circle
+    assert word_ids("(circle, circle)") == word_ids("(") + circle + word_ids(",") + circle + word_ids(")")
+    assert decode(TOK, encode(TOK, ["A large (red) circle,two"])[0][0]) == "a large ( red ) circle , two"
 
 
 def test_caption_views_are_the_head_then_head_with_subsets_and_deterministic():
