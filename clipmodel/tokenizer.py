@@ -31,7 +31,7 @@ def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     # space mark, as CLIP's BPE marks every word's end: a word then has one spelling wherever it stands.
     # GPT-2's byte-level split (a word carries its leading space) gives a word at the start of a caption
     # or after "(" other tokens than the same word after a space: in the real emoji captions 66 of the
-    # unseen labels' 952 words had only been trained in their other form (docs/real-data.md).
+    # unseen labels' 972 words had only been trained in their other form (docs/real-data.md).
     return pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(r"\p{L}+|\p{N}+|[^\s\p{L}\p{N}]+"), behavior="removed", invert=True),
         pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=False),
