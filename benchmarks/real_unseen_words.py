@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import unicodedata
 from pathlib import Path
 
 import pandas as pd
@@ -31,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clipmodel.evaluation import DatasetError, LabelledSet  # noqa: E402
 from clipmodel.io import atomic_path  # noqa: E402
+from clipmodel.tokenizer import _normalizer  # noqa: E402 - the tokenizer's own, not a copy
 
 WORD = re.compile(r"[\w']+")
 
@@ -65,10 +65,10 @@ def gpt2_split_forms(captions: list[str], labels: list[str]) -> dict[str, int]:
     label or after "(" is another pre-token than " cake" after a space. Counts the label pre-tokens
     with a letter whose form some caption has, those whose only the other form (with or without the
     space) some caption has, and those no caption has in either form."""
-    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    split, normalizer = pre_tokenizers.ByteLevel(add_prefix_space=False), _normalizer()
+
     def pieces(text: str) -> list[str]:
-        text = " ".join(unicodedata.normalize("NFC", text).lower().split())  # the tokenizer's normaliser
-        return [p for p, _ in split.pre_tokenize_str(text)]
+        return [p for p, _ in split.pre_tokenize_str(normalizer.normalize_str(text))]
     trained = {p for c in captions for p in pieces(c)}
     counts = {"form_trained": 0, "only_other_form_trained": 0, "not_trained": 0}
     for label in labels:
