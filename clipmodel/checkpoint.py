@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from clipmodel.io import atomic_path
-from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.model import CLIP, CLIPConfig, CLIPEnsemble, build_model
 
 # Attributes OpenAI's TorchScript models carry in their state dict; they are config, not weights.
 _NOT_WEIGHTS = ("input_resolution", "context_length", "vocab_size")
@@ -97,7 +97,7 @@ def save_safetensors(model: nn.Module, path: str | Path) -> None:
         save_file(state, str(tmp))
 
 
-def load_model(folder: str | Path) -> tuple[CLIP, dict[str, Any]]:
+def load_model(folder: str | Path) -> tuple[CLIP | CLIPEnsemble, dict[str, Any]]:
     """The model a train stage wrote (strictly loaded, eval mode, on CPU) and its config.json.
 
     Raises: FileNotFoundError when config.json or clip.safetensors is missing; RuntimeError when the
@@ -105,6 +105,6 @@ def load_model(folder: str | Path) -> tuple[CLIP, dict[str, Any]]:
     """
     folder = Path(folder)
     config = json.loads((folder / "config.json").read_text())
-    model = CLIP(CLIPConfig.from_dict(config["model"]))
+    model = build_model(CLIPConfig.from_dict(config["model"]))
     model.load_state_dict(load_state_dict_file(folder / "clip.safetensors"), strict=True)
     return model.eval(), config

@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
 from clipmodel.images import ImageError, load_image
-from clipmodel.model import CLIP
+from clipmodel.model import CLIP, CLIPEnsemble
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 
 class Encoder:
     """L2-normalised float32 embeddings [N, embed_dim] of images and texts, `batch_size` at a time on `device`."""
 
-    def __init__(self, model: CLIP, tokenizer, preprocess: dict, batch_size: int = 256,
+    def __init__(self, model: CLIP | CLIPEnsemble, tokenizer, preprocess: dict, batch_size: int = 256,
                  device: str | torch.device = "cpu"):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -40,8 +40,8 @@ class Encoder:
     @property
     def logit_scale(self) -> float:
         """The trained temperature as a multiplier of cosine similarity: exp(logit_scale), at most 100
-        (clamped in training)."""
-        return self.model.logit_scale.exp().item()
+        (clamped in training); an ensemble's is its members' mean."""
+        return self.model.logit_scale.exp().mean().item()
 
     def load_image(self, source: str | Path | bytes) -> np.ndarray:
         """uint8 [S, S, 3] (S = the training image size, pixels) as the model's training images were stored.
@@ -55,7 +55,7 @@ class Encoder:
         """uint8 [N, S, S, 3] preprocessed images -> float32 [N, D], L2-normalised."""
         out = [F.normalize(self.model.encode_image(to_tensor(images[s:s + self.batch_size]).to(self.device)).float(),
                            dim=-1).cpu().numpy() for s in range(0, len(images), self.batch_size)]
-        return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
+        return np.concatenate(out) if out else np.empty((0, self.model.cfg.output_dim), np.float32)
 
     @torch.no_grad()
     def tokens(self, ids: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ class Encoder:
         out = [F.normalize(self.model.encode_text(torch.from_numpy(trim_padding(ids[s:s + self.batch_size]))
                                                   .long().to(self.device)).float(), dim=-1).cpu().numpy()
                for s in range(0, len(ids), self.batch_size)]
-        return np.concatenate(out) if out else np.empty((0, self.model.cfg.embed_dim), np.float32)
+        return np.concatenate(out) if out else np.empty((0, self.model.cfg.output_dim), np.float32)
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """float32 [N, D], L2-normalised, for raw strings tokenized as in training (over-long texts cut,

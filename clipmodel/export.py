@@ -141,7 +141,7 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
     tokens = torch.randint(3, cfg.vocab_size, (example_batch, cfg.context_length))
     preprocess = {**config["preprocess"], "context_length": cfg.context_length,
                   "pad_id": tok.token_to_id(PAD), "sot_id": tok.token_to_id(SOT), "eot_id": tok.token_to_id(EOT),
-                  "embed_dim": cfg.embed_dim, "logit_scale": model.logit_scale.exp().item(),
+                  "embed_dim": cfg.output_dim, "logit_scale": model.logit_scale.exp().mean().item(),
                   "templates": list(DEFAULT_TEMPLATES), "evaluated_templates": evaluated_templates or {},
                   "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
                   "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings",

@@ -62,7 +62,7 @@ def eval_steps(e: EfficiencyParams, batch_size: int) -> list[int]:
 
 def build(objective: str, p: Params, vocab_size: int) -> tuple[nn.Module, Callable[[Batch], torch.Tensor], dict]:
     """The model, its loss on a training batch, and what config.json needs to rebuild it."""
-    cfg = model_config(p, vocab_size)
+    cfg = dataclasses.replace(model_config(p, vocab_size), ensemble=1)  # objectives compared on one image tower
     if objective == "contrastive":
         model = CLIP(cfg)
         return model, clip_objective(model, p), {"model": cfg.to_dict()}

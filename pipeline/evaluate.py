@@ -38,7 +38,7 @@ def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
     bs = enc.batch_size
     out = [enc.pixels(corpus.images(index[s:s + bs]))
            for s in tqdm(range(0, len(index), bs), desc="embed images", unit="batch", leave=False)]
-    return np.concatenate(out) if out else np.empty((0, enc.model.cfg.embed_dim), np.float32)
+    return np.concatenate(out) if out else np.empty((0, enc.model.cfg.output_dim), np.float32)
 
 
 def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str]) -> tuple[dict, np.ndarray]:

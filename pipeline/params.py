@@ -133,6 +133,7 @@ class ModelParams(Section):
     text_width: int = Field(128, ge=8)
     text_layers: int = Field(3, ge=1)
     text_heads: int = Field(4, ge=1)
+    ensemble: int = Field(1, ge=1)  # CLIPs trained side by side as one deep ensemble (clipmodel.model.CLIPEnsemble)
 
     @model_validator(mode="after")
     def _check(self) -> "ModelParams":

@@ -23,7 +23,7 @@ def model_config(p: Params, vocab_size: int) -> CLIPConfig:
         vision_width=m.vision_width, vision_layers=m.vision_layers, vision_heads=m.vision_heads,
         vision_patch_size=m.vision_patch_size, context_length=p.tokenize.context_length,
         vocab_size=vocab_size, text_width=m.text_width, text_heads=m.text_heads,
-        text_layers=m.text_layers,
+        text_layers=m.text_layers, ensemble=m.ensemble,
         init_logit_bias=-10.0 if p.train.loss == "sigmoid" else None,
     )
 

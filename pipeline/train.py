@@ -31,7 +31,7 @@ from clipmodel import distributed
 from clipmodel.checkpoint import save_safetensors
 from clipmodel.data import MEAN, STD, CorpusBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
-from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.model import CLIP, CLIPConfig, CLIPEnsemble, build_model
 from clipmodel.stream import StreamingBatches
 from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer, trim_padding
@@ -45,7 +45,7 @@ from pipeline.plots import plot_training_curves
 from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 @torch.no_grad()
-def validate(model: CLIP, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
+def validate(model: CLIP | CLIPEnsemble, corpus: Corpus, p: Params, device: torch.device) -> dict[str, float]:
     """Validation loss (in training-size batches) and image->text retrieval R@1 on the val split."""
     precision = resolve_precision(p.train.precision, device)
     index = corpus.split("val")
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     distributed.init(device)
     tok = load_tokenizer(args.data / "tokenizer.json")
     cfg = model_config(p, tok.get_vocab_size())
-    model = CLIP(cfg).to(device)
+    model = build_model(cfg).to(device)
     model.set_grad_checkpointing(p.train.grad_checkpointing)
     data = training_batches(p, corpus, args.data)
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     fingerprint = run_fingerprint(p, data_fp, "clip")
     features, loss_from_features = clip_split(model, p)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
-                    step_metrics=lambda: {"logit_scale": model.logit_scale.exp().item()},
+                    step_metrics=lambda: {"logit_scale": model.logit_scale.exp().mean().item()},
                     validate=lambda: validate(model, corpus, p, device), log_csv=args.log,
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train: wrote {args.model / 'clip.safetensors'}; {summary}")
 
 
-def save_model(model: CLIP, cfg: CLIPConfig, p: Params, data_fp: str, folder: Path, tokenizer: Path) -> None:
+def save_model(model: CLIP | CLIPEnsemble, cfg: CLIPConfig, p: Params, data_fp: str, folder: Path, tokenizer: Path) -> None:
     """The model folder (models/): weights, tokenizer and a config that rebuilds the model without params.yaml.
 
     Each file is replaced atomically; the folder itself stays, since export writes models/onnx beside them.

@@ -24,7 +24,7 @@ from safetensors.numpy import load_file
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from clipmodel.model import CLIP, CLIPConfig, vision_tower
+from clipmodel.model import CLIP, CLIPConfig, CLIPEnsemble, build_model, vision_tower
 from conftest import ROOT, TINY, merge, run_stage, stage_env, write_params
 from pipeline.device import cpu_has_native_bf16
 from pipeline.loop import Objective, backward
@@ -50,10 +50,10 @@ def make_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
             "caption_ids": torch.randint(0, n // 2, (n,), generator=g), "image_index": torch.arange(n)}
 
 
-def clip_model(p: Params) -> CLIP:
+def clip_model(p: Params, ensemble: int = 1) -> CLIP | CLIPEnsemble:
     torch.manual_seed(0)
-    cfg = CLIPConfig(**{**CFG.to_dict(), "init_logit_bias": -10.0 if p.train.loss == "sigmoid" else None})
-    return CLIP(cfg)
+    return build_model(CLIPConfig(**{**CFG.to_dict(), "ensemble": ensemble,
+                                     "init_logit_bias": -10.0 if p.train.loss == "sigmoid" else None}))
 
 
 def clip_grads(p: Params, batch, accum: int = 1, net: nn.Module | None = None,
@@ -71,14 +71,29 @@ def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
-@pytest.mark.parametrize("train", [{}, {"loss": "sigmoid", "multi_positive": True}])
-def test_accumulation_is_exact_for_the_contrastive_loss(train):
+@pytest.mark.parametrize("train,ensemble", [({}, 1), ({"loss": "sigmoid", "multi_positive": True}, 1), ({}, 2),
+                                           ({"loss": "sigmoid"}, 2)])
+def test_accumulation_is_exact_for_the_contrastive_loss(train, ensemble):
     p, batch = params(**train), make_batch(16)
-    loss1, full = clip_grads(p, batch)
-    loss4, accumulated = clip_grads(p, batch, accum=4)
+    loss1, full = clip_grads(p, batch, model=clip_model(p, ensemble))
+    loss4, accumulated = clip_grads(p, batch, accum=4, model=clip_model(p, ensemble))
     assert loss4 == pytest.approx(loss1, abs=1e-6)
-    assert full["logit_scale"].abs() > 1e-4  # the temperature's gradient is part of the comparison
+    scales = [g for n, g in full.items() if n.endswith("logit_scale")]
+    assert len(scales) == ensemble and all(g.abs() > 1e-4 for g in scales)  # temperatures are compared too
     assert_grads_close(accumulated, full)
+
+
+@pytest.mark.parametrize("train", [{}, {"loss": "sigmoid"}])
+def test_an_ensemble_trains_each_member_as_it_would_alone(train):
+    p, batch = params(**train), make_batch(16)
+    ensemble = clip_model(p, 3)
+    loss, grads = clip_grads(p, batch, model=ensemble)
+    ensemble.zero_grad(set_to_none=True)
+    alone = [clip_grads(p, batch, model=member) for member in ensemble.members]
+    assert loss == pytest.approx(sum(a[0] for a in alone) / 3, abs=1e-5)
+    for i, (_, member_grads) in enumerate(alone):  # the mean of the losses: each member's gradient / 3
+        assert_grads_close({n: g / 3 for n, g in member_grads.items()},
+                           {n.split(".", 2)[2]: g for n, g in grads.items() if n.startswith(f"members.{i}.")})
 
 
 def test_accumulation_is_exact_for_a_per_sample_loss():

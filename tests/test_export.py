@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 from clipmodel.checkpoint import save_safetensors
 from clipmodel.data import MEAN, STD
 from clipmodel.export import batch_dependence, export_onnx, parity, quantize_int8
-from clipmodel.model import CLIP, CLIPConfig
+from clipmodel.model import CLIPConfig, build_model
 from clipmodel.runtime import ClipRuntime
 from clipmodel.tokenizer import encode, load_tokenizer, train_tokenizer
 
@@ -28,15 +28,16 @@ CONFIGS = {
     "resnet": dict(embed_dim=16, image_size=64, vision="resnet", vision_width=8, vision_layers=(1, 1, 1, 1),
                    vision_heads=4, **TEXT),
 }
+CONFIGS["ensemble"] = {**CONFIGS["resnet"], "ensemble": 2}
 
 
-def build_model_folder(path: Path, vision: str, background=(255, 255, 255), seed: int = 0) -> Path:
+def build_model_folder(path: Path, config: str, background=(255, 255, 255), seed: int = 0) -> Path:
     """What the train stage writes, for a tiny randomly initialised model."""
     torch.manual_seed(seed)
     tok = train_tokenizer(CAPTIONS, vocab_size=300, context_length=CONTEXT)
-    cfg = CLIPConfig(vocab_size=tok.get_vocab_size(), **CONFIGS[vision])
-    model = CLIP(cfg)
-    if vision == "resnet":  # give batch norm non-trivial statistics so the export has something to fold
+    cfg = CLIPConfig(vocab_size=tok.get_vocab_size(), **CONFIGS[config])
+    model = build_model(cfg)
+    if cfg.vision == "resnet":  # give batch norm non-trivial statistics so the export has something to fold
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
@@ -54,7 +55,7 @@ def build_model_folder(path: Path, vision: str, background=(255, 255, 255), seed
     return path
 
 
-@pytest.fixture(scope="module", params=["vit", "resnet"])
+@pytest.fixture(scope="module", params=["vit", "resnet", "ensemble"])
 def exported(request, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp(request.param)
     folder = build_model_folder(root / "models", request.param)
@@ -95,7 +96,7 @@ def test_folder_contents_and_graphs(exported):
     assert pre["mean"] == list(MEAN) and pre["std"] == list(STD)
     assert pre["image_size"] == cfg["preprocess"]["image_size"]
     assert (pre["context_length"], pre["pad_id"], pre["sot_id"], pre["eot_id"]) == (CONTEXT, 0, 1, 2)
-    assert pre["embed_dim"] == 16 and pre["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
+    assert pre["embed_dim"] == 16 * cfg["model"]["ensemble"] and pre["logit_scale"] == pytest.approx(1 / 0.07, rel=1e-5)
     assert pre["templates"] and pre["image_steps"] and pre["text_steps"]
     for name in ("image_encoder.onnx", "text_encoder.onnx"):  # the graphs carry the same facts
         props = {p.key: p.value for p in onnx.load(onnx_dir / name).metadata_props}

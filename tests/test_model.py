@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from clipmodel.checkpoint import config_from_state_dict, load_state_dict_file, save_safetensors
-from clipmodel.model import CLIP, CLIPConfig, attention, param_groups
+from clipmodel.checkpoint import config_from_state_dict, load_model, load_state_dict_file, save_safetensors
+from clipmodel.model import CLIP, CLIPConfig, CLIPEnsemble, attention, build_model, param_groups
 
 open_clip_model = pytest.importorskip("open_clip.model")
 
@@ -271,3 +271,38 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"state_dict": CLIPConfig(**VIT.to_dict())}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="weights_only|Unsupported"):
         load_state_dict_file(tmp_path / "evil.pt")
+
+
+ENSEMBLE = CLIPConfig(**{**RESNET.to_dict(), "ensemble": 3})
+
+
+def test_ensemble_similarity_is_the_mean_of_its_members():
+    torch.manual_seed(0)
+    m = build_model(ENSEMBLE).eval()
+    assert isinstance(m, CLIPEnsemble) and isinstance(build_model(RESNET), CLIP)
+    images, text = torch.randn(4, 3, 64, 64), tokens(5)
+    with torch.no_grad():
+        image, txt, scale = m(images, text)
+        members = [member(images, text) for member in m.members]
+    assert image.shape == (4, 96) and txt.shape == (5, 96) and scale.shape == (3,)
+    torch.testing.assert_close(image.norm(dim=-1), torch.ones(4))
+    mean_cosine = sum(i @ t.T for i, t, _ in members) / 3
+    torch.testing.assert_close(image @ txt.T, mean_cosine)
+    assert not torch.allclose(members[0][0], members[1][0])  # each member initialised on its own
+    with pytest.raises(ValueError, match="build_model"):
+        CLIP(ENSEMBLE)
+    with pytest.raises(ValueError, match="ensemble"):
+        CLIPConfig(**{**RESNET.to_dict(), "ensemble": 0})
+
+
+def test_ensemble_vision_lr_covers_every_members_image_tower_and_round_trips(tmp_path):
+    m = build_model(ENSEMBLE)
+    name = {id(p): n for n, p in m.named_parameters()}
+    tower = {name[id(p)] for g in param_groups(m, 0.2, vision_lr=4e-3) if g.get("lr") == 4e-3 for p in g["params"]}
+    assert tower == {n for n in name.values() if n.split(".")[2] == "visual"} and len(tower) % 3 == 0
+    save_safetensors(m, tmp_path / "clip.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model": ENSEMBLE.to_dict()}))
+    loaded, _ = load_model(tmp_path)
+    assert isinstance(loaded, CLIPEnsemble)
+    for (k, a), b in zip(m.state_dict().items(), loaded.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=k)
