@@ -31,12 +31,12 @@ def gpu_data(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_stages_on_cuda(gpu_data, tmp_path, precision):
+@pytest.mark.parametrize("precision,ensemble", [("bf16", 1), ("fp16", 1), ("bf16", 2)])
+def test_stages_on_cuda(gpu_data, tmp_path, precision, ensemble):
     shutil.copytree(gpu_data / "data", tmp_path / "data")
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
-    write_params(tmp_path, merge(TINY, merge(RESNET, {"train": {"device": "cuda", "precision": precision,
-                                                                "epochs": 3}})))
+    write_params(tmp_path, merge(TINY, merge(RESNET, {"model": {"ensemble": ensemble},
+                                                      "train": {"device": "cuda", "precision": precision, "epochs": 3}})))
     run_stage(tmp_path, "train")
     log = pd.read_csv(tmp_path / "reports/train_log.csv")
     assert log.loss.notna().all() and log.loss.iloc[-3:].mean() < log.loss.iloc[:3].mean()
