@@ -10,7 +10,7 @@ taken over the training images (not the evaluated ones), so the correction sees 
 
     python benchmarks/real_zero_shot.py --skip-openclip --keep /tmp/a -S train.seed=0 ...   # models to analyse
     python benchmarks/real_posthoc.py /tmp/a/project/models /tmp/b/project/models [--csls 20]
-        [--data ../shared/real-emoji] [--out reports/benchmarks/real_posthoc.json]
+        [--sizes 1 3] [--data ../shared/real-emoji] [--out reports/benchmarks/real_posthoc.json]
 
 Raises SystemExit (one line) when a model folder or a data file is missing.
 """
@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared/real-emoji")
     ap.add_argument("--csls", type=int, default=20, help="neighbours k of CSLS's hubness term")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/benchmarks/real_posthoc.json")
+    ap.add_argument("--sizes", type=int, nargs="+", help="numbers of models per combination to score (default: all)")
     args = ap.parse_args()
     for f in [args.data / f"{n}.csv" for n in ("train", *SETS)] + [m / "clip.safetensors" for m in args.models]:
         if not f.is_file():
@@ -84,7 +85,7 @@ def main() -> None:
     sims = {m: similarities(m, args.data, args.csls) for m in args.models}
     sets = {name: LabelledSet.load(args.data / f"{name}.csv") for name in SETS}
     rows = []
-    for r in range(1, len(args.models) + 1):
+    for r in args.sizes or range(1, len(args.models) + 1):
         for combo in itertools.combinations(args.models, r):
             row: dict = {"models": [str(m) for m in combo]}
             for name, ds in sets.items():
