@@ -105,7 +105,8 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], background: list[int]) -> dict:
+def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], background: list[int],
+                    seed: int) -> dict:
     work.mkdir()
     config = work / f"{OPEN_CLIP_MODEL}.json"
     config.write_text(json.dumps(OPEN_CLIP_CONFIG))
@@ -116,14 +117,14 @@ def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, li
     argv = ["--train-data", str(work / "train.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
             "--csv-caption-key", "caption", "--csv-separator", ",", "--model", OPEN_CLIP_MODEL,
             "--batch-size", str(BATCH), "--epochs", str(epochs), "--warmup", str(warmup),
-            "--precision", OPEN_CLIP_PRECISION, "--device", "cpu", "--workers", "1",
+            "--precision", OPEN_CLIP_PRECISION, "--device", "cpu", "--workers", "1", "--seed", str(seed),
             "--logs", str(work / "logs"), "--name", "run", "--save-frequency", "0"]  # 0: the last epoch only
     print(f"open_clip: {epochs} epochs of {len(rows) // BATCH} steps, warmup {warmup} steps, {OPEN_CLIP_PRECISION}", flush=True)
     cmd = [sys.executable, "-c", LAUNCHER, str(config), json.dumps(background), *argv]
     seconds = run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)}, work / "train.log")
     checkpoint = work / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt"
     return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": BATCH,
-            "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "train_seconds": seconds,
+            "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
             "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
             **score_open_clip(config, checkpoint, data, templates, background)}
 
@@ -187,6 +188,7 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
     ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the project's params, as `dvc exp run -S` (e.g. tokenize.vocab_size=4096)")
+    ap.add_argument("--openclip-seed", type=int, default=0, help="open_clip_train's --seed (its default: 0)")
     ap.add_argument("--skip-openclip", action="store_true")
     ap.add_argument("--skip-project", action="store_true")
     args = ap.parse_args()
@@ -203,7 +205,8 @@ def main() -> None:
         work = args.keep.resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=work == Path(tmp))
         if not args.skip_openclip:
-            result["open_clip"] = train_open_clip(work / "open_clip", data, args.epochs, templates, params["data"]["background"])
+            result["open_clip"] = train_open_clip(work / "open_clip", data, args.epochs, templates, params["data"]["background"],
+                                                 args.openclip_seed)
         if not args.skip_project:
             result["project"] = {"overrides": args.set, **train_project(work / "project", data, args.epochs, templates, params)}
 
