@@ -40,7 +40,9 @@ def similarities(folder: Path, data: Path, k: int) -> dict[str, tuple[np.ndarray
     enc = Encoder.load(folder)
     pixels = lambda batch: enc.pixels(np.stack(batch))  # noqa: E731
     train = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
-    reference, _, _ = embed_images([data / p for p in train["filepath"]], enc.load_image, pixels)
+    reference, _, skipped = embed_images([data / p for p in train["filepath"]], enc.load_image, pixels)
+    if skipped:
+        print(f"{folder}: {len(skipped)} training images left out of CSLS's reference (first: {skipped[0]})")
     out = {}
     for name in SETS:
         ds = LabelledSet.load(data / f"{name}.csv")
