@@ -34,7 +34,8 @@ from clipmodel.io import atomic_path  # noqa: E402
 SETS = ("eval_cross_style", "eval_unseen")
 
 
-def similarities(folder: Path, data: Path, k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def similarities(folder: Path, data: Path, sets: dict[str, LabelledSet],
+                 k: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per set: cosine similarities float32 [N, C] of its images to its classes (bare-name template),
     and the same with CSLS against the training images (k neighbours)."""
     enc = Encoder.load(folder)
@@ -44,9 +45,8 @@ def similarities(folder: Path, data: Path, k: int) -> dict[str, tuple[np.ndarray
     if skipped:
         print(f"{folder}: {len(skipped)} training images left out of CSLS's reference (first: {skipped[0]})")
     out = {}
-    for name in SETS:
-        ds = LabelledSet.load(data / f"{name}.csv")
-        feats, kept, rejected = embed_images(ds.images, enc.load_image, pixels)
+    for name, ds in sets.items():
+        feats, _, rejected = embed_images(ds.images, enc.load_image, pixels)
         if rejected:
             sys.exit(f"real_posthoc: {rejected[0]['image']}: {rejected[0]['reason']}")
         classes = class_vectors(enc.texts, ds.classnames, DEFAULT_TEMPLATES)
@@ -84,8 +84,8 @@ def main() -> None:
     for f in [args.data / f"{n}.csv" for n in ("train", *SETS)] + [m / "clip.safetensors" for m in args.models]:
         if not f.is_file():
             sys.exit(f"real_posthoc: {f} not found")
-    sims = {m: similarities(m, args.data, args.csls) for m in args.models}
     sets = {name: LabelledSet.load(args.data / f"{name}.csv") for name in SETS}
+    sims = {m: similarities(m, args.data, sets, args.csls) for m in args.models}
     rows = []
     for r in args.sizes or range(1, len(args.models) + 1):
         for combo in itertools.combinations(args.models, r):
