@@ -6,7 +6,8 @@ juggling" from "woman" and "juggling"); one with a word no caption has ("pretzel
 reached through shared subwords. Splitting the recall of `zero_shot.unseen` that way bounds what
 any training recipe on these captions can reach. Words are lower-cased runs of letters, digits and
 apostrophes (any script), as the tokenizer's normaliser lower-cases. It also counts the label words
-that GPT-2's byte-level split (this project's before 2026-12-04) spells as no training caption does.
+that GPT-2's byte-level split (this project's before 2026-12-04) spells as no training caption does,
+and the labels whose novel words are two caption words run together ("sunflower").
 
     python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
         [--out reports/benchmarks/real_unseen_words.json]
@@ -59,6 +60,19 @@ def split_by_novel_words(captions: list[str], labels: pd.Series, recall: dict[st
     return groups
 
 
+def compound_labels(captions: list[str], labels: pd.Series, part: int = 3) -> dict:
+    """The labels whose every novel word is two caption words run together, each at least `part`
+    letters ("sunflower" from "sun" and "flower"): what captions spelling out compound names could
+    reach at most. Classes, images and the labels themselves."""
+    seen = set().union(*map(words, captions))
+
+    def compound(w: str) -> bool:
+        return any(w[:i] in seen and w[i:] in seen for i in range(part, len(w) - part + 1))
+    images = labels.value_counts()
+    cls = sorted(c for c in images.index if (novel := words(c) - seen) and all(map(compound, novel)))
+    return {"classes": len(cls), "images": int(images[cls].sum()), "labels": cls}
+
+
 def gpt2_split_forms(captions: list[str], labels: list[str]) -> dict[str, int]:
     """How the labels' words fare under GPT-2's byte-level split, which this project's tokenizer used
     before it split words apart: a word carries its leading space there, so "cake" at the start of a
@@ -100,6 +114,7 @@ def main() -> None:
     recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
     source = os.path.relpath(Path(args.per_class).resolve(), ROOT)  # the report names it from the repo root
     result = {"set": args.set, "per_class": source, **split_by_novel_words(captions, labels, recall),
+              "novel_words_compound_of_caption_words": compound_labels(captions, labels),
               "gpt2_split_label_words": gpt2_split_forms(captions, sorted(set(labels)))}
     with atomic_path(Path(args.out)) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")

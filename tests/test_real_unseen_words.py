@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_unseen_words import gpt2_split_forms, split_by_novel_words  # noqa: E402
+from benchmarks.real_unseen_words import compound_labels, gpt2_split_forms, split_by_novel_words  # noqa: E402
 
 
 def test_split_weights_recall_by_images_and_names_the_novel_words():
@@ -34,3 +34,12 @@ def test_gpt2_split_forms_count_a_word_trained_only_after_a_space():
     # trained as is: "happy" first, " face"; only the other form: "cake" first, " happy" after a space;
     # nowhere: "a", " pretzel"; "12" has no letter
     assert counts == {"form_trained": 2, "only_other_form_trained": 2, "not_trained": 2}
+
+
+def test_compound_labels_need_every_novel_word_made_of_two_caption_words():
+    captions = ["sun (bright)", "flower (petal)", "tooth", "brush", "pot"]
+    labels = pd.Series(["sunflower", "sunflower", "toothbrush pot", "toothbrush pretzel", "sun", "tea pot", "potsun"])
+    # "sun": nothing novel; "tea": not a compound; "potsun": "pot" + "sun", 3 letters each
+    assert compound_labels(captions, labels) == {"classes": 3, "images": 4,
+                                                  "labels": ["potsun", "sunflower", "toothbrush pot"]}
+    assert compound_labels(captions, pd.Series(["potsun"]), part=4)["classes"] == 0
