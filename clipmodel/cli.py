@@ -2,7 +2,7 @@
 
     clipmodel classify --model models/ IMAGE... --labels "red circle,blue square" [--templates FILE] [--top 5]
     clipmodel classify --model models/ IMAGE... --labels-file classes.txt
-    clipmodel zeroshot --model models/ test.csv [--classnames FILE] [--templates FILE] [--json metrics.json]
+    clipmodel zeroshot --model models/ test.csv [--labels-file FILE] [--templates FILE] [--json metrics.json]
     clipmodel embed --model models/ --images IMAGE... --out image_emb.npy
     clipmodel embed --model models/ --texts "a red circle" "a blue star" --out text_emb.npy
     clipmodel caption --model models/efficiency/decoder IMAGE... [--beam 4]

@@ -71,7 +71,8 @@ def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> ar
     z = sub.add_parser("zeroshot", parents=parents, help="zero-shot accuracy on a labelled set (CSV or ImageFolder)")
     z.add_argument("dataset", metavar="SET", help="CSV with image (or filepath) and label columns, or a folder "
                                                    "with one subfolder of images per class")
-    z.add_argument("--classnames", metavar="FILE", help="the class list, one per line (default: the sorted labels)")
+    z.add_argument("--classnames", "--labels-file", dest="classnames", metavar="FILE",
+                   help="the class list, one per line, names may hold commas (default: the sorted labels)")
     add_templates_arg(z)
     z.add_argument("--json", metavar="OUT", help="also write the metrics, per-class recall and rejections here")
     return z

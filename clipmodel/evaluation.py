@@ -11,6 +11,7 @@ chunk x classes floats of scratch beside the [N, D] image and [C, D] class embed
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
 
 from clipmodel.templates import DEFAULT_TEMPLATES
 
@@ -51,11 +51,16 @@ class LabelledSet:
         sorted distinct labels. Images are not opened here: a bad one is rejected when scored.
 
         Raises: DatasetError for a missing or unreadable file, missing columns, an empty image path, an
-        empty set, an empty or repeating class list, or labels outside it (naming the first such row).
+        empty set, an empty or repeating class list, labels outside it (naming the first such row), or
+        an ImageFolder's empty class folder when no class list is given (as torchvision's ImageFolder).
         """
         path = Path(path)
         if path.is_dir():
             images, labels, rows = _image_folder(path)
+            empty = sorted({p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")} - set(labels))
+            if empty and classnames is None:
+                raise DatasetError(f"{path / empty[0]}: a class folder with no files ({len(empty)} such); remove "
+                                   "it, or give the class list (classnames, --classnames) to keep it as a class")
         elif path.is_file():
             images, labels, rows = _labels_csv(path)
         else:
@@ -110,13 +115,20 @@ def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
 
 
 def _image_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
-    extensions = {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    """Every file below a class folder is an image of that class, so a file that does not decode is
+    rejected and counted when scored, never left out unseen. Hidden files and folders (a leading `.`,
+    such as .DS_Store) are not data. Files beside the class folders have no class: a warning names them."""
+    visible = lambda p: not any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
+    entries = sorted(p for p in root.iterdir() if visible(p))
+    stray = [p.name for p in entries if not p.is_dir()]
+    if stray:
+        warnings.warn(f"{root}: {len(stray)} file(s) outside the class folders are not scored: "
+                      f"{', '.join(stray[:5])}{' ...' if len(stray) > 5 else ''}", stacklevel=3)
     images, labels = [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        for f in sorted(folder.rglob("*")):
-            if f.suffix.lower() in extensions and f.is_file():
-                images.append(f)
-                labels.append(folder.name)
+    for folder in (p for p in entries if p.is_dir()):
+        files = sorted(f for f in folder.rglob("*") if visible(f) and f.is_file())
+        images += files
+        labels += [folder.name] * len(files)
     return images, labels, [str(p) for p in images]
 
 

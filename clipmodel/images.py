@@ -32,9 +32,10 @@ class ImageError(Exception):
         return f"{self.reason}: {self.detail}" if self.detail else self.reason
 
     def naming(self, source: object) -> ImageError:
-        """This error with `source` (a path) at the front of its detail, unless the detail is that
-        path already or the source is bytes: for callers that decode many images and stop at one."""
-        if not isinstance(source, (str, Path)) or self.detail == str(source):
+        """This error with `source` (a path) at the front of its detail, unless the detail starts with
+        that path already or the source is bytes: for callers that decode many images and stop at one."""
+        if not isinstance(source, (str, Path)) or self.detail == str(source) \
+                or self.detail.startswith(f"{source}: "):
             return self
         return ImageError(self.reason, f"{source}: {self.detail}" if self.detail else str(source))
 
@@ -63,6 +64,7 @@ def decode(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Im
     too_many_pixels) for anything that stops the decode, whatever PIL raised.
     """
     fp = _open(source)
+    at = "" if isinstance(source, bytes) else f"{source}: "  # every detail names the file it came from
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -70,19 +72,19 @@ def decode(source: bytes | str | Path, max_pixels: int = MAX_PIXELS) -> Image.Im
     except UnidentifiedImageError:
         raise ImageError("not_an_image", "" if isinstance(source, bytes) else str(source)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError("too_many_pixels", str(e)) from None
+        raise ImageError("too_many_pixels", f"{at}{e}") from None
     except OSError as e:  # a directory, no permission
-        raise ImageError("unreadable_file", f"{type(e).__name__}: {e}") from None
+        raise ImageError("unreadable_file", f"{at}{type(e).__name__}: {e}") from None
     except Exception as e:  # a decoder's own error while reading the header (e.g. ValueError on a huge text chunk)
-        raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+        raise ImageError("corrupt_image", f"{at}{type(e).__name__}: {e}") from None
     with img:
         if img.width * img.height > max_pixels:
-            raise ImageError("too_many_pixels", f"{img.width}x{img.height} > {max_pixels}")
+            raise ImageError("too_many_pixels", f"{at}{img.width}x{img.height} > {max_pixels}")
         try:
             img.load()
             return ImageOps.exif_transpose(img)  # a new image, so it outlives the closed file
         except Exception as e:  # PIL reports bad data as OSError, SyntaxError, ValueError, zlib.error, ...
-            raise ImageError("corrupt_image", f"{type(e).__name__}: {e}") from None
+            raise ImageError("corrupt_image", f"{at}{type(e).__name__}: {e}") from None
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:

@@ -2,7 +2,7 @@
 
     clip-onnx classify --model models/onnx cat.jpg dog.png --labels "cat,dog" [--templates FILE] [--top 5]
     clip-onnx classify --model models/onnx cat.jpg --labels-file classes.txt
-    clip-onnx zeroshot --model models/onnx test.csv [--classnames FILE] [--templates FILE] [--json metrics.json]
+    clip-onnx zeroshot --model models/onnx test.csv [--labels-file FILE] [--templates FILE] [--json metrics.json]
     clip-onnx search --model models/onnx --images photos/ "a red circle" [--top 5]
 """
 from __future__ import annotations

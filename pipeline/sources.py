@@ -186,8 +186,10 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
         raise SourceError(f"{path}: not a COCO captions file: {type(e).__name__}: {e}") from None
     for key in ("images", "annotations"):
         if not isinstance(coco, dict) or not isinstance(coco.get(key), list):
-            raise SourceError(f"{path}: not a COCO captions file: {key!r} must be a list "
-                              f"(found {type(coco.get(key) if isinstance(coco, dict) else coco).__name__})")
+            found = (f"the top level is a {type(coco).__name__}" if not isinstance(coco, dict) else
+                     f"it is missing (keys: {', '.join(map(str, coco)) or 'none'})" if key not in coco else
+                     f"found {type(coco[key]).__name__}")
+            raise SourceError(f"{path}: not a COCO captions file: {key!r} must be a list ({found})")
     if not root.is_dir():
         raise SourceError(f"{root}: image folder not found")
     real_root = root.resolve()
@@ -207,11 +209,11 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
     for i, ann in enumerate(coco["annotations"]):
         where = f"{path}:annotations[{i}]"
         try:
-            if not isinstance(ann, dict) or not _scalar_id(ann.get("image_id")):
-                raise BadSample("bad_record", "an annotation needs a scalar image_id")
+            if not isinstance(ann, dict) or not _scalar_id(ann.get("image_id")) or "caption" not in ann:
+                raise BadSample("bad_record", "an annotation needs a scalar image_id and a caption")
             if ann["image_id"] not in images:
                 raise BadSample("missing_image", f"image_id {ann['image_id']}")
-            text = clean_caption(ann.get("caption", ""))
+            text = clean_caption(ann["caption"])
             if text in captions[ann["image_id"]]:
                 raise BadSample("duplicate_row", text)
             captions[ann["image_id"]].append(text)
@@ -293,7 +295,7 @@ def read_folder(p: FolderSource) -> Iterator[Item]:
                 captions = (clean_caption(_inside(real_root, caption).read_bytes()),)
                 yield Record(key, str(path), str(path), _inside(real_root, path), captions)
             except BadSample as e:
-                yield Rejection(key, e.reason, e.detail)
+                yield Rejection(str(path), e.reason, e.detail)  # named as its Record would be
 
 
 READERS = {

@@ -45,6 +45,22 @@ def test_labels_stay_strings_and_classes_default_to_sorted_labels(tmp_path):
     assert folder.targets().tolist() == [0] * 3 + [1] * 3 + [2] * 3
 
 
+def test_image_folder_counts_every_file_and_names_what_it_cannot_score(tmp_path):
+    _, tree = write_set(tmp_path, broken=False)
+    (tree / "1" / "notes.txt").write_text("not an image")       # a class's file: an image that will not decode
+    (tree / "1" / ".DS_Store").write_bytes(b"\0")                # hidden: not data
+    (tree / ".cache").mkdir()
+    (tree / "stray.png").write_bytes(b"")                        # beside the class folders: no class
+    with pytest.warns(UserWarning, match="1 file.* outside the class folders are not scored: stray.png"):
+        ds = LabelledSet.load(tree)
+    assert ds.classnames == ["1", "NA", "null"] and len(ds.images) == 10 and tree / "1" / "notes.txt" in ds.images
+    (tree / "empty").mkdir()
+    with pytest.raises(DatasetError, match="empty: a class folder with no files"):
+        LabelledSet.load(tree)
+    ds = LabelledSet.load(tree, ["1", "NA", "null", "empty"])   # an explicit class list keeps it, as a class
+    assert ds.classnames[-1] == "empty" and len(ds.images) == 10
+
+
 def test_classnames_from_file_with_commas_and_filepath_column(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "set.csv").write_text('filepath,label\na.png,"family: man, girl"\n')
@@ -129,7 +145,7 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
         for key in ("top1", "top1_single_template", "mean_per_class_recall", "n", "rejected"):
             assert got[key] == pytest.approx(zs["colours"][key], abs=1e-9), (cli, key)
         assert "broken.png" in proc.stdout
-    bad = run("-m", "clipmodel.cli", "zeroshot", "--model", "models", str(tree), "--classnames", str(label),
+    bad = run("-m", "clipmodel.cli", "zeroshot", "--model", "models", str(tree), "--labels-file", str(label),
               cwd=workspace)
     assert bad.returncode == 1 and "is not in the class list" in bad.stderr and "Traceback" not in bad.stderr
 

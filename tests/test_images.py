@@ -105,13 +105,16 @@ def test_bad_bytes_have_a_reason(data, reason):
     assert e.value.reason == reason
 
 
-def test_bad_paths_have_a_reason(tmp_path):
+def test_bad_paths_have_a_reason_and_name_the_file(tmp_path):
     (tmp_path / "empty.jpg").write_bytes(b"")
     (tmp_path / "dir.png").mkdir()
-    for name, reason in [("missing.png", "missing_file"), ("empty.jpg", "empty_file"), ("dir.png", "unreadable_file")]:
+    (tmp_path / "cut.png").write_bytes(truncated(encode(noise(0, (64, 64)))))
+    for name, reason in [("missing.png", "missing_file"), ("empty.jpg", "empty_file"), ("dir.png", "unreadable_file"),
+                         ("cut.png", "corrupt_image")]:
         with pytest.raises(ImageError) as e:
             load_rgb(tmp_path / name)
-        assert e.value.reason == reason
+        assert e.value.reason == reason and e.value.detail.startswith(str(tmp_path / name))
+        assert e.value.naming(tmp_path / name) is e.value  # named once, not twice
 
 
 def test_pixel_count_is_checked_from_the_header_before_decoding():

@@ -252,6 +252,8 @@ def test_folder(tmp_path):
         {"a.png": ("an apple",), "nested/b.jpg": ("a banana",)}
     assert sorted(r.reason for r in recs if isinstance(r, Rejection)) == \
         ["missing_caption", "missing_image", "unsafe_path", "unsafe_path"]
+    assert {r.source for r in recs if isinstance(r, Rejection) and r.reason.startswith("missing")} == \
+        {str(root / "c.png"), str(root / "orphan.txt")}  # named as records are, by the joined path
     assert run(data, tmp_path)["accepted"] == 2
 
 

@@ -99,20 +99,22 @@ def test_coco_schema_errors_are_rejections(tmp_path):
                    {"id": 7, "file_name": names[2]}],
         "annotations": [{"image_id": 1, "caption": "good"}, "not an object", {"image_id": 1, "caption": 12},
                         {"image_id": [1], "caption": "list id"}, {"image_id": 7, "caption": "emoji \ud83d cut"},
-                        {"image_id": 7, "caption": "fine too"}],
+                        {"image_id": 7, "caption": "fine too"}, {"image_id": 7}],
     }
     (tmp_path / "c.json").write_text(json.dumps(coco))
     report = run(params(source="coco", coco={"annotations": str(tmp_path / "c.json"),
                                              "images": str(tmp_path / "img")}), tmp_path)
     assert report["accepted"] == 2
-    assert report["reasons"] == {"bad_record": 7, "bad_caption": 1, "caption_not_utf8": 1}
+    assert report["reasons"] == {"bad_record": 8, "bad_caption": 1, "caption_not_utf8": 1}  # no caption: bad_record
 
 
-@pytest.mark.parametrize("top, key", [({"images": None, "annotations": []}, "images"),
-                                      ({"images": []}, "annotations"), ([], "images")])
-def test_coco_top_level_errors_name_the_key(tmp_path, top, key):
+@pytest.mark.parametrize("top, key, why", [({"images": None, "annotations": []}, "images", "found NoneType"),
+                                           ({"images": [], "captions": []}, "annotations",
+                                            r"it is missing \(keys: images, captions\)"),
+                                           ([], "images", "the top level is a list")])
+def test_coco_top_level_errors_name_the_key(tmp_path, top, key, why):
     (tmp_path / "c.json").write_text(json.dumps(top))
-    with pytest.raises(SourceError, match=f"'{key}' must be a list"):
+    with pytest.raises(SourceError, match=f"'{key}' must be a list \\({why}\\)"):
         run(params(source="coco", coco={"annotations": str(tmp_path / "c.json"), "images": str(tmp_path)}),
             tmp_path)
 
