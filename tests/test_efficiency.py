@@ -42,6 +42,11 @@ def test_study_runs_apart_from_the_default_pipeline(tmp_path):
 
     again = dvc(repo, "repro", "efficiency/dvc.yaml").stdout
     assert "Running stage" not in again  # ingest, tokenize and the study are all reused
+    first = json.loads((repo / "reports/efficiency/bow.json").read_text())
+    dvc(repo, "repro", "-f", "-s", "efficiency/dvc.yaml:efficiency_train@bow")  # resumes its finished checkpoint
+    resumed = json.loads((repo / "reports/efficiency/bow.json").read_text())
+    assert resumed["curve"] == first["curve"]  # the times go on from the last point, not from zero
+    assert resumed["wall_s"] >= first["curve"][-1]["wall_s"] > 0 and resumed["eval_s"] == first["curve"][-1]["eval_s"]
     params = yaml.safe_load((repo / "params.yaml").read_text())
     (repo / "params.yaml").write_text(yaml.safe_dump(merge(params, {"evaluate": {"datasets": {"pets": {"path": "pets.csv"}}}})))
     assert "efficiency_train" not in dvc(repo, "status", "efficiency/dvc.yaml").stdout  # a set no task probes
