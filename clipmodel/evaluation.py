@@ -56,11 +56,7 @@ class LabelledSet:
         """
         path = Path(path)
         if path.is_dir():
-            images, labels, rows = _image_folder(path)
-            empty = sorted({p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")} - set(labels))
-            if empty and classnames is None:
-                raise DatasetError(f"{path / empty[0]}: a class folder with no files ({len(empty)} such); remove "
-                                   "it, or give the class list (classnames, --classnames) to keep it as a class")
+            images, labels, rows = _image_folder(path, allow_empty=classnames is not None)
         elif path.is_file():
             images, labels, rows = _labels_csv(path)
         else:
@@ -114,10 +110,11 @@ def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
     return [path.parent / p for p in table[column]], list(table.label), rows
 
 
-def _image_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
+def _image_folder(root: Path, allow_empty: bool) -> tuple[list[Path], list[str], list[str]]:
     """Every file below a class folder is an image of that class, so a file that does not decode is
     rejected and counted when scored, never left out unseen. Hidden files and folders (a leading `.`,
-    such as .DS_Store) are not data. Files beside the class folders have no class: a warning names them."""
+    such as .DS_Store) are not data. Files beside the class folders have no class: a warning names them.
+    An empty class folder is an error unless `allow_empty` (an explicit class list says what it is)."""
     visible = lambda p: not any(part.startswith(".") for part in p.relative_to(root).parts)  # noqa: E731
     entries = sorted(p for p in root.iterdir() if visible(p))
     stray = [p.name for p in entries if not p.is_dir()]
@@ -127,6 +124,9 @@ def _image_folder(root: Path) -> tuple[list[Path], list[str], list[str]]:
     images, labels = [], []
     for folder in (p for p in entries if p.is_dir()):
         files = sorted(f for f in folder.rglob("*") if visible(f) and f.is_file())
+        if not files and not allow_empty:
+            raise DatasetError(f"{folder}: a class folder with no files; remove it, or give the class list "
+                               "(classnames, --classnames) to keep it as a class")
         images += files
         labels += [folder.name] * len(files)
     return images, labels, [str(p) for p in images]
