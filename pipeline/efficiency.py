@@ -180,9 +180,6 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     curve = []  # points past the checkpoint being resumed are measured again
     if state is not None and curve_file.exists():
         curve = [pt for pt in json.loads(curve_file.read_text()) if pt["step"] <= state["step"]]
-    # Each point records the run's seconds so far, so a resumed run's wall_s and eval_s go on from its
-    # last point (time after that point, before the stop, is not counted) instead of timing only its last leg.
-    spent = curve[-1].get("wall_s", 0.0) if curve else 0.0  # curves written before points kept time: 0
     tracking.mlflow.start_run(run_id=state and state["run_id"], experiment_id=None if state else tracking._experiment(EXPERIMENT),
                               run_name=f"efficiency-{objective}",
                               tags={**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective})
@@ -192,18 +189,21 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                                     **flatten(arch), "objective": objective, "total_steps": total,
                                     "parameters": sum(x.numel() for x in model.parameters())})
 
-    eval_s = [curve[-1].get("eval_s", 0.0) if curve else 0.0]
+    # Each point records the run's seconds so far, so a resumed run's wall_s and eval_s go on from its
+    # last point (time after that point, before the stop, is not counted) instead of timing only its last leg.
+    last = curve[-1] if curve else {}
+    started, eval_s = time.perf_counter() - last.get("wall_s", 0.0), [last.get("eval_s", 0.0)]
 
     def on_step(step: int) -> None:
         if step not in steps:
             return
-        start = time.perf_counter()
+        t0 = time.perf_counter()
         model.eval()
         top1 = {pr.name: zero_shot_top1(objective, model, pr, tok) for pr in tests}
         model.train()
-        eval_s[0] += time.perf_counter() - start
+        eval_s[0] += time.perf_counter() - t0
         point = {"step": step, "images_seen": step * bs, "top1": float(np.mean(list(top1.values()))), "tasks": top1,
-                 "wall_s": spent + time.perf_counter() - start, "eval_s": eval_s[0]}
+                 "wall_s": time.perf_counter() - started, "eval_s": eval_s[0]}
         curve.append(point)
         write_json(curve_file, curve)
         tracking.mlflow.log_metrics({"zero_shot.mean.top1": point["top1"],
@@ -212,11 +212,10 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
 
     obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
                     checkpoint=checkpoint, log_csv=log_csv)
-    start = time.perf_counter()
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=tracking.log_metrics)
-    wall = spent + time.perf_counter() - start
+    wall = time.perf_counter() - started
     model.eval()
     save_folder(folder, model, objective, arch, p, data_fp, data_dir / "tokenizer.json")
     summary = {"objective": objective, "budget_images": total * bs, "batch_size": bs, "steps": total,
