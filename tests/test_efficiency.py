@@ -9,7 +9,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import TINY, dvc, git_copy, merge
 from pipeline.efficiency import OBJECTIVES
-from pipeline.efficiency_report import images_to_reach
+from pipeline.efficiency_report import captioning_model, images_to_reach
 
 pytestmark = pytest.mark.slow
 
@@ -65,3 +65,13 @@ def test_images_to_reach_interpolates_in_log_images():
     assert images_to_reach(curve, 0.3) == pytest.approx(1000)  # halfway in log10: 10^3
     assert images_to_reach(curve, 0.05) == 100
     assert images_to_reach(curve, 0.95) is None
+
+
+@pytest.mark.parametrize("reach, final, chosen", [
+    ({"decoder": 5000.0, "encoder_decoder": 9000.0}, {"decoder": 0.3, "encoder_decoder": 0.4}, "decoder"),
+    ({"decoder": None, "encoder_decoder": 9000.0}, {"decoder": 0.3, "encoder_decoder": 0.4}, "encoder_decoder"),
+    ({"decoder": None, "encoder_decoder": None}, {"decoder": 0.035, "encoder_decoder": 0.039}, "encoder_decoder"),
+    ({"decoder": None, "encoder_decoder": None}, {"decoder": 0.04, "encoder_decoder": 0.04}, "decoder"),
+])
+def test_the_captioner_standing_for_captioning_is_the_faster_then_the_better(reach, final, chosen):
+    assert captioning_model({"bow": 100.0, **reach}, {"bow": 0.5, **final}) == chosen
