@@ -190,17 +190,31 @@ def apply_color(x: torch.Tensor, color: torch.Tensor) -> torch.Tensor:
     return y.view(n, 3, h, w)
 
 
+SSL_CROP_RATIO = (3 / 4, 4 / 3)  # the self-supervised view's aspect ratios: SimCLR's (Chen et al. 2020)
+
+
 def image_fields(pixels: torch.Tensor, crop_scale: tuple[float, float], crop_ratio: tuple[float, float],
-                 color: ColorAugment, generator: torch.Generator, raw: bool) -> dict[str, torch.Tensor]:
+                 color: ColorAugment, generator: torch.Generator, raw: bool,
+                 ssl_crop_scale: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
     """The image entries of a training batch from uint8 pixels [B, S, S, 3]: crops, then colour
     parameters, drawn from `generator` in that order. `raw`: the pixels with "crops" [B, 2, 3] and
     "color" [B, 5] where drawn (`finish_batch` applies them on the device); else "images" float32
-    [B, 3, S, S], augmented, normalised and cropped here."""
+    [B, 3, S, S], augmented, normalised and cropped here.
+
+    `ssl_crop_scale`: also a second view of every image for image self-supervision (SLIP, Mu et al.
+    2022), drawn first: a random resized crop of that area range at SimCLR's aspect ratios, then the
+    same colour augmentation; "ssl_images" (raw: "ssl_crops" and, where drawn, "ssl_color")."""
+    fields = {}
+    if ssl_crop_scale is not None:
+        crops = crop_boxes(len(pixels), ssl_crop_scale, SSL_CROP_RATIO, generator)
+        params = color.draw(len(pixels), generator)
+        fields = ({"ssl_crops": crops, **({} if params is None else {"ssl_color": params})} if raw
+                  else {"ssl_images": apply_crops(normalize(pixels, params), crops)})
     crops = crop_boxes(len(pixels), crop_scale, crop_ratio, generator)
     params = color.draw(len(pixels), generator)
     if raw:
-        return {"pixels": pixels, **{k: v for k, v in (("crops", crops), ("color", params)) if v is not None}}
-    return {"images": apply_crops(normalize(pixels, params), crops)}
+        return {"pixels": pixels, **fields, **{k: v for k, v in (("crops", crops), ("color", params)) if v is not None}}
+    return {"images": apply_crops(normalize(pixels, params), crops), **fields}
 
 
 def random_resized_crop(x: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
@@ -247,11 +261,16 @@ def apply_crops(x: torch.Tensor, theta: torch.Tensor | None) -> torch.Tensor:
 def finish_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A batch as the encoders take it, on the device its tensors are on. A raw batch (rank_batches with
     raw_pixels: uint8 "pixels" [B, S, S, 3] and, where drawn, "crops" [B, 2, 3] and "color" [B, 5]) is
-    augmented, normalised and cropped there, giving "images" float32 [B, 3, S, S]; any other batch is returned as it is."""
+    augmented, normalised and cropped there, giving "images" float32 [B, 3, S, S] (and "ssl_images"
+    from "ssl_crops" and "ssl_color", see `image_fields`); any other batch is returned as it is."""
     if "pixels" not in batch:
         return batch
-    rest = {k: v for k, v in batch.items() if k not in ("pixels", "crops", "color")}
-    return {"images": apply_crops(normalize(batch["pixels"], batch.get("color")), batch.get("crops")), **rest}
+    raw = ("pixels", "crops", "color", "ssl_crops", "ssl_color")
+    out = {k: v for k, v in batch.items() if k not in raw}
+    out["images"] = apply_crops(normalize(batch["pixels"], batch.get("color")), batch.get("crops"))
+    if "ssl_crops" in batch:
+        out["ssl_images"] = apply_crops(normalize(batch["pixels"], batch.get("ssl_color")), batch["ssl_crops"])
+    return out
 
 
 class CorpusBatches(torch.utils.data.Dataset):
@@ -263,11 +282,12 @@ class CorpusBatches(torch.utils.data.Dataset):
 
     def __init__(self, corpus: Corpus, index: np.ndarray, batch_size: int, seed: int,
                  crop_scale: tuple[float, float], crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                 color: ColorAugment = ColorAugment()):
+                 color: ColorAugment = ColorAugment(), ssl_crop_scale: tuple[float, float] | None = None):
         if len(index) < batch_size:
             raise ValueError(f"{len(index)} training images is fewer than batch_size={batch_size}")
         self.corpus, self.index, self.batch_size, self.seed = corpus, index, batch_size, seed
         self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
+        self.ssl_crop_scale = ssl_crop_scale  # a second, self-supervised view of each image (image_fields)
         self.steps_per_epoch = len(index) // batch_size  # drop the ragged tail: the loss wants full batches
         self.caption_id = corpus.caption_ids()
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (finish_batch)
@@ -298,7 +318,7 @@ class CorpusBatches(torch.utils.data.Dataset):
         caption = c.caption_start[images] + (rng.random(len(images)) * c.caption_count[images]).astype(np.int64)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         return {**image_fields(torch.from_numpy(c.images(images)), self.crop_scale, self.crop_ratio, self.color, g,
-                               self.raw_pixels),
+                               self.raw_pixels, self.ssl_crop_scale),
                 "tokens": torch.from_numpy(trim_padding(c.tokens[caption]).astype(np.int64)),
                 "caption_ids": torch.from_numpy(self.caption_id[caption]), "image_index": torch.from_numpy(images)}
 

@@ -66,3 +66,23 @@ def sigmoid_loss(image_features: torch.Tensor, text_features: torch.Tensor, logi
     pos = torch.eye(n, dtype=torch.bool, device=logits.device)[rows] if positives is None else positives[rows]
     labels = 2 * pos.float() - 1
     return -F.logsigmoid(labels * logits).sum() / len(logits)
+
+
+def nt_xent_loss(view_a: torch.Tensor, view_b: torch.Tensor, temperature: float,
+                 rows: slice | None = None) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al. 2020, eq. 1), the image self-supervision SLIP adds to CLIP's loss
+    (Mu et al. 2022): two views [N, D] of the same N images (any scale: normalised here, in fp32),
+    each of the 2N embeddings picks its other view among the 2N - 1 others at `temperature`.
+    Returns a float32 scalar, nats averaged over the anchors.
+
+    `rows`: only those images' two anchors (against all 2N embeddings), one rank's share of a
+    data-parallel batch, as in `contrastive_loss`.
+    """
+    n = len(view_a)
+    with torch.autocast(view_a.device.type, enabled=False):
+        z = F.normalize(torch.cat([view_a, view_b]).float(), dim=-1)
+        index = torch.arange(n, device=z.device)[rows or slice(None)]
+        anchors = torch.cat([index, index + n])
+        logits = z[anchors] @ z.T / temperature
+        logits[torch.arange(len(anchors), device=z.device), anchors] = float("-inf")  # not itself
+        return F.cross_entropy(logits, (anchors + n) % (2 * n))

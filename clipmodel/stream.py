@@ -84,7 +84,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,
                  image_size: int, seed: int, crop_scale: tuple[float, float],
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), *, color: ColorAugment = ColorAugment(),
-                 resample: bool = True,
+                 ssl_crop_scale: tuple[float, float] | None = None, resample: bool = True,
                  shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
         self.shards = sorted(glob.glob(shards)) if isinstance(shards, str) else [str(s) for s in shards]
@@ -99,6 +99,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"batch_size ({batch_size}) and shuffle_buffer ({shuffle_buffer}) must be >= 1")
         self.tokenizer, self.batch_size, self.image_size, self.seed = str(tokenizer), batch_size, image_size, seed
         self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
+        self.ssl_crop_scale = ssl_crop_scale  # a second, self-supervised view of each image (data.image_fields)
         self.resample, self.shuffle_buffer, self.start_step = resample, shuffle_buffer, start_step
         self.epoch_samples = epoch_samples
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (data.finish_batch)
@@ -194,7 +195,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         tokens, _ = encode(tok, captions)
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         pixels = torch.from_numpy(np.stack([s.pixels for s in batch]))
-        return {**image_fields(pixels, self.crop_scale, self.crop_ratio, self.color, g, self.raw_pixels),
+        return {**image_fields(pixels, self.crop_scale, self.crop_ratio, self.color, g, self.raw_pixels,
+                              self.ssl_crop_scale),
                 "tokens": torch.from_numpy(trim_padding(tokens).astype(np.int64)),
                 "caption_ids": torch.from_numpy(caption_ids(tokens)),
                 "image_index": torch.tensor([s.index for s in batch], dtype=torch.int64)}

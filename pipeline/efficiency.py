@@ -8,7 +8,8 @@ The paths shown are the defaults; efficiency/dvc.yaml names them. Checkpoints an
 stay in checkpoints/efficiency/, outside DVC.
 
 Every objective trains with `pipeline.loop.fit` on the same data, image encoder, batch, optimiser,
-schedule and budget of images seen; only the model head and loss differ. Zero-shot top-1 on the
+schedule and budget of images seen; only the model head and loss differ (train.ssl_weight, SLIP's
+image self-supervision, is left out: it would help the contrastive objective alone). Zero-shot top-1 on the
 test tasks is measured at log-spaced numbers of images seen (from `Objective.on_step`), each point
 logged to MLflow with step = images seen; `pipeline.efficiency_report` compares the curves.
 Stages in efficiency/dvc.yaml, outside the default `dvc repro`.
@@ -163,6 +164,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     evaluate.datasets set, for a bad templates file or held-out set, or when `fit` stops (see there).
     """
     p = load_params()
+    p = p.model_copy(update={"train": p.train.model_copy(update={"ssl_weight": 0.0})})  # each objective alone (Figure 2)
     e, bs = p.efficiency, p.train.batch_size
     device, corpus = prepare(p, data_dir)
     tok = load_tokenizer(data_dir / "tokenizer.json")

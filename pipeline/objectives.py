@@ -1,5 +1,6 @@
 """The CLIP objective as `pipeline.loop.Objective` needs it, shared by the train stage, the
-efficiency study and the benchmarks: the contrastive (or sigmoid) loss over the global batch."""
+efficiency study and the benchmarks: the contrastive (or sigmoid) loss over the global batch, plus
+SLIP's image self-supervision where the batches carry a second view (train.ssl_weight)."""
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -8,7 +9,7 @@ import torch
 from torch import nn
 
 from clipmodel import distributed
-from clipmodel.loss import contrastive_loss, positives_from_ids, sigmoid_loss
+from clipmodel.loss import contrastive_loss, nt_xent_loss, positives_from_ids, sigmoid_loss
 from clipmodel.model import CLIP, CLIPEnsemble
 from pipeline.loop import Batch
 from pipeline.params import Params
@@ -34,11 +35,30 @@ def clip_loss(p: Params, image: torch.Tensor, text: torch.Tensor, scale: torch.T
     return sum(losses) / k
 
 
+def ssl_loss(p: Params, image: torch.Tensor, view: torch.Tensor, k: int, rows: slice | None = None) -> torch.Tensor:
+    """train.ssl_weight x SLIP's image self-supervision (Mu et al. 2022): NT-Xent between two views'
+    image features [B, D], each of an ensemble's k members on its own slice, averaged over members."""
+    losses = [nt_xent_loss(a, b, p.train.ssl_temperature, rows) for a, b in zip(image.chunk(k, -1), view.chunk(k, -1))]
+    return p.train.ssl_weight * sum(losses) / k
+
+
+def encode_batch(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """(image features, the self-supervised view's or None, text features, exp(logit_scale)) of a
+    batch; both views go through the image tower in one pass, so BatchNorm sees them together (SimCLR)."""
+    images = batch["images"]
+    if "ssl_images" in batch:
+        images = torch.cat([images, batch["ssl_images"]])
+    image, text, scale = net(images, batch["tokens"])
+    image, view = image.split(len(text)) if "ssl_images" in batch else (image, None)
+    return image, view, text, scale
+
+
 def clip_objective(model: CLIP | CLIPEnsemble, p: Params) -> Callable[[Batch], torch.Tensor]:
-    """The loss of one batch in one process."""
+    """The loss of one batch in one process (with SLIP's term where the batch has "ssl_images")."""
     def loss(batch: Batch) -> torch.Tensor:
-        image, text, scale = model(batch["images"], batch["tokens"])
-        return clip_loss(p, image, text, scale, model.logit_bias, batch["caption_ids"])
+        image, view, text, scale = encode_batch(model, batch)
+        ssl = 0 if view is None else ssl_loss(p, image, view, model.cfg.ensemble)
+        return ssl + clip_loss(p, image, text, scale, model.logit_bias, batch["caption_ids"])
     return loss
 
 
@@ -50,15 +70,19 @@ def clip_split(model: CLIP | CLIPEnsemble, p: Params) -> tuple[Callable, Callabl
     k = model.cfg.ensemble
 
     def features(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
-        image, text, scale = net(batch["images"], batch["tokens"])
+        image, view, text, scale = encode_batch(net, batch)
         bias = () if model.logit_bias is None else model.logit_bias.reshape(-1).unbind()
-        return image, text, *scale.reshape(-1).unbind(), *bias  # shared tensors as 0-dim ones (Objective)
+        views = () if view is None else (view,)
+        return image, text, *views, *scale.reshape(-1).unbind(), *bias  # shared tensors as 0-dim ones (Objective)
 
     def loss_from_features(features: tuple[torch.Tensor, ...], batch: Batch) -> torch.Tensor:
         image, text, *shared = features
+        view = shared.pop(0) if "ssl_images" in batch else None
         n, r = len(image), distributed.rank()
         rows = slice(r * n, (r + 1) * n) if p.train.local_loss else None
         bias = torch.stack(shared[k:]) if shared[k:] else None
-        return clip_loss(p, distributed.gather(image), distributed.gather(text), torch.stack(shared[:k]), bias,
-                         distributed.gather(batch["caption_ids"]), rows)
+        image = distributed.gather(image)
+        ssl = 0 if view is None else ssl_loss(p, image, distributed.gather(view), k, rows)
+        return ssl + clip_loss(p, image, distributed.gather(text), torch.stack(shared[:k]), bias,
+                               distributed.gather(batch["caption_ids"]), rows)
     return features, loss_from_features

@@ -153,6 +153,9 @@ class TrainParams(Section):
 
     `loss`: contrastive is CLIP's symmetric cross-entropy (Radford et al. 2021), sigmoid is SigLIP
     (Zhai et al. 2023). batch_size is the global batch and must divide by nproc x accum_steps.
+    `ssl_weight` > 0 adds SLIP's image self-supervision (Mu et al. 2022): a second view of every image
+    (`ssl_crop_scale`, then the colour augmentation) and SimCLR's NT-Xent between the two views' image
+    embeddings (clipmodel.loss.nt_xent_loss), weighted into the loss.
     Validation also checks the crop ranges (0 < low <= high, scale <= 1), the colour augmentation's
     (clipmodel.data.ColorAugment) and betas in [0, 1).
     """
@@ -177,6 +180,9 @@ class TrainParams(Section):
     grayscale_p: float = Field(0.0, ge=0, le=1)
     blur_p: float = Field(0.0, ge=0, le=1)
     blur_sigma: tuple[float, float] = (0.1, 1.5)  # Gaussian blur sigma range, pixels
+    ssl_weight: float = Field(0.0, ge=0)  # image self-supervision (SLIP): the weight of its NT-Xent loss; 0: off
+    ssl_temperature: float = Field(0.1, gt=0)  # NT-Xent's temperature (SimCLR's and SLIP's 0.1)
+    ssl_crop_scale: tuple[float, float] = (0.5, 1.0)  # the self-supervised view's random resized crop, area share
     checkpoint_every: int = Field(200, ge=1)
     resume: bool = True  # continue from checkpoints/ when its fingerprint matches these params and data
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
@@ -193,8 +199,9 @@ class TrainParams(Section):
         if self.batch_size % (self.nproc * self.accum_steps):
             raise ValueError(f"batch_size={self.batch_size} must be divisible by nproc x accum_steps "
                              f"= {self.nproc * self.accum_steps}")
-        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise ValueError("crop_scale must be 0 < low <= high <= 1")
+        for name in ("crop_scale", "ssl_crop_scale"):
+            if not 0 < getattr(self, name)[0] <= getattr(self, name)[1] <= 1:
+                raise ValueError(f"{name} must be 0 < low <= high <= 1")
         if not 0 < self.crop_ratio[0] <= self.crop_ratio[1]:
             raise ValueError("crop_ratio must be 0 < low <= high")
         if not all(0 <= j <= 1 for j in self.color_jitter):

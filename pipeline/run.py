@@ -43,8 +43,9 @@ def prepare(p: Params, data: str | Path = "data") -> tuple[torch.device, Corpus]
 def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:
     """What a checkpoint must match to be resumed: every setting that changes the weights, with the
     params section (`own`) of a stage that has one beside train's. 16 hex digits of a SHA-256."""
+    unused = set() if p.train.ssl_weight else {"ssl_weight", "ssl_temperature", "ssl_crop_scale"}
     train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
-                                        "local_loss", "grad_checkpointing", "compile"})
+                                        "local_loss", "grad_checkpointing", "compile", *unused})
     blob = json.dumps([kind, own and own.model_dump(), p.model.model_dump(), train, p.tokenize.model_dump(),
                        p.data.image_size, data_fp],
                       sort_keys=True, default=str)

@@ -76,16 +76,17 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
     if len(train) < p.train.batch_size:
         raise SystemExit(f"train: {len(train)} training images is fewer than train.batch_size={p.train.batch_size}; "
                          "lower train.batch_size (or data.val_fraction / test_fraction)")
+    ssl = p.train.ssl_crop_scale if p.train.ssl_weight else None  # the self-supervised view, when trained on
     if p.data.output_format == "npy":
         return CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
-                             p.train.crop_ratio, color_augment(p.train))
+                             p.train.crop_ratio, color_augment(p.train), ssl)
     if not corpus.tars:
         raise SystemExit(f"train: data.output_format is webdataset but {data_dir / 'images'} holds no train-*.tar; "
                          "run `dvc repro ingest`")
     return StreamingBatches([str(t) for t in corpus.tars], data_dir / "tokenizer.json",
                             batch_size=p.train.batch_size // distributed.world(), image_size=p.data.image_size,
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
-                            color=color_augment(p.train),
+                            color=color_augment(p.train), ssl_crop_scale=ssl,
                             resample=True, epoch_samples=len(corpus.split("train")))
 
 

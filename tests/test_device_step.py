@@ -18,21 +18,28 @@ CFG = CLIPConfig(embed_dim=16, image_size=32, vision="vit", vision_width=16, vis
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("crop, color", [(None, ColorAugment()), ((0.5, 1.0), ColorAugment()),
-                                         ((0.5, 1.0), ColorAugment((0.4, 0.4, 0.4), 0.8, 0.2, 0.5))])
-def test_raw_pixels_finish_into_the_same_images(tiny_data, crop, color):
+JITTER = ColorAugment((0.4, 0.4, 0.4), 0.8, 0.2, 0.5)
+
+
+@pytest.mark.parametrize("crop, color, ssl", [(None, ColorAugment(), None), ((0.5, 1.0), ColorAugment(), None),
+                                              ((0.5, 1.0), JITTER, None), (None, JITTER, (0.5, 1.0)),
+                                              (None, ColorAugment(), (0.2, 1.0))])
+def test_raw_pixels_finish_into_the_same_images(tiny_data, crop, color, ssl):
     corpus = Corpus.load(tiny_data / "data")
     data = CorpusBatches(corpus, corpus.split("train"), 16, 0, crop or (1, 1), (3 / 4, 4 / 3) if crop else (1, 1),
-                         color)
+                         color, ssl)
     raw = list(data.rank_batches(3, 5, raw_pixels=True))
     assert not data.raw_pixels  # the source itself is left as it was
     for step, batch in zip((3, 4), raw):
         assert batch["pixels"].dtype == torch.uint8 and ("crops" in batch) == bool(crop)
         assert ("color" in batch) == bool(color.grayscale_p)
+        assert ("ssl_crops" in batch) == bool(ssl) and ("ssl_color" in batch) == bool(ssl and color.grayscale_p)
         finished, plain = finish_batch(batch), data.batch(step)
-        assert finished.keys() == plain.keys()
+        assert finished.keys() == plain.keys() and ("ssl_images" in plain) == bool(ssl)
         for k in plain:
             assert torch.equal(finished[k], plain[k]), k
+        if ssl:  # a view of its own: another crop of the same images
+            assert not torch.equal(plain["ssl_images"], plain["images"])
 
 
 def batch(seed: int) -> dict[str, torch.Tensor]:

@@ -41,12 +41,15 @@ def params(**train) -> Params:
     return Params.model_validate(merge(TINY, {"train": train}))
 
 
-def make_batch(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
+def make_batch(n: int, seed: int = 0, ssl: bool = False) -> dict[str, torch.Tensor]:
+    """Random images and captions; `ssl`: with a second view of each image (SLIP's, train.ssl_weight)."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(3, 16, (n,), generator=g)
     tokens = torch.randint(3, 300, (n, 16), generator=g)
     tokens[torch.arange(16) >= lengths[:, None]] = 0
-    return {"images": torch.randn(n, 3, 32, 32, generator=g), "tokens": tokens,
+    images = torch.randn(n, 3, 32, 32, generator=g)
+    views = {"ssl_images": images.flip(-1) + 0.1 * torch.randn(images.shape, generator=g)} if ssl else {}
+    return {"images": images, "tokens": tokens, **views,
             "caption_ids": torch.randint(0, n // 2, (n,), generator=g), "image_index": torch.arange(n)}
 
 
@@ -72,9 +75,9 @@ def assert_grads_close(a: dict, b: dict, atol: float = 1e-5) -> None:
 
 
 @pytest.mark.parametrize("train,ensemble", [({}, 1), ({"loss": "sigmoid", "multi_positive": True}, 1), ({}, 2),
-                                           ({"loss": "sigmoid"}, 2)])
+                                           ({"loss": "sigmoid"}, 2), ({"ssl_weight": 0.5}, 1), ({"ssl_weight": 1.0}, 2)])
 def test_accumulation_is_exact_for_the_contrastive_loss(train, ensemble):
-    p, batch = params(**train), make_batch(16)
+    p, batch = params(**train), make_batch(16, ssl="ssl_weight" in train)
     loss1, full = clip_grads(p, batch, model=clip_model(p, ensemble))
     loss4, accumulated = clip_grads(p, batch, accum=4, model=clip_model(p, ensemble))
     assert loss4 == pytest.approx(loss1, abs=1e-6)
@@ -83,9 +86,9 @@ def test_accumulation_is_exact_for_the_contrastive_loss(train, ensemble):
     assert_grads_close(accumulated, full)
 
 
-@pytest.mark.parametrize("train", [{}, {"loss": "sigmoid"}])
+@pytest.mark.parametrize("train", [{}, {"loss": "sigmoid"}, {"ssl_weight": 1.0}])
 def test_an_ensemble_trains_each_member_as_it_would_alone(train):
-    p, batch = params(**train), make_batch(16)
+    p, batch = params(**train), make_batch(16, ssl="ssl_weight" in train)
     ensemble = clip_model(p, 3)
     loss, grads = clip_grads(p, batch, model=ensemble)
     ensemble.zero_grad(set_to_none=True)
@@ -147,18 +150,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-CASES = [({}, 1), ({"local_loss": True}, 1), ({}, 2), ({"local_loss": True, "loss": "sigmoid", "multi_positive": True}, 2)]
+CASES = [({}, 1), ({"local_loss": True}, 1), ({}, 2), ({"local_loss": True, "loss": "sigmoid", "multi_positive": True}, 2),
+         ({"ssl_weight": 1.0}, 1), ({"ssl_weight": 1.0, "local_loss": True}, 2)]
 
 
 def _rank(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    batch = make_batch(16)
     share = slice(rank * 8, (rank + 1) * 8)
     results = []
     for train, accum in CASES:
-        p = params(**train)
+        p, batch = params(**train), make_batch(16, ssl="ssl_weight" in train)
         model = clip_model(p)
         loss, grads = clip_grads(p, {k: v[share] for k, v in batch.items()}, accum, DistributedDataParallel(model),
                                  model)
@@ -171,10 +174,9 @@ def _rank(rank: int, world: int, port: int, out: str) -> None:
 def test_two_gloo_ranks_give_the_single_process_loss_and_gradients(tmp_path):
     out = tmp_path / "ranks.pt"
     mp.spawn(_rank, args=(2, free_port(), str(out)), nprocs=2)
-    batch = make_batch(16)
     for (train, accum), (loss, grads) in zip(CASES, torch.load(out, weights_only=True)):
         p = params(**train)
-        expected_loss, expected = clip_grads(p, batch)
+        expected_loss, expected = clip_grads(p, make_batch(16, ssl="ssl_weight" in train))
         assert loss == pytest.approx(expected_loss, abs=1e-5), (train, accum)
         assert_grads_close(grads, expected)
 

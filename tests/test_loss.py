@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clipmodel.loss import contrastive_loss, positives_from_ids, sigmoid_loss
+from clipmodel.loss import contrastive_loss, nt_xent_loss, positives_from_ids, sigmoid_loss
 
 open_clip_loss = pytest.importorskip("open_clip.loss")
 
@@ -121,3 +121,23 @@ def test_row_shares_average_to_the_full_loss_and_gradient(loss):
     for a, b in zip(grads(shares), grads(full)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     assert not torch.allclose(value(slice(0, 2)), full)  # a share alone is not the full loss
+
+
+def test_nt_xent_against_a_loop_over_anchors():
+    """SimCLR's eq. 1: each of the 2N embeddings against its other view, among all 2N but itself."""
+    a, b = features(6, 8, seed=3)
+    z = F.normalize(torch.cat([a, b]) * 3.0, dim=-1)  # any scale goes in; the loss normalises
+    t, n, losses = 0.1, 6, []
+    for i in range(2 * n):
+        sims = torch.stack([z[i] @ z[j] / t for j in range(2 * n) if j != i])
+        positive = z[i] @ z[(i + n) % (2 * n)] / t
+        losses.append(torch.logsumexp(sims, 0) - positive)
+    torch.testing.assert_close(nt_xent_loss(a * 3.0, b * 3.0, t), torch.stack(losses).mean(), rtol=0, atol=1e-5)
+
+
+def test_nt_xent_rows_average_to_the_full_loss_and_matching_views_score_lower():
+    a, b = features(8, 16, seed=4)
+    full = nt_xent_loss(a, b, 0.1)
+    shares = [nt_xent_loss(a, b, 0.1, rows=slice(r * 4, (r + 1) * 4)) for r in range(2)]
+    torch.testing.assert_close(sum(shares) / 2, full, rtol=0, atol=1e-6)
+    assert nt_xent_loss(a, a + 0.01 * b, 0.1) < full / 10  # views that agree are nearly free

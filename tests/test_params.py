@@ -71,6 +71,8 @@ def test_unreadable_params_file_is_one_line(tmp_path, capsys, make):
     (lambda r: r.update(trian={}), "trian"),
     (lambda r: r["train"].update(crop_ratio=[1.2, 0.9]), "train"),
     (lambda r: r["train"].update(precision="fp8"), "train.precision"),
+    (lambda r: r["train"].update(ssl_crop_scale=[0.0, 1.0]), "train"),
+    (lambda r: r["train"].update(ssl_temperature=0), "train.ssl_temperature"),
 ])
 def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
     path = _write(tmp_path, mutate)
@@ -105,3 +107,13 @@ def test_benchmark_overrides_follow_dvc_exp_run_set():
                          ("train.epochs", "expected key=value")):
         with pytest.raises(SystemExit, match=message):
             pipeline_time.override(params, bad)
+
+
+def test_checkpoint_fingerprint_follows_only_settings_that_change_the_weights():
+    """SLIP's temperature and crop change nothing while its weight is 0, so they cannot orphan a
+    checkpoint (or every run trained before they existed)."""
+    from pipeline.run import run_fingerprint
+    p = load_params(ROOT / "params.yaml")
+    fp = lambda **train: run_fingerprint(p.model_copy(update={"train": p.train.model_copy(update=train)}), "d", "k")  # noqa: E731
+    assert p.train.ssl_weight == 0 and fp() == fp(ssl_temperature=0.5, ssl_crop_scale=(0.2, 1.0))
+    assert len({fp(), fp(ssl_weight=1.0), fp(ssl_weight=1.0, ssl_temperature=0.5), fp(resume=False, seed=1)}) == 4

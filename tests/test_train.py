@@ -12,6 +12,7 @@ import time
 import mlflow
 import pandas as pd
 import torch
+import yaml
 from safetensors.numpy import load_file
 
 from conftest import TINY, merge, run_stage, stage_env, write_params
@@ -45,6 +46,16 @@ def test_same_seed_same_loss_curve_and_weights(workspace, tmp_path_factory):
     assert (la.vision_lr - 5 * la.lr).abs().max() < 1e-9  # the image tower's groups: 5e-3 against 1e-3
     assert la.vision_lr.max() == 5e-3
     assert_same_weights(workspace, other)
+
+    # SLIP's second view is drawn from the step's own generator too: as reproducible, and a loss of its own
+    slip = [clone(workspace, tmp_path_factory.mktemp(f"slip{i}")) for i in range(2)]
+    for w in slip:
+        params = yaml.safe_load((w / "params.yaml").read_text())
+        write_params(w, merge(params, {"train": {"ssl_weight": 0.5}}))
+        run_stage(w, "train")
+    ls = [pd.read_csv(w / "reports/train_log.csv") for w in slip]
+    assert ls[0].loss.tolist() == ls[1].loss.tolist() and (ls[0].loss > la.loss + 0.1).all()
+    assert_same_weights(*slip)
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_factory):
