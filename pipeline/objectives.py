@@ -62,11 +62,13 @@ def clip_objective(model: CLIP | CLIPEnsemble, p: Params) -> Callable[[Batch], t
     return loss
 
 
-def clip_split(model: CLIP | CLIPEnsemble, p: Params) -> tuple[Callable, Callable]:
+def clip_split(model: CLIP | CLIPEnsemble, p: Params,
+               terms: dict[str, torch.Tensor] | None = None) -> tuple[Callable, Callable]:
     """`clip_objective` as Objective.features and .loss_from_features. The loss sees the global batch:
     every rank's features are gathered with their gradients, so each rank's images meet all texts
     as negatives. With train.local_loss a rank computes only its own rows of the logit matrices
-    (against all columns): O(B/N x B) memory instead of O(B x B), the same gradients."""
+    (against all columns): O(B/N x B) memory instead of O(B x B), the same gradients. `terms`, when
+    given, receives the last step's SLIP term ("ssl_loss", weighted, detached) for the step log."""
     k = model.cfg.ensemble
 
     def features(net: nn.Module, batch: Batch) -> tuple[torch.Tensor, ...]:
@@ -83,6 +85,8 @@ def clip_split(model: CLIP | CLIPEnsemble, p: Params) -> tuple[Callable, Callabl
         bias = torch.stack(shared[k:]) if shared[k:] else None
         image = distributed.gather(image)
         ssl = 0 if view is None else ssl_loss(p, image, distributed.gather(view), k, rows)
+        if terms is not None and view is not None:
+            terms["ssl_loss"] = ssl.detach()
         return ssl + clip_loss(p, image, distributed.gather(text), torch.stack(shared[:k]), bias,
                                distributed.gather(batch["caption_ids"]), rows)
     return features, loss_from_features

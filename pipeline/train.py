@@ -121,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
 
     data_fp = tracking.data_fingerprint([args.data / "manifest.parquet", args.data / "tokens.npy"])
     fingerprint = run_fingerprint(p, data_fp, "clip")
-    features, loss_from_features = clip_split(model, p)
+    terms: dict[str, torch.Tensor] = {}  # the loss's parts beside the total, for the step log
+    features, loss_from_features = clip_split(model, p, terms)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
-                    step_metrics=lambda: {"logit_scale": model.logit_scale.exp().mean().item()},
+                    step_metrics=lambda: {"logit_scale": model.logit_scale.exp().mean().item(),
+                                          **{k: v.item() for k, v in terms.items()}},
                     validate=lambda: validate(model, corpus, p, device), log_csv=args.log,
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()

@@ -55,6 +55,7 @@ def test_same_seed_same_loss_curve_and_weights(workspace, tmp_path_factory):
         run_stage(w, "train")
     ls = [pd.read_csv(w / "reports/train_log.csv") for w in slip]
     assert ls[0].loss.tolist() == ls[1].loss.tolist() and (ls[0].loss > la.loss + 0.1).all()
+    assert "ssl_loss" not in la and ((ls[0].ssl_loss > 0) & (ls[0].ssl_loss < ls[0].loss)).all()
     assert_same_weights(*slip)
 
 

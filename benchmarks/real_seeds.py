@@ -1,0 +1,77 @@
+"""Several seeds of `benchmarks/real_zero_shot.py` in one table: each side's top-1 per seed on both
+held-out sets, the project's over open_clip's as the ratio of the means and seed by seed.
+
+    python benchmarks/real_seeds.py RUN_S0.json RUN_S1.json RUN_S2.json \
+        --out reports/benchmarks/real_zero_shot_e30_seeds.json [--template label] [--how "what was run"]
+
+Each RUN is one real_zero_shot.py output holding both sides (a `--skip-openclip` run into a copy of an
+earlier output keeps that output's open_clip side). Raises SystemExit (one line) when a run lacks a
+side, a set or the template, or when the runs differ in epochs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from clipmodel.io import write_json  # noqa: E402
+
+SIDES = ("open_clip", "project")
+SETS = ("eval_cross_style", "eval_unseen")
+
+
+def summary(runs: list[dict], names: list[str], template: str) -> dict:
+    """The table of `runs` (real_zero_shot.py outputs, one per seed, named by `names` in errors)."""
+    top1, epochs = {s: {k: [] for k in SETS} for s in SIDES}, set()
+    for run, name in zip(runs, names):
+        for side in SIDES:
+            if side not in run:
+                raise SystemExit(f"real_seeds: {name} has no {side} side")
+            epochs.add(run[side]["epochs"])
+            for k in SETS:
+                try:
+                    top1[side][k].append(round(run[side]["scores"][k][template]["top1"], 4))
+                except KeyError:
+                    raise SystemExit(f"real_seeds: {name}: {side} has no {k} scored with template {template!r}") from None
+    if len(epochs) != 1:
+        raise SystemExit(f"real_seeds: the runs differ in epochs ({sorted(epochs)}); compare like with like")
+    a, b = top1["open_clip"], top1["project"]
+    return {
+        "epochs": epochs.pop(), "templates": template, "top1": top1,
+        "ratio_of_means": {k: round(float(np.mean(b[k]) / np.mean(a[k])), 3) for k in SETS},
+        "ratio_per_seed": {k: [round(y / x, 3) for x, y in zip(a[k], b[k])] for k in SETS},
+        "train_seconds": {s: [r[s]["train_seconds"] for r in runs] for s in SIDES},
+        "params": {s: runs[0][s]["params"] for s in SIDES},
+        "seeds": {"open_clip": [r["open_clip"].get("seed") for r in runs],
+                  "project": [r["project"].get("overrides") for r in runs]},
+        "machine": sorted({r.get("machine", "?") for r in runs}),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--template", default="label", help="the template key whose top-1 is compared (default: the bare name)")
+    ap.add_argument("--how", default="", help="how the runs were made, kept in the output")
+    args = ap.parse_args(argv)
+    missing = [str(p) for p in args.runs if not p.is_file()]
+    if missing:
+        raise SystemExit(f"real_seeds: no such file: {missing[0]}")
+    runs = [json.loads(p.read_text()) for p in args.runs]
+    out = {**summary(runs, [str(p) for p in args.runs], args.template), "how": args.how,
+           "runs": [{k: r[k] for k in (*SIDES, "total_seconds", "machine") if k in r} for r in runs]}
+    write_json(args.out, out)
+    for k in SETS:
+        print(f"{k:17} open_clip {out['top1']['open_clip'][k]}  project {out['top1']['project'][k]}  "
+              f"ratio of means {out['ratio_of_means'][k]}x  per seed {out['ratio_per_seed'][k]}")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""benchmarks/real_seeds.py: several seeds of the real benchmark in one table."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.real_seeds import summary  # noqa: E402
+
+
+def run(open_clip: tuple[float, float], project: tuple[float, float], epochs: int = 30) -> dict:
+    def side(top1, **extra):
+        return {"epochs": epochs, "train_seconds": 10.0, "params": 5,
+                "scores": {k: {"label": {"top1": t}} for k, t in zip(("eval_cross_style", "eval_unseen"), top1)}, **extra}
+    return {"open_clip": side(open_clip, seed=0), "project": side(project, overrides=[])}
+
+
+def test_ratio_of_the_means_and_per_seed():
+    out = summary([run((0.01, 0.08), (0.05, 0.16)), run((0.03, 0.04), (0.07, 0.12))], ["a", "b"], "label")
+    assert out["ratio_of_means"] == {"eval_cross_style": 3.0, "eval_unseen": 2.333}
+    assert out["ratio_per_seed"] == {"eval_cross_style": [5.0, 2.333], "eval_unseen": [2.0, 3.0]}
+    assert out["top1"]["project"]["eval_unseen"] == [0.16, 0.12] and out["epochs"] == 30
+
+
+def test_runs_of_other_epochs_a_missing_side_or_template_are_one_line_errors():
+    with pytest.raises(SystemExit, match="differ in epochs"):
+        summary([run((0.01, 0.08), (0.05, 0.16)), run((0.01, 0.08), (0.05, 0.16), epochs=20)], ["a", "b"], "label")
+    with pytest.raises(SystemExit, match="b has no project side"):
+        summary([run((0.01, 0.08), (0.05, 0.16)), {"open_clip": run((0.01, 0.08), (0.0, 0.0))["open_clip"]}],
+                ["a", "b"], "label")
+    with pytest.raises(SystemExit, match="a: open_clip has no eval_cross_style scored with template 'clip'"):
+        summary([run((0.01, 0.08), (0.05, 0.16))], ["a"], "clip")
