@@ -217,7 +217,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=tracking.log_metrics)
-    wall = time.perf_counter() - started
+    wall = curve[-1]["wall_s"]  # to the last point, at the budget's end: the same when a finished run is resumed
     model.eval()
     save_folder(folder, model, objective, arch, p, data_fp, data_dir / "tokenizer.json")
     summary = {"objective": objective, "budget_images": total * bs, "batch_size": bs, "steps": total,

@@ -46,7 +46,8 @@ def test_study_runs_apart_from_the_default_pipeline(tmp_path):
     dvc(repo, "repro", "-f", "-s", "efficiency/dvc.yaml:efficiency_train@bow")  # resumes its finished checkpoint
     resumed = json.loads((repo / "reports/efficiency/bow.json").read_text())
     assert resumed["curve"] == first["curve"]  # the times go on from the last point, not from zero
-    assert resumed["wall_s"] >= first["curve"][-1]["wall_s"] > 0 and resumed["eval_s"] == first["curve"][-1]["eval_s"]
+    assert resumed["wall_s"] == first["wall_s"] == first["curve"][-1]["wall_s"] > 0
+    assert resumed["eval_s"] == first["eval_s"] == first["curve"][-1]["eval_s"]
     walls = [pt["wall_s"] for pt in first["curve"]]
     assert walls == sorted(walls) and all(pt["wall_s"] > pt["eval_s"] > 0 for pt in first["curve"])  # run time so far
     params = yaml.safe_load((repo / "params.yaml").read_text())
