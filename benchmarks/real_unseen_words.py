@@ -7,13 +7,14 @@ reached through shared subwords. Splitting the recall of `zero_shot.unseen` that
 any training recipe on these captions can reach. Words are lower-cased runs of letters, digits and
 apostrophes (any script), as the tokenizer's normaliser lower-cases. It also counts the label words
 that GPT-2's byte-level split (this project's before 2026-12-04) spells as no training caption does,
-and the labels whose novel words are two caption words run together ("sunflower").
+and the labels whose novel words are two caption words run together ("sunflower"). With --model, it
+also scores that model on the set and describes its errors on the labels of seen words.
 
     python benchmarks/real_unseen_words.py [--data ../shared/real-emoji] [--per-class real/reports/per_class.json]
-        [--out reports/benchmarks/real_unseen_words.json]
+        [--model real/models] [--out reports/benchmarks/real_unseen_words.json]
 
-Raises SystemExit (one line) when a file is missing or unreadable, or a label of the set has no recall
-in per_class.
+Raises SystemExit (one line) when a file is missing or unreadable, a label of the set has no recall
+in per_class, or the model cannot decode an image of the set.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 from tokenizers import pre_tokenizers
 
@@ -95,11 +97,46 @@ def gpt2_split_forms(captions: list[str], labels: list[str]) -> dict[str, int]:
     return counts
 
 
+def model_similarities(model: Path, ds: LabelledSet) -> np.ndarray:
+    """float32 [images, classes]: a model folder's cosine similarities on the set, bare-name prompts."""
+    from clipmodel.encoder import Encoder
+    from clipmodel.evaluation import class_vectors, embed_images, unit
+
+    enc = Encoder.load(model)
+    feats, _, rejected = embed_images(ds.images, enc.load_image, lambda batch: enc.pixels(np.stack(batch)))
+    if rejected:
+        sys.exit(f"real_unseen_words: {rejected[0]['image']}: {rejected[0]['reason']}")
+    return unit(feats) @ class_vectors(enc.texts, ds.classnames, ["{}"]).T
+
+
+def seen_word_errors(sims: np.ndarray, targets: np.ndarray, classnames: list[str], folders: list[str],
+                     captions: list[str]) -> dict:
+    """What a model gets wrong on the images whose label has every word in some caption: top-1 by
+    folder (in real-emoji, the artist), how far down its ranking the true class sits, and how many
+    errors name a class that shares a word with the truth (a near miss between compositions, `man
+    juggling` for `woman juggling`) rather than an unrelated one. `sims` float [N, C], `targets` int [N]."""
+    rank = (sims > sims[np.arange(len(targets)), targets][:, None]).sum(1)  # 0: top-1
+    vocab = set().union(*map(words, captions))
+    class_words = [words(c) for c in classnames]
+    seen = np.array([class_words[t] <= vocab for t in targets])
+    wrong = seen & (rank > 0)
+    shares = np.array([bool(class_words[p] & class_words[t]) for p, t in zip(sims.argmax(1), targets)])
+    folder = np.array(folders)
+    return {"images": int(seen.sum()), "top1": float((rank[seen] == 0).mean()), "top5": float((rank[seen] < 5).mean()),
+            "top1_by_folder": {f: {"images": int((seen & (folder == f)).sum()),
+                                   "top1": float((rank[seen & (folder == f)] == 0).mean())}
+                               for f in sorted(set(folder[seen]))},
+            "errors": int(wrong.sum()), "median_rank_of_truth_in_errors": float(np.median(rank[wrong]) + 1),
+            "errors_sharing_a_word_with_the_truth": int((wrong & shares).sum())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--data", default=str(ROOT.parent / "shared/real-emoji"))
     ap.add_argument("--per-class", default=str(ROOT / "real/reports/per_class.json"))
     ap.add_argument("--set", default="unseen", help="the set's key in per_class.json; its CSV is eval_<set>.csv")
+    ap.add_argument("--model", type=Path, help="a model folder (the train stage's models/): adds its errors on "
+                    "the labels of seen words (seen_word_errors)")
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/real_unseen_words.json"))
     args = ap.parse_args()
     data = Path(args.data)
@@ -108,14 +145,20 @@ def main() -> None:
             sys.exit(f"real_unseen_words: {f} not found")
     captions = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)["caption"].tolist()
     try:  # the evaluate stage's reader: image or filepath column, labels kept as strings
-        labels = pd.Series(LabelledSet.load(data / f"eval_{args.set}.csv").labels)
+        ds = LabelledSet.load(data / f"eval_{args.set}.csv")
     except DatasetError as e:
         sys.exit(f"real_unseen_words: {e}")
+    labels = pd.Series(ds.labels)
     recall = json.loads(Path(args.per_class).read_text())[args.set]["recall"]
     source = os.path.relpath(Path(args.per_class).resolve(), ROOT)  # the report names it from the repo root
     result = {"set": args.set, "per_class": source, **split_by_novel_words(captions, labels, recall),
               "novel_words_compound_of_caption_words": compound_labels(captions, labels),
               "gpt2_split_label_words": gpt2_split_forms(captions, sorted(set(labels)))}
+    if args.model:
+        sims = model_similarities(args.model, ds)
+        folders = [p.parent.name for p in ds.images]
+        result["seen_word_errors"] = {"model": os.path.relpath(args.model.resolve(), ROOT),
+                                      **seen_word_errors(sims, ds.targets(), ds.classnames, folders, captions)}
     with atomic_path(Path(args.out)) as tmp:
         tmp.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -43,3 +44,17 @@ def test_compound_labels_need_every_novel_word_made_of_two_caption_words():
     assert compound_labels(captions, labels) == {"classes": 3, "images": 4,
                                                   "labels": ["potsun", "sunflower", "toothbrush pot"]}
     assert compound_labels(captions, pd.Series(["potsun"]), part=4)["classes"] == 0
+
+
+def test_seen_word_errors_rank_the_truth_and_count_near_misses():
+    from benchmarks.real_unseen_words import seen_word_errors
+    captions = ["man juggling (juggler)", "woman (adult)", "tent (camping)"]
+    classes = ["man juggling", "woman juggling", "tent", "pretzel"]
+    sims = np.array([[0.9, 0.8, 0.1, 0.0],   # man juggling: right
+                     [0.9, 0.8, 0.1, 0.0],   # woman juggling: a near miss, truth second
+                     [0.1, 0.2, 0.3, 0.9],   # tent: "pretzel" is unrelated, truth second
+                     [0.1, 0.8, 0.3, 0.2]])  # pretzel: a novel word, left out
+    r = seen_word_errors(sims, np.array([0, 1, 2, 3]), classes, ["a", "b", "b", "a"], captions)
+    assert (r["images"], r["errors"], r["errors_sharing_a_word_with_the_truth"]) == (3, 2, 1)
+    assert r["top1"] == pytest.approx(1 / 3) and r["top5"] == 1.0 and r["median_rank_of_truth_in_errors"] == 2
+    assert r["top1_by_folder"] == {"a": {"images": 1, "top1": 1.0}, "b": {"images": 2, "top1": 0.0}}
