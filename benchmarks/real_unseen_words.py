@@ -42,10 +42,15 @@ def words(text: str) -> set[str]:
     return set(WORD.findall(text.lower()))
 
 
+def caption_words(captions: list[str]) -> set[str]:
+    """Every word of every caption: what a label's words are checked against."""
+    return set().union(*map(words, captions))
+
+
 def split_by_novel_words(captions: list[str], labels: pd.Series, recall: dict[str, float]) -> dict:
     """Per group (labels with every word seen in `captions`, labels with a novel word): classes,
     images, mean per-class recall and top-1 over images (recall weighted by each class's images)."""
-    seen = set().union(*map(words, captions))
+    seen = caption_words(captions)
     images = labels.value_counts()
     missing = sorted(set(images.index) - set(recall))
     if missing:
@@ -66,7 +71,7 @@ def compound_labels(captions: list[str], labels: pd.Series, part: int = 3) -> di
     """The labels whose every novel word is two caption words run together, each at least `part`
     letters ("sunflower" from "sun" and "flower"): what captions spelling out compound names could
     reach at most. Classes, images and the labels themselves."""
-    seen = set().union(*map(words, captions))
+    seen = caption_words(captions)
 
     def compound(w: str) -> bool:
         return any(w[:i] in seen and w[i:] in seen for i in range(part, len(w) - part + 1))
@@ -116,7 +121,7 @@ def seen_word_errors(sims: np.ndarray, targets: np.ndarray, classnames: list[str
     errors name a class that shares a word with the truth (a near miss between compositions, `man
     juggling` for `woman juggling`) rather than an unrelated one. `sims` float [N, C], `targets` int [N]."""
     rank = (sims > sims[np.arange(len(targets)), targets][:, None]).sum(1)  # 0: top-1
-    vocab = set().union(*map(words, captions))
+    vocab = caption_words(captions)
     class_words = [words(c) for c in classnames]
     seen = np.array([class_words[t] <= vocab for t in targets])
     wrong = seen & (rank > 0)
@@ -140,7 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "reports/benchmarks/real_unseen_words.json"))
     args = ap.parse_args()
     data = Path(args.data)
-    for f in (data / "train.csv", Path(args.per_class)):
+    for f in (data / "train.csv", Path(args.per_class), *([args.model / "config.json"] if args.model else [])):
         if not f.is_file():
             sys.exit(f"real_unseen_words: {f} not found")
     captions = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)["caption"].tolist()
