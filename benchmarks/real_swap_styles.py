@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clipmodel.io import atomic_path  # noqa: E402
 
+
 def swap(data: Path) -> dict[str, pd.DataFrame]:
     """The three CSVs of the swapped benchmark as DataFrames, image paths relative to `data`.
 
