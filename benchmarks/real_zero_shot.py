@@ -1,21 +1,32 @@
 """Zero-shot transfer of two CLIP recipes trained on the same real captioned data, scored by one evaluator.
 
-Both sides train from scratch on ../shared/real-emoji/train.csv (OpenMoji artwork, CLDR names + tags)
-for the same epochs and batch, then classify its two held-out labelled sets, eval_cross_style.csv
-(the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never trained on), with
-clipmodel.evaluation.score, once per template list of the templates YAML:
+Both sides train from scratch on one training CSV for the same epochs and batch, then classify each
+held-out labelled set with clipmodel.evaluation.score, once per template list of the templates YAML.
+By default the data is ../shared/real-emoji: train.csv (OpenMoji artwork, CLDR names + tags) and the
+sets eval_cross_style.csv (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never
+trained on). `--data DIR` takes DIR/train.csv and every DIR/eval_*.csv instead; `--train` and
+`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. The
+training CSV is read as the project's ingest reads it, with the columns, separator and quoting of
+the recipe's data.csv, and open_clip trains on the same rows: the ones ingest refuses, and images that
+do not decode, are left out of both sides, counted and listed in the output.
 
 - open_clip: its own trainer (`python -m open_clip_train.main`, CPU) with a small ViT (OPEN_CLIP_CONFIG,
   registered through open_clip.add_model_config), open_clip's tokenizer and its defaults except warmup
   (10% of the steps; its default of 10,000 is longer than the run). Its transforms keep alpha as
   open_clip would not: transparent pixels are composited onto the project's data.background, as
   ingest does, instead of convert("RGB") revealing the black stored under them.
-- project: ingest, tokenize and train of real/params.yaml, run in a scratch copy of the repo's code.
+- project: ingest, tokenize and train of --params (default real/params.yaml), run in a scratch copy of the
+  repo's code.
 
 Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other side's last result):
 
     python benchmarks/real_zero_shot.py [--epochs 30] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
     python benchmarks/real_zero_shot.py --skip-openclip -S tokenize.vocab_size=4096 --out …/lever.json  # one lever
+    python benchmarks/real_zero_shot.py --params mydata/params.yaml --train /data/pairs.tsv \
+        --eval-set pets=/data/pets/test.csv --eval-set styles=/data/styles --out mydata/vs_open_clip.json
+
+Raises SystemExit (one line) when a file is missing, the training CSV lacks the recipe's columns, or a
+set is given twice.
 """
 from __future__ import annotations
 
@@ -42,11 +53,12 @@ from benchmarks.machine import device_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
 from clipmodel.evaluation import LabelledSet, score  # noqa: E402
-from clipmodel.images import decode, to_rgb  # noqa: E402
+from clipmodel.images import MAX_PIXELS, ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
+from pipeline.params import CsvSource  # noqa: E402
+from pipeline.sources import Record, SourceError, read_csv  # noqa: E402
 
-EVAL_SETS = ("eval_cross_style", "eval_unseen")
 REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")
 BATCH = 128
 OPEN_CLIP_MODEL = "ViT-192-8-64"  # "vit" in the name selects open_clip's ViT defaults: lr 5e-4, betas (0.9, 0.98), eps 1e-6
@@ -90,11 +102,53 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> flo
     return round(time.perf_counter() - start, 1)
 
 
-def score_sets(data: Path, templates: dict[str, list[str]], load_image: Callable[[Path], Any],
+def eval_sets(data: Path, given: list[str]) -> dict[str, Path]:
+    """The held-out sets by name: `given` NAME=PATH assignments, or else every data/eval_*.csv by its stem."""
+    if not given:
+        found = {p.stem: p for p in sorted(data.glob("eval_*.csv"))}
+        if not found:
+            raise SystemExit(f"real_zero_shot: {data} has no eval_*.csv; name the sets with --eval-set NAME=PATH")
+        return found
+    sets: dict[str, Path] = {}
+    for assignment in given:
+        name, sep, path = assignment.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"real_zero_shot: --eval-set {assignment!r}: expected NAME=PATH")
+        if name in sets:
+            raise SystemExit(f"real_zero_shot: --eval-set {name} given twice")
+        if not Path(path).exists():
+            raise SystemExit(f"real_zero_shot: --eval-set {name}: {path} not found")
+        sets[name] = Path(path).resolve()
+    return sets
+
+
+def training_pairs(csv_params: dict[str, Any], train: Path,
+                   max_pixels: int = MAX_PIXELS) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Every (absolute filepath, caption) row of `train` that the project's ingest reads, with the
+    recipe's data.csv columns, separator and quoting (pipeline.sources.read_csv), and whose image
+    decodes within `max_pixels` (data.max_pixels); and one {where, reason} per row left out."""
+    pairs, left_out = [], []
+    try:
+        for item in read_csv(CsvSource(**{**csv_params, "path": str(train)})):
+            if not isinstance(item, Record):
+                left_out.append({"where": item.source, "reason": item.reason})
+                continue
+            try:
+                decode(item.image, max_pixels)
+            except ImageError as e:
+                left_out.append({"where": item.origin, "reason": str(e)})
+                continue
+            pairs.append((str(item.image), item.captions[0]))
+    except SourceError as e:
+        raise SystemExit(f"real_zero_shot: {e}") from None
+    return pd.DataFrame(pairs, columns=["filepath", "caption"]), left_out
+
+
+def score_sets(sets: dict[str, Path], templates: dict[str, list[str]], load_image: Callable[[Path], Any],
                embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
     scores = {}
-    for name in EVAL_SETS:
-        ds = LabelledSet.load(data / f"{name}.csv")
+    for name, path in sets.items():
+        ds = LabelledSet.load(path)
         for key, tmpl in templates.items():
             result = score(ds, load_image, embed_images, embed_texts, tmpl)
             scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED}
@@ -105,14 +159,12 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], background: list[int],
-                    seed: int) -> dict:
+def train_open_clip(work: Path, rows: pd.DataFrame, sets: dict[str, Path], epochs: int, templates: dict[str, list[str]],
+                    background: list[int], seed: int) -> dict:
     work.mkdir()
     config = work / f"{OPEN_CLIP_MODEL}.json"
     config.write_text(json.dumps(OPEN_CLIP_CONFIG))
-    rows = pd.read_csv(data / "train.csv", dtype=str, keep_default_na=False)
-    rows["filepath"] = [str(data / p) for p in rows["filepath"]]  # open_clip opens paths relative to its cwd
-    rows.to_csv(work / "train.csv", index=False)
+    rows.to_csv(work / "train.csv", index=False)  # absolute paths: open_clip opens them relative to its cwd
     warmup = max(1, epochs * (len(rows) // BATCH) // 10)  # drop_last: full batches only
     argv = ["--train-data", str(work / "train.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
             "--csv-caption-key", "caption", "--csv-separator", ",", "--model", OPEN_CLIP_MODEL,
@@ -126,10 +178,10 @@ def train_open_clip(work: Path, data: Path, epochs: int, templates: dict[str, li
     return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": BATCH,
             "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
             "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
-            **score_open_clip(config, checkpoint, data, templates, background)}
+            **score_open_clip(config, checkpoint, sets, templates, background)}
 
 
-def score_open_clip(config: Path, checkpoint: Path, data: Path, templates: dict[str, list[str]],
+def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, Path], templates: dict[str, list[str]],
                     background: list[int]) -> dict:
     """Parameter count and scores of an open_clip checkpoint, its images preprocessed as in training."""
     import open_clip
@@ -149,15 +201,16 @@ def score_open_clip(config: Path, checkpoint: Path, data: Path, templates: dict[
         return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
     return {"version": open_clip.__version__, "params": n_params(model),
-            "scores": score_sets(data, templates, lambda p: preprocess_val(decode(p)),
+            "scores": score_sets(sets, templates, lambda p: preprocess_val(decode(p)),
                                  embed_images, embed_texts)}
 
 
-def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list[str]], params: dict) -> dict:
+def train_project(work: Path, train: Path, sets: dict[str, Path], epochs: int, templates: dict[str, list[str]],
+                  params: dict) -> dict:
     work.mkdir()
     for name in ("clipmodel", "pipeline", "templates"):
         shutil.copytree(ROOT / name, work / name)
-    params["data"]["csv"]["path"] = str(data / "train.csv")
+    params["data"]["csv"]["path"] = str(train)
     params["train"]["epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -166,20 +219,24 @@ def train_project(work: Path, data: Path, epochs: int, templates: dict[str, list
     print(f"project: {seconds}", flush=True)
     precision = resolve_precision(params["train"]["precision"], resolve_device(params["train"]["device"]))
     return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": precision,
-            "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", data, templates)}
+            "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", sets, templates)}
 
 
-def score_project(folder: Path, data: Path, templates: dict[str, list[str]]) -> dict:
+def score_project(folder: Path, sets: dict[str, Path], templates: dict[str, list[str]]) -> dict:
     """Architecture, parameter count and scores of a model folder the train stage wrote (as `clipmodel zeroshot`)."""
     enc = Encoder.load(folder)
     return {"model": enc.model.cfg.to_dict(), "params": n_params(enc.model),
-            "scores": score_sets(data, templates, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)}
+            "scores": score_sets(sets, templates, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, default=30)
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji",
+                    help="a folder holding train.csv and eval_*.csv (the held-out sets, named by their stems)")
+    ap.add_argument("--train", type=Path, help="the training CSV (default: DATA/train.csv), read with the recipe's data.csv settings")
+    ap.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="NAME=PATH",
+                    help="a held-out labelled set, CSV or ImageFolder (repeatable; default: every DATA/eval_*.csv)")
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
     ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "prompts.yaml")
     ap.add_argument("--template-keys", nargs="+", default=["label", "clip", "label_and_clip"],
@@ -194,29 +251,36 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     data = args.data.resolve()
+    train = (args.train or data / "train.csv").resolve()
+    sets = eval_sets(data, args.eval_sets)
     lists = yaml.safe_load(args.templates.read_text())
     templates = {k: lists[k] for k in args.template_keys}
     params = yaml.safe_load(args.params.read_text())
     for assignment in args.set:
         override(params, assignment)
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
+    rows, left_out = training_pairs(params["data"]["csv"], train, params["data"]["max_pixels"])
+    if left_out:
+        print(f"real_zero_shot: {len(left_out)} rows of {train} left out of both sides (first: {left_out[0]})")
 
     with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
         work = args.keep.resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=work == Path(tmp))
         if not args.skip_openclip:
-            result["open_clip"] = train_open_clip(work / "open_clip", data, args.epochs, templates, params["data"]["background"],
-                                                 args.openclip_seed)
+            result["open_clip"] = train_open_clip(work / "open_clip", rows, sets, args.epochs, templates,
+                                                  params["data"]["background"], args.openclip_seed)
         if not args.skip_project:
-            result["project"] = {"overrides": args.set, **train_project(work / "project", data, args.epochs, templates, params)}
+            result["project"] = {"overrides": args.set,
+                                 **train_project(work / "project", train, sets, args.epochs, templates, params)}
 
-    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), templates={"file": str(args.templates), **templates},
-                  total_seconds=round(time.perf_counter() - start, 1))
+    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), train=str(train), train_pairs=len(rows),
+                  train_left_out=left_out, eval_sets={k: str(v) for k, v in sets.items()},
+                  templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
     if "open_clip" in result and "project" in result:
         a, b = result["open_clip"]["scores"], result["project"]["scores"]
         result["top1_ratio_project_over_open_clip"] = {
             s: {k: round(b[s][k]["top1"] / a[s][k]["top1"], 3) if a[s][k]["top1"] else None for k in a[s] if k in b[s]}
-            for s in EVAL_SETS}
+            for s in a if s in b}
     write_json(args.out, result)
 
     print(f"{'side':10} {'set':17} {'templates':15} {'top1':>6} {'top5':>6} {'recall':>6}")

@@ -11,10 +11,11 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.real_seeds import summary  # noqa: E402
 
 
-def run(open_clip: tuple[float, float], project: tuple[float, float], epochs: int = 30) -> dict:
+def run(open_clip: tuple[float, float], project: tuple[float, float], epochs: int = 30,
+        sets: tuple[str, str] = ("eval_cross_style", "eval_unseen")) -> dict:
     def side(top1, **extra):
         return {"epochs": epochs, "train_seconds": 10.0, "params": 5,
-                "scores": {k: {"label": {"top1": t}} for k, t in zip(("eval_cross_style", "eval_unseen"), top1)}, **extra}
+                "scores": {k: {"label": {"top1": t}} for k, t in zip(sets, top1)}, **extra}
     return {"open_clip": side(open_clip, seed=0), "project": side(project, overrides=[])}
 
 
@@ -33,3 +34,13 @@ def test_runs_of_other_epochs_a_missing_side_or_template_are_one_line_errors():
                 ["a", "b"], "label")
     with pytest.raises(SystemExit, match="a: open_clip has no eval_cross_style scored with template 'clip'"):
         summary([run((0.01, 0.08), (0.05, 0.16))], ["a"], "clip")
+
+
+def test_the_sets_are_the_first_runs_and_a_zero_reference_gives_no_ratio():
+    out = summary([run((0.0, 0.08), (0.05, 0.16), sets=("pets", "styles")),
+                   run((0.02, 0.04), (0.07, 0.12), sets=("pets", "styles"))], ["a", "b"], "label")
+    assert out["ratio_of_means"] == {"pets": 6.0, "styles": 2.333}
+    assert out["ratio_per_seed"]["pets"] == [None, 3.5]
+    with pytest.raises(SystemExit, match="b: open_clip has no pets"):
+        summary([run((0.01, 0.08), (0.05, 0.16), sets=("pets", "styles")), run((0.01, 0.08), (0.05, 0.16))],
+                ["a", "b"], "label")

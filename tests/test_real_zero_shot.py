@@ -1,0 +1,60 @@
+"""benchmarks/real_zero_shot.py: which rows and sets both sides get (the training itself is the benchmark's)."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT))
+from benchmarks.real_zero_shot import eval_sets, training_pairs  # noqa: E402
+
+TSV = {"image_column": "filepath", "caption_column": "title", "sep": "\t", "quoting": "auto"}
+
+
+def png(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+    return path
+
+
+def test_training_pairs_read_as_ingest_reads_and_leave_out_what_it_refuses(tmp_path):
+    png(tmp_path / "img" / "a.png")
+    png(tmp_path / "img" / "b.png")
+    (tmp_path / "img" / "broken.png").write_bytes(b"not a png")
+    (tmp_path / "pairs.tsv").write_text(
+        "filepath\ttitle\n"
+        'img/a.png\t"Casablanca" poster, 1942\n'    # a tab-separated file: quotes are text
+        "img/b.png\n"                                # one field: a malformed row
+        "img/broken.png\ta broken file\n"
+        "img/b.png\t  a second caption  \n")
+    rows, left_out = training_pairs(TSV, tmp_path / "pairs.tsv")
+    assert rows["caption"].tolist() == ['"Casablanca" poster, 1942', "a second caption"]
+    assert rows["filepath"].tolist() == [str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")]
+    assert [(r["where"].rsplit(":", 1)[-1], r["reason"].split(":")[0]) for r in left_out] == [
+        ("line 3", "malformed_row"), ("line 4", "not_an_image")]
+
+
+def test_training_csv_without_the_recipes_columns_is_a_one_line_error(tmp_path):
+    (tmp_path / "train.csv").write_text("image,text\na.png,a cat\n")
+    with pytest.raises(SystemExit, match=r"train.csv: no column 'filepath', 'title'"):
+        training_pairs({**TSV, "sep": ","}, tmp_path / "train.csv")
+
+
+def test_eval_sets_default_to_the_folders_eval_csvs_or_are_named(tmp_path):
+    for name in ("eval_unseen.csv", "eval_cross_style.csv", "train.csv"):
+        (tmp_path / name).write_text("image,label\n")
+    assert list(eval_sets(tmp_path, [])) == ["eval_cross_style", "eval_unseen"]
+    (tmp_path / "pets").mkdir()
+    assert eval_sets(tmp_path, [f"pets={tmp_path / 'pets'}"]) == {"pets": tmp_path / "pets"}
+    with pytest.raises(SystemExit, match="pets given twice"):
+        eval_sets(tmp_path, [f"pets={tmp_path / 'pets'}", f"pets={tmp_path / 'pets'}"])
+    with pytest.raises(SystemExit, match="expected NAME=PATH"):
+        eval_sets(tmp_path, ["pets"])
+    with pytest.raises(SystemExit, match="birds: .*birds.csv not found"):
+        eval_sets(tmp_path, [f"birds={tmp_path / 'birds.csv'}"])
+    with pytest.raises(SystemExit, match="no eval_\\*.csv"):
+        eval_sets(tmp_path / "pets", [])
