@@ -20,7 +20,7 @@ do not decode, are left out of both sides, counted and listed in the output.
 
 Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other side's last result):
 
-    python benchmarks/real_zero_shot.py [--epochs 30] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
+    python benchmarks/real_zero_shot.py [--epochs N] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
     python benchmarks/real_zero_shot.py --skip-openclip -S tokenize.vocab_size=4096 --out …/lever.json  # one lever
     python benchmarks/real_zero_shot.py --params mydata/params.yaml --train /data/pairs.tsv \
         --eval-set pets=/data/pets/test.csv --eval-set styles=/data/styles --out mydata/vs_open_clip.json
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or n
 from benchmarks.machine import device_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import LabelledSet, score  # noqa: E402
+from clipmodel.evaluation import DatasetError, LabelledSet, score  # noqa: E402
 from clipmodel.images import MAX_PIXELS, ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
@@ -60,7 +60,6 @@ from pipeline.params import CsvSource  # noqa: E402
 from pipeline.sources import Record, SourceError, read_csv  # noqa: E402
 
 REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")
-BATCH = 128
 OPEN_CLIP_MODEL = "ViT-192-8-64"  # "vit" in the name selects open_clip's ViT defaults: lr 5e-4, betas (0.9, 0.98), eps 1e-6
 OPEN_CLIP_CONFIG = {
     "embed_dim": 192,
@@ -102,8 +101,8 @@ def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> flo
     return round(time.perf_counter() - start, 1)
 
 
-def eval_sets(data: Path, given: list[str]) -> dict[str, Path]:
-    """The held-out sets by name: `given` NAME=PATH assignments, or else every data/eval_*.csv by its stem."""
+def eval_set_paths(data: Path, given: list[str]) -> dict[str, Path]:
+    """The held-out sets' files by name: `given` NAME=PATH assignments, or else every data/eval_*.csv by its stem."""
     if not given:
         found = {p.stem: p for p in sorted(data.glob("eval_*.csv"))}
         if not found:
@@ -120,6 +119,14 @@ def eval_sets(data: Path, given: list[str]) -> dict[str, Path]:
             raise SystemExit(f"real_zero_shot: --eval-set {name}: {path} not found")
         sets[name] = Path(path).resolve()
     return sets
+
+
+def load_sets(paths: dict[str, Path]) -> dict[str, LabelledSet]:
+    """Each set read (not its images) before any training, so a bad one costs no training time."""
+    try:
+        return {name: LabelledSet.load(path, name=name) for name, path in paths.items()}
+    except DatasetError as e:
+        raise SystemExit(f"real_zero_shot: {e}") from None
 
 
 def training_pairs(csv_params: dict[str, Any], train: Path,
@@ -139,16 +146,15 @@ def training_pairs(csv_params: dict[str, Any], train: Path,
                 left_out.append({"where": item.origin, "reason": str(e)})
                 continue
             pairs.append((str(item.image), item.captions[0]))
-    except SourceError as e:
-        raise SystemExit(f"real_zero_shot: {e}") from None
+    except SourceError as e:  # the recipe's data.csv does not fit the file
+        raise SystemExit(f"real_zero_shot: {e} in the recipe that --params names") from None
     return pd.DataFrame(pairs, columns=["filepath", "caption"]), left_out
 
 
-def score_sets(sets: dict[str, Path], templates: dict[str, list[str]], load_image: Callable[[Path], Any],
+def score_sets(sets: dict[str, LabelledSet], templates: dict[str, list[str]], load_image: Callable[[Path], Any],
                embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
     scores = {}
-    for name, path in sets.items():
-        ds = LabelledSet.load(path)
+    for name, ds in sets.items():
         for key, tmpl in templates.items():
             result = score(ds, load_image, embed_images, embed_texts, tmpl)
             scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED}
@@ -159,29 +165,29 @@ def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_open_clip(work: Path, rows: pd.DataFrame, sets: dict[str, Path], epochs: int, templates: dict[str, list[str]],
-                    background: list[int], seed: int) -> dict:
+def train_open_clip(work: Path, rows: pd.DataFrame, sets: dict[str, LabelledSet], epochs: int, batch: int,
+                    templates: dict[str, list[str]], background: list[int], seed: int) -> dict:
     work.mkdir()
     config = work / f"{OPEN_CLIP_MODEL}.json"
     config.write_text(json.dumps(OPEN_CLIP_CONFIG))
     rows.to_csv(work / "train.csv", index=False)  # absolute paths: open_clip opens them relative to its cwd
-    warmup = max(1, epochs * (len(rows) // BATCH) // 10)  # drop_last: full batches only
+    warmup = max(1, epochs * (len(rows) // batch) // 10)  # drop_last: full batches only
     argv = ["--train-data", str(work / "train.csv"), "--dataset-type", "csv", "--csv-img-key", "filepath",
             "--csv-caption-key", "caption", "--csv-separator", ",", "--model", OPEN_CLIP_MODEL,
-            "--batch-size", str(BATCH), "--epochs", str(epochs), "--warmup", str(warmup),
+            "--batch-size", str(batch), "--epochs", str(epochs), "--warmup", str(warmup),
             "--precision", OPEN_CLIP_PRECISION, "--device", "cpu", "--workers", "1", "--seed", str(seed),
             "--logs", str(work / "logs"), "--name", "run", "--save-frequency", "0"]  # 0: the last epoch only
-    print(f"open_clip: {epochs} epochs of {len(rows) // BATCH} steps, warmup {warmup} steps, {OPEN_CLIP_PRECISION}", flush=True)
+    print(f"open_clip: {epochs} epochs of {len(rows) // batch} steps, warmup {warmup} steps, {OPEN_CLIP_PRECISION}", flush=True)
     cmd = [sys.executable, "-c", LAUNCHER, str(config), json.dumps(background), *argv]
     seconds = run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)}, work / "train.log")
     checkpoint = work / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt"
-    return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": BATCH,
+    return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": batch,
             "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
             "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
             **score_open_clip(config, checkpoint, sets, templates, background)}
 
 
-def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, Path], templates: dict[str, list[str]],
+def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, LabelledSet], templates: dict[str, list[str]],
                     background: list[int]) -> dict:
     """Parameter count and scores of an open_clip checkpoint, its images preprocessed as in training."""
     import open_clip
@@ -205,7 +211,7 @@ def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, Path], templ
                                  embed_images, embed_texts)}
 
 
-def train_project(work: Path, train: Path, sets: dict[str, Path], epochs: int, templates: dict[str, list[str]],
+def train_project(work: Path, train: Path, sets: dict[str, LabelledSet], epochs: int, templates: dict[str, list[str]],
                   params: dict) -> dict:
     work.mkdir()
     for name in ("clipmodel", "pipeline", "templates"):
@@ -222,7 +228,7 @@ def train_project(work: Path, train: Path, sets: dict[str, Path], epochs: int, t
             "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", sets, templates)}
 
 
-def score_project(folder: Path, sets: dict[str, Path], templates: dict[str, list[str]]) -> dict:
+def score_project(folder: Path, sets: dict[str, LabelledSet], templates: dict[str, list[str]]) -> dict:
     """Architecture, parameter count and scores of a model folder the train stage wrote (as `clipmodel zeroshot`)."""
     enc = Encoder.load(folder)
     return {"model": enc.model.cfg.to_dict(), "params": n_params(enc.model),
@@ -231,7 +237,7 @@ def score_project(folder: Path, sets: dict[str, Path], templates: dict[str, list
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--epochs", type=int, help="both sides' epochs (default: the recipe's train.epochs, after -S)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji",
                     help="a folder holding train.csv and eval_*.csv (the held-out sets, named by their stems)")
     ap.add_argument("--train", type=Path, help="the training CSV (default: DATA/train.csv), read with the recipe's data.csv settings")
@@ -240,7 +246,8 @@ def main() -> None:
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
     ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "prompts.yaml")
     ap.add_argument("--template-keys", nargs="+", default=["label", "clip", "label_and_clip"],
-                    help="the lists of --templates to score each side with")
+                    help="the lists of --templates to score each side with (templates/prompts.yaml has label, "
+                         "clip and label_and_clip)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "real_zero_shot.json")
     ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
     ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
@@ -252,12 +259,17 @@ def main() -> None:
     start = time.perf_counter()
     data = args.data.resolve()
     train = (args.train or data / "train.csv").resolve()
-    sets = eval_sets(data, args.eval_sets)
+    paths = eval_set_paths(data, args.eval_sets)
+    sets = load_sets(paths)
     lists = yaml.safe_load(args.templates.read_text())
+    unknown = [k for k in args.template_keys if k not in lists]
+    if unknown:
+        raise SystemExit(f"real_zero_shot: --template-keys {unknown[0]}: not in {args.templates} (it has {', '.join(lists)})")
     templates = {k: lists[k] for k in args.template_keys}
     params = yaml.safe_load(args.params.read_text())
     for assignment in args.set:
         override(params, assignment)
+    epochs = args.epochs or params["train"]["epochs"]
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
     rows, left_out = training_pairs(params["data"]["csv"], train, params["data"]["max_pixels"])
     if left_out:
@@ -267,14 +279,15 @@ def main() -> None:
         work = args.keep.resolve() if args.keep else Path(tmp)
         work.mkdir(parents=True, exist_ok=work == Path(tmp))
         if not args.skip_openclip:
-            result["open_clip"] = train_open_clip(work / "open_clip", rows, sets, args.epochs, templates,
-                                                  params["data"]["background"], args.openclip_seed)
+            result["open_clip"] = train_open_clip(work / "open_clip", rows, sets, epochs, params["train"]["batch_size"],
+                                                  templates, params["data"]["background"], args.openclip_seed)
         if not args.skip_project:
             result["project"] = {"overrides": args.set,
-                                 **train_project(work / "project", train, sets, args.epochs, templates, params)}
+                                 **train_project(work / "project", train, sets, epochs, templates, params)}
 
-    result.update(machine=device_name(), cpus=os.cpu_count(), data=str(data), train=str(train), train_pairs=len(rows),
-                  train_left_out=left_out, eval_sets={k: str(v) for k, v in sets.items()},
+    result.pop("data", None)
+    used = {} if args.train and args.eval_sets else {"data": str(data)}  # --data only where it named a file
+    result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=str(train), train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
                   templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
     if "open_clip" in result and "project" in result:
         a, b = result["open_clip"]["scores"], result["project"]["scores"]

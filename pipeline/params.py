@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 PARAMS_FILE = Path("params.yaml")
@@ -44,6 +44,13 @@ class CsvSource(Section):
     caption_column: str = "title"
     sep: str = "\t"
     quoting: Literal["auto", "csv", "none"] = "auto"  # auto: CSV quoting unless sep is a tab (quotes are text)
+
+    @field_validator("sep")
+    @classmethod
+    def _one_character(cls, sep: str) -> str:
+        if len(sep) != 1:  # the csv module's own error would name neither the key nor the fix
+            raise ValueError(f'one character, not {sep!r}; in YAML a tab is "\\t" in double quotes')
+        return sep
 
 
 class CocoSource(Section):

@@ -10,7 +10,7 @@ from PIL import Image
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_zero_shot import eval_sets, training_pairs  # noqa: E402
+from benchmarks.real_zero_shot import eval_set_paths, load_sets, training_pairs  # noqa: E402
 
 TSV = {"image_column": "filepath", "caption_column": "title", "sep": "\t", "quoting": "auto"}
 
@@ -47,14 +47,24 @@ def test_training_csv_without_the_recipes_columns_is_a_one_line_error(tmp_path):
 def test_eval_sets_default_to_the_folders_eval_csvs_or_are_named(tmp_path):
     for name in ("eval_unseen.csv", "eval_cross_style.csv", "train.csv"):
         (tmp_path / name).write_text("image,label\n")
-    assert list(eval_sets(tmp_path, [])) == ["eval_cross_style", "eval_unseen"]
+    assert list(eval_set_paths(tmp_path, [])) == ["eval_cross_style", "eval_unseen"]
     (tmp_path / "pets").mkdir()
-    assert eval_sets(tmp_path, [f"pets={tmp_path / 'pets'}"]) == {"pets": tmp_path / "pets"}
+    assert eval_set_paths(tmp_path, [f"pets={tmp_path / 'pets'}"]) == {"pets": tmp_path / "pets"}
     with pytest.raises(SystemExit, match="pets given twice"):
-        eval_sets(tmp_path, [f"pets={tmp_path / 'pets'}", f"pets={tmp_path / 'pets'}"])
+        eval_set_paths(tmp_path, [f"pets={tmp_path / 'pets'}", f"pets={tmp_path / 'pets'}"])
     with pytest.raises(SystemExit, match="expected NAME=PATH"):
-        eval_sets(tmp_path, ["pets"])
+        eval_set_paths(tmp_path, ["pets"])
     with pytest.raises(SystemExit, match="birds: .*birds.csv not found"):
-        eval_sets(tmp_path, [f"birds={tmp_path / 'birds.csv'}"])
+        eval_set_paths(tmp_path, [f"birds={tmp_path / 'birds.csv'}"])
     with pytest.raises(SystemExit, match="no eval_\\*.csv"):
-        eval_sets(tmp_path / "pets", [])
+        eval_set_paths(tmp_path / "pets", [])
+
+
+def test_a_set_that_cannot_be_scored_stops_the_run_before_any_training(tmp_path):
+    png(tmp_path / "img" / "a.png")
+    (tmp_path / "good.csv").write_text("image,label\nimg/a.png,cat\n")
+    (tmp_path / "bad.csv").write_text("path,class\nimg/a.png,cat\n")
+    sets = load_sets({"good": tmp_path / "good.csv"})
+    assert sets["good"].name == "good" and sets["good"].classnames == ["cat"]
+    with pytest.raises(SystemExit, match=r"^real_zero_shot: .*bad.csv: needs columns image \(or filepath\) and label"):
+        load_sets({"good": tmp_path / "good.csv", "bad": tmp_path / "bad.csv"})
