@@ -32,7 +32,7 @@ def ratio(project: float, open_clip: float) -> float | None:
 
 def summary(runs: list[dict], names: list[str], template: str) -> dict:
     """The table of `runs` (real_zero_shot.py outputs, one per seed, named by `names` in errors)."""
-    sets = list(runs[0].get("open_clip", runs[0].get("project", {})).get("scores", {}))
+    sets = list(runs[0].get("open_clip", {}).get("scores", {}))  # a run without the side fails below
     top1, epochs = {s: {k: [] for k in sets} for s in SIDES}, set()
     for run, name in zip(runs, names):
         for side in SIDES:
