@@ -46,13 +46,19 @@ def similarities(folder: Path, data: Path, sets: dict[str, LabelledSet],
         print(f"{folder}: {len(skipped)} training images left out of CSLS's reference (first: {skipped[0]})")
     out = {}
     for name, ds in sets.items():
-        feats, _, rejected = embed_images(ds.images, enc.load_image, pixels)
-        if rejected:
-            sys.exit(f"real_posthoc: {rejected[0]['image']}: {rejected[0]['reason']}")
         classes = class_vectors(enc.texts, ds.classnames, DEFAULT_TEMPLATES)
-        sims = unit(feats) @ classes.T
+        sims = set_cosines(enc, ds, classes, "real_posthoc")
         out[name] = (sims, csls(sims, classes, unit(reference), k))
     return out
+
+
+def set_cosines(enc: Encoder, ds: LabelledSet, classes: np.ndarray, tool: str) -> np.ndarray:
+    """float32 [images, classes]: cosines of the set's images to unit class vectors [C, D]. Exits
+    (one line, naming `tool`) when an image does not decode."""
+    feats, _, rejected = embed_images(ds.images, enc.load_image, lambda batch: enc.pixels(np.stack(batch)))
+    if rejected:
+        sys.exit(f"{tool}: {rejected[0]['image']}: {rejected[0]['reason']}")
+    return unit(feats) @ classes.T
 
 
 def csls(sims: np.ndarray, classes: np.ndarray, reference: np.ndarray, k: int) -> np.ndarray:

@@ -104,14 +104,12 @@ def gpt2_split_forms(captions: list[str], labels: list[str]) -> dict[str, int]:
 
 def model_similarities(model: Path, ds: LabelledSet) -> np.ndarray:
     """float32 [images, classes]: a model folder's cosine similarities on the set, bare-name prompts."""
+    from benchmarks.real_posthoc import set_cosines
     from clipmodel.encoder import Encoder
-    from clipmodel.evaluation import class_vectors, embed_images, unit
+    from clipmodel.evaluation import class_vectors
 
     enc = Encoder.load(model)
-    feats, _, rejected = embed_images(ds.images, enc.load_image, lambda batch: enc.pixels(np.stack(batch)))
-    if rejected:
-        sys.exit(f"real_unseen_words: {rejected[0]['image']}: {rejected[0]['reason']}")
-    return unit(feats) @ class_vectors(enc.texts, ds.classnames, ["{}"]).T
+    return set_cosines(enc, ds, class_vectors(enc.texts, ds.classnames, ["{}"]), "real_unseen_words")
 
 
 def seen_word_errors(sims: np.ndarray, targets: np.ndarray, classnames: list[str], folders: list[str],
