@@ -1,8 +1,10 @@
 """`clipmodel`: zero-shot classification, embeddings and captions from a trained model folder (torch).
 
     clipmodel classify --model models/ IMAGE... --labels "red circle,blue square" [--templates FILE] [--top 5]
+        [--support-weight W]
     clipmodel classify --model models/ IMAGE... --labels-file classes.txt
     clipmodel zeroshot --model models/ test.csv [--labels-file FILE] [--templates FILE] [--json metrics.json]
+        [--support-weight W]
     clipmodel embed --model models/ --images IMAGE... --out image_emb.npy
     clipmodel embed --model models/ --texts "a red circle" "a blue star" --out text_emb.npy
     clipmodel caption --model models/efficiency/decoder IMAGE... [--beam 4]
@@ -113,8 +115,11 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
     Raises: ImageError for an image that cannot be decoded (main turns it into SystemExit);
     SystemExit for usage errors and unreadable labelled sets.
     """
+    if args.command in ("zeroshot", "classify"):
+        enc.support = cli_args.support_of(args, parser, enc.support, args.model)
     if args.command == "zeroshot":
-        cli_args.zeroshot(args, parser, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)
+        cli_args.zeroshot(args, parser, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts,
+                          enc.support)
         return
     if args.command == "embed":
         emb = enc.images(args.images) if args.images else enc.texts(args.texts)
@@ -125,6 +130,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
     labels = cli_args.labels_of(args, parser)
     classes = class_embeddings(lambda texts: torch.from_numpy(enc.texts(texts)), labels,
                                cli_args.templates_of(args, parser))
+    if enc.support:
+        classes = torch.from_numpy(enc.support.apply(classes.numpy()))
     top, probs = classify(torch.from_numpy(enc.images(args.images)), classes, enc.logit_scale, args.top)
     for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
         cli_args.print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])

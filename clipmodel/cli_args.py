@@ -12,6 +12,7 @@ import numpy as np
 
 from clipmodel.evaluation import DatasetError, LabelledSet, read_lines, score
 from clipmodel.io import write_json
+from clipmodel.support import SUPPORT_FILE, Support
 from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
 
 
@@ -21,6 +22,34 @@ def add_label_args(parser: argparse.ArgumentParser) -> None:
     labels.add_argument("--labels", help='comma-separated class names, e.g. "cat,dog"')
     labels.add_argument("--labels-file", metavar="FILE", help="one class name per line (names may hold commas)")
     add_templates_arg(parser)
+    add_support_arg(parser)
+
+
+def add_support_arg(parser: argparse.ArgumentParser) -> None:
+    """Add --support-weight W (read by `support_of`)."""
+    parser.add_argument("--support-weight", type=float, metavar="W",
+                        help=f"weight of the model folder's training images in each class vector ({SUPPORT_FILE}, "
+                             "clipmodel.support); 0: plain zero-shot (default: the weight the evaluate stage used)")
+
+
+def support_of(args: argparse.Namespace, parser: argparse.ArgumentParser, found: Support | None,
+               folder: str | Path) -> Support | None:
+    """The support bank to score with: the model folder's (`found`), at --support-weight when given.
+
+    Raises: SystemExit (status 2, usage error) for a negative weight, or a positive one when the
+    folder has no support file.
+    """
+    weight = args.support_weight
+    if weight is None:
+        return found
+    if weight < 0:
+        parser.error("--support-weight must be >= 0")
+    if weight == 0:
+        return None
+    if found is None:
+        parser.error(f"--support-weight: {folder} has no {SUPPORT_FILE} (the evaluate stage writes it beside "
+                     "the model; export copies it into the ONNX folder)")
+    return found.with_weight(weight)
 
 
 def add_templates_arg(parser: argparse.ArgumentParser) -> None:
@@ -74,15 +103,18 @@ def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> ar
     z.add_argument("--classnames", "--labels-file", dest="classnames", metavar="FILE",
                    help="the class list, one per line, names may hold commas (default: the sorted labels)")
     add_templates_arg(z)
+    add_support_arg(z)
     z.add_argument("--json", metavar="OUT", help="also write the metrics, per-class recall and rejections here")
     return z
 
 
 def zeroshot(args: argparse.Namespace, parser: argparse.ArgumentParser, load_image: Callable[[Path], Any],
-             embed_batch: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+             embed_batch: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray],
+             support: Support | None) -> dict:
     """Score SET and print its metrics: the same function and output for either CLI's encoders.
 
-    `load_image` maps a path to what `embed_batch` takes a list of; both embedders return [N, D].
+    `load_image` maps a path to what `embed_batch` takes a list of; both embedders return [N, D];
+    `support` (from `support_of`) joins the class vectors.
     Returns `evaluation.score`'s result; with --json, also writes the metrics there.
 
     Raises: SystemExit, status 2 for a bad --templates file and 1 with a message for a labelled set
@@ -91,13 +123,13 @@ def zeroshot(args: argparse.Namespace, parser: argparse.ArgumentParser, load_ima
     templates = templates_of(args, parser)
     try:
         ds = LabelledSet.load(args.dataset, args.classnames)
-        result = score(ds, load_image, embed_batch, embed_texts, templates)
+        result = score(ds, load_image, embed_batch, embed_texts, templates, support=support)
     except DatasetError as e:
         raise SystemExit(f"{parser.prog}: {e}") from None
     for r in result["rejected_images"]:
         print(f"{parser.prog}: skipped {r['image']}: {r['reason']}")
-    summary = {k: result[k] for k in ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n",
-                                      "classes", "templates", "rejected") if k in result}
+    summary = {k: result[k] for k in ("top1", "top5", "top1_single_template", "top1_without_support",
+                                      "mean_per_class_recall", "n", "classes", "templates", "rejected") if k in result}
     print(json.dumps({ds.name: summary}, indent=2))
     if args.json:
         write_json(args.json, {ds.name: {**summary, **{k: result[k] for k in ("per_class_recall", "most_confused",

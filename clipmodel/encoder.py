@@ -12,6 +12,7 @@ from clipmodel.checkpoint import load_model
 from clipmodel.data import to_tensor
 from clipmodel.images import ImageError, load_image
 from clipmodel.model import CLIP, CLIPEnsemble
+from clipmodel.support import Support
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 
@@ -19,23 +20,26 @@ class Encoder:
     """L2-normalised float32 embeddings [N, embed_dim] of images and texts, `batch_size` at a time on `device`."""
 
     def __init__(self, model: CLIP | CLIPEnsemble, tokenizer, preprocess: dict, batch_size: int = 256,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", support: Support | None = None):
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer, self.preprocess, self.batch_size = tokenizer, preprocess, batch_size
+        self.support = support  # the folder's support bank (clipmodel.support), which the CLIs apply
 
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Encoder:
-        """From a folder the train stage wrote (config.json, clip.safetensors, tokenizer.json).
+        """From a folder the train stage wrote (config.json, clip.safetensors, tokenizer.json), with the
+        support bank the evaluate stage wrote beside them when there is one.
 
         Raises: FileNotFoundError when `folder` has no config.json or clip.safetensors; RuntimeError
-        when the weights do not fit the config.
+        when the weights do not fit the config; ValueError for a malformed support file.
         """
         folder = Path(folder)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json: not a model folder written by the train stage")
         model, config = load_model(folder)
-        return cls(model, load_tokenizer(folder / config["tokenizer"]), config["preprocess"], batch_size, device)
+        return cls(model, load_tokenizer(folder / config["tokenizer"]), config["preprocess"], batch_size, device,
+                   Support.find(folder))
 
     @property
     def logit_scale(self) -> float:

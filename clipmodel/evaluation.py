@@ -15,12 +15,15 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from clipmodel.templates import DEFAULT_TEMPLATES
+
+if TYPE_CHECKING:
+    from clipmodel.support import Support
 
 IMAGE_COLUMNS = ("image", "filepath")  # `filepath` is the column ingest's CSV source reads
 
@@ -155,7 +158,8 @@ def unit(x: np.ndarray) -> np.ndarray:
 def top_k(image_features: np.ndarray, classes: np.ndarray, k: int = 5, chunk: int = 1024) -> np.ndarray:
     """int64 [N, min(k, C)]: the classes nearest each image by cosine, best first, `chunk` images at a time.
 
-    image_features: [N, D], normalised here; classes: float32 [C, D] unit vectors (`class_vectors`)."""
+    image_features: [N, D], normalised here; classes: float32 [C, D] (`class_vectors`, or with a
+    support term added: clipmodel.support)."""
     k = min(k, len(classes))
     out = np.empty((len(image_features), k), dtype=np.int64)
     for s in range(0, len(image_features), chunk):
@@ -199,22 +203,31 @@ def metrics(top: np.ndarray, targets: np.ndarray, classnames: Sequence[str], con
 
 def zero_shot(image_features: np.ndarray, targets: np.ndarray, classnames: Sequence[str],
               embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str],
-              class_texts: Sequence[str] | None = None, chunk: int = 1024) -> tuple[dict[str, Any], np.ndarray]:
+              class_texts: Sequence[str] | None = None, chunk: int = 1024,
+              support: Support | None = None) -> tuple[dict[str, Any], np.ndarray]:
     """Metrics of the template ensemble, plus top-1 with the first template alone, and the ensemble's
     top-5 predictions int64 [N, min(5, C)]. Features [N, D] need not be normalised; targets are int
     class indices [N]. `class_texts` fill the templates' `{}` where they differ from the names
-    reported (default: the class names). No templates means DEFAULT_TEMPLATES.
+    reported (default: the class names). No templates means DEFAULT_TEMPLATES. `support` adds its
+    training images to every class vector (clipmodel.support), single-template ones too; with a
+    positive weight, `top1_without_support` gives the ensemble's top-1 without them.
 
     Raises: DatasetError when there is nothing to score (N = 0).
     """
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = list(class_texts or classnames)
-    ensemble = class_vectors(embed_texts, texts, templates)
-    top = top_k(image_features, ensemble, 5, chunk)
+
+    def vectors(tmpl: list[str]) -> np.ndarray:
+        v = class_vectors(embed_texts, texts, tmpl)
+        return support.apply(v) if support else v
+
+    top = top_k(image_features, vectors(templates), 5, chunk)
     result = metrics(top, targets, classnames)
-    single = top if len(templates) == 1 else top_k(image_features, class_vectors(embed_texts, texts, templates[:1]),
-                                                   1, chunk)
+    single = top if len(templates) == 1 else top_k(image_features, vectors(templates[:1]), 1, chunk)
     result["top1_single_template"] = float((single[:, 0] == targets).mean())
+    if support and support.weight:  # the paper's zero-shot beside it, so the support's share shows
+        plain = top_k(image_features, class_vectors(embed_texts, texts, templates), 1, chunk)
+        result["top1_without_support"] = float((plain[:, 0] == targets).mean())
     result["templates"] = len(templates)
     return result, top
 
@@ -244,8 +257,10 @@ def embed_images(paths: Sequence[Path], load_image: Callable[[Path], Any],
 
 def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch: Callable[[list[Any]], np.ndarray],
           embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str] = DEFAULT_TEMPLATES,
-          batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it) -> dict[str, Any]:
-    """Zero-shot metrics of a labelled set (see `metrics`), with `rejected` (count) and `rejected_images`,
+          batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it,
+          support: Support | None = None) -> dict[str, Any]:
+    """Zero-shot metrics of a labelled set (see `metrics`; `support` as in `zero_shot`), with `rejected`
+    (count) and `rejected_images`,
     and for plots the positions of the scored images in `ds.images` (`kept`, int64 [M]) and their top-5
     (`predictions`, int64 [M, min(5, C)]).
 
@@ -255,5 +270,5 @@ def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch
     if len(kept) == 0:
         raise DatasetError(f"{ds.name}: none of its {len(ds.images)} images could be decoded "
                            f"(first: {rejected[0]['image']}: {rejected[0]['reason']})")
-    result, top = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, templates)
+    result, top = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, templates, support=support)
     return {**result, "rejected": len(rejected), "rejected_images": rejected, "kept": kept, "predictions": top}

@@ -30,6 +30,7 @@ from clipmodel.data import Corpus, to_tensor
 from clipmodel.io import atomic_path
 from clipmodel.model import CLIP
 from clipmodel.runtime import ClipRuntime, Preprocess
+from clipmodel.support import SUPPORT_FILE, Support
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import EOT, PAD, SOT, context_length, encode, load_tokenizer, trim_padding
 
@@ -145,7 +146,11 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
                   "templates": list(DEFAULT_TEMPLATES), "evaluated_templates": evaluated_templates or {},
                   "image_steps": IMAGE_STEPS, "text_steps": TEXT_STEPS,
                   "outputs": "both encoders return float32 [N, embed_dim] L2-normalised embeddings",
-                  "pillow": PIL.__version__}
+                  "pillow": PIL.__version__, "support": None}
+    support = Support.find(folder)
+    if support:
+        preprocess["support"] = {"file": SUPPORT_FILE, "weight": support.weight, "temperature": support.temperature,
+                                 "images": len(support.images), "captions": len(support.captions)}
     with atomic_path(out_dir) as tmp, torch.no_grad():
         tmp.mkdir()
         batch = torch.export.Dim("batch")
@@ -156,6 +161,8 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
                 {0: batch, 1: torch.export.Dim("sequence", min=1, max=cfg.context_length)})
         (tmp / TOKENIZER_JSON).write_text(standalone_tokenizer(tok))
         (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
+        if support:
+            shutil.copy(folder / SUPPORT_FILE, tmp / SUPPORT_FILE)
         (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}))
         for name in (IMAGE_ONNX, TEXT_ONNX):
             stamp_metadata(tmp / name, preprocess)
@@ -187,6 +194,19 @@ def stamp_metadata(path: Path, preprocess: dict) -> None:
 
 def _numbered(items: list[str]) -> str:
     return "\n".join(f"{i}. {item}" for i, item in enumerate(items, 1))
+
+
+def _support_steps(support: dict | None) -> str:
+    if not support:
+        return "This folder has no support set: the class vectors are the text embeddings alone.\n"
+    return f"""
+With `{support["file"]}` (safetensors: `images` float32 [M, D], `captions` float32 [K, D], `caption_image`
+int64 [K]; the training images and captions, embedded and L2-normalised), each class vector t also gets
+weight ({support["weight"]}) x s added, unnormalised, where s is the L2-normalised sum over captions k of
+softmax_k(t . captions[k] / temperature ({support["temperature"]})) x images[caption_image[k]]; weight 0
+is plain zero-shot (clipmodel/support.py, after SuS-X, Udandarao et al. 2023). Cosine(image, class)
+above is then image . (t + weight s) for the unit image embedding.
+"""
 
 
 def model_card(pre: dict, config: dict, metrics: dict[str, float]) -> str:
@@ -221,7 +241,7 @@ context_length {pre["context_length"]}, pad_id {pre["pad_id"]}, sot_id {pre["sot
 For each class, format every template in `templates` ({pre["templates"]}) with the class name, embed the
 prompts, average them and L2-normalise the mean (prompt ensembling, Radford et al. 2021 sec. 3.1.4).
 Probabilities: softmax over classes of logit_scale ({pre["logit_scale"]:.4f}) x cosine(image, class).
-
+{_support_steps(pre["support"])}
 ## Metrics
 Top-1 (zero-shot, linear probe, supervised baseline) and retrieval R@1, as the pipeline measured them (fractions):
 {chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
@@ -324,8 +344,9 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path, images: np.ndarray,
             stem = name.removesuffix(".onnx")
             sizes[f"{stem}_fp32"] = (onnx_dir / name).stat().st_size
             sizes[f"{stem}_int8"] = (tmp / name).stat().st_size
-        for name in (TOKENIZER_JSON, PREPROCESS_JSON):
-            shutil.copy(onnx_dir / name, tmp / name)
+        for name in (TOKENIZER_JSON, PREPROCESS_JSON, SUPPORT_FILE):
+            if name != SUPPORT_FILE or (onnx_dir / name).is_file():
+                shutil.copy(onnx_dir / name, tmp / name)
         (tmp / MODEL_CARD).write_text((onnx_dir / MODEL_CARD).read_text() + f"""
 ## Quantisation
 Both encoders here are statically quantised (onnxruntime QDQ): int8 weights per output channel, uint8

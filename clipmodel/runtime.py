@@ -23,6 +23,7 @@ from tokenizers import Tokenizer
 from clipmodel.evaluation import class_vectors, unit
 from clipmodel.images import ImageError, load_image, preprocess, to_rgb
 from clipmodel.io import atomic_path
+from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
@@ -59,7 +60,7 @@ def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scal
     """Top-k class indices int64 [N, min(k, C)] and their probabilities [N, min(k, C)] (float32 for
     float32 inputs), softmax(logit_scale * cosine) over all classes (Radford et al. 2021, sec. 3.1.2).
 
-    image_embeddings: [N, D], normalised here; class_embeddings: [C, D] unit vectors."""
+    image_embeddings: [N, D], normalised here; class_embeddings: [C, D] (`ClipRuntime.class_embeddings`)."""
     logits = logit_scale * unit(image_embeddings) @ class_embeddings.T
     logits -= logits.max(-1, keepdims=True)
     probs = np.exp(logits)
@@ -117,15 +118,18 @@ class ClipRuntime:
     Every embedding is float32 [N, D] and L2-normalised (D = preprocess.json's embed_dim)."""
 
     def __init__(self, folder: Path, image: ort.InferenceSession, text: ort.InferenceSession, tokenizer: Tokenizer,
-                 pre: Preprocess):
+                 pre: Preprocess, support: Support | None = None):
         self.folder, self.image, self.text, self.tokenizer, self.pre = folder, image, text, tokenizer, pre
+        self.support = support  # added to every class vector (clipmodel.support); None: plain zero-shot
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> ClipRuntime:
         """Open a folder written by `python -m clipmodel.export` on CPU with `threads` intra-op threads.
 
+        The folder's support.safetensors, when export copied one there, joins every class vector.
+
         Raises: FileNotFoundError when the folder or one of its four files is missing; ValueError or
-        KeyError for a preprocess.json that `Preprocess.read` refuses.
+        KeyError for a preprocess.json that `Preprocess.read` refuses or a malformed support file.
         """
         folder = Path(folder)
         if not folder.is_dir():
@@ -139,7 +143,7 @@ class ClipRuntime:
         sessions = [ort.InferenceSession(str(folder / n), opts, providers=["CPUExecutionProvider"])
                     for n in ("image_encoder.onnx", "text_encoder.onnx")]
         return cls(folder, *sessions, load_tokenizer(folder / "tokenizer.json"),
-                   Preprocess.read(folder / "preprocess.json"))
+                   Preprocess.read(folder / "preprocess.json"), Support.find(folder))
 
     def embed_pixels(self, images: np.ndarray) -> np.ndarray:
         """uint8 [N, S, S, 3] preprocessed images -> float32 [N, D] unit embeddings."""
@@ -178,9 +182,10 @@ class ClipRuntime:
         return out
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
-        """float32 [C, D] unit class vectors: each label's prompt embeddings averaged
-        (clipmodel.evaluation.class_vectors)."""
-        return class_vectors(self.encode_texts, labels, templates)
+        """float32 [C, D] class vectors: each label's prompt embeddings averaged
+        (clipmodel.evaluation.class_vectors), unit, or with `support`'s term added when it is set."""
+        classes = class_vectors(self.encode_texts, labels, templates)
+        return self.support.apply(classes) if self.support else classes
 
     def classify(self, images: Sequence[ImageSource], labels: Sequence[str],
                  templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5) -> list[list[tuple[str, float]]]:

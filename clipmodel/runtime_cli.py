@@ -1,8 +1,10 @@
 """clip-onnx: zero-shot classification, zero-shot accuracy and text-to-image search with an exported model, no torch.
 
     clip-onnx classify --model models/onnx cat.jpg dog.png --labels "cat,dog" [--templates FILE] [--top 5]
+        [--support-weight W]
     clip-onnx classify --model models/onnx cat.jpg --labels-file classes.txt
     clip-onnx zeroshot --model models/onnx test.csv [--labels-file FILE] [--templates FILE] [--json metrics.json]
+        [--support-weight W]
     clip-onnx search --model models/onnx --images photos/ "a red circle" [--top 5]
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.Argumen
     """
     labels = cli_args.labels_of(args, parser)
     templates = cli_args.templates_of(args, parser)
+    rt.support = cli_args.support_of(args, parser, rt.support, args.model)
     for image, top in zip(args.images, rt.classify(args.images, labels, templates, args.top)):
         cli_args.print_top(image, top)
 
@@ -35,7 +38,8 @@ def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.Argumen
 
     Raises: SystemExit for bad templates or a labelled set that cannot be scored.
     """
-    cli_args.zeroshot(args, parser, rt.pre.rgb, lambda batch: rt.embed_pixels(np.stack(batch)), rt.encode_texts)
+    cli_args.zeroshot(args, parser, rt.pre.rgb, lambda batch: rt.embed_pixels(np.stack(batch)), rt.encode_texts,
+                      cli_args.support_of(args, parser, rt.support, args.model))
 
 
 def search(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

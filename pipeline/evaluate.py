@@ -26,11 +26,12 @@ from clipmodel.data import Corpus
 from clipmodel.encoder import Encoder
 from clipmodel.io import write_json
 from clipmodel.retrieval import ranks, summarize
+from clipmodel.support import SUPPORT_FILE, Support
 from pipeline import plots, tracking
 from pipeline.dvcfile import flatten
 from pipeline.device import resolve_device
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
-from pipeline.params import load_params
+from pipeline.params import EvaluateParams, load_params
 from pipeline.tasks import Task, canonical_scene, tasks_for
 
 def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
@@ -41,10 +42,22 @@ def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
     return np.concatenate(out) if out else np.empty((0, enc.model.cfg.output_dim), np.float32)
 
 
-def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str]) -> tuple[dict, np.ndarray]:
+def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str],
+              support: Support) -> tuple[dict, np.ndarray]:
     """A synthetic task's metrics (clipmodel.evaluation.metrics) and top-5 predictions on the images it covers."""
     return evaluation.zero_shot(features[task.mask], task.targets[task.mask], task.classes, embed_texts, templates,
-                                class_texts=task.texts)
+                                class_texts=task.texts, support=support)
+
+
+def training_support(enc: Encoder, corpus: Corpus, train: np.ndarray, ev: EvaluateParams, seed: int) -> Support:
+    """clipmodel.support's bank: the train split's images (at most ev.support_images, a seeded sample
+    beyond) with every caption ingest kept for them, embedded by `enc`."""
+    if len(train) > ev.support_images:
+        train = np.sort(np.random.default_rng(seed).choice(train, ev.support_images, replace=False))
+    captions = corpus.manifest.captions.to_numpy()[train]
+    owner = np.repeat(np.arange(len(train)), [len(c) for c in captions])
+    return Support(embed_split(enc, corpus, train), enc.texts([c for cs in captions for c in cs]), owner,
+                   ev.support_weight, ev.support_temperature)
 
 
 def retrieval(image_features: torch.Tensor, text_features: torch.Tensor, image_keys: np.ndarray,
@@ -89,7 +102,8 @@ def linear_probe(task: Task, feats: dict[str, np.ndarray], targets: dict[str, np
 
 
 PROBED = ("shape", "color", "size", "position", "count")  # synthetic tasks with a linear probe
-SCALARS = ("top1", "top5", "top1_single_template", "mean_per_class_recall", "n", "classes", "templates", "rejected")
+SCALARS = ("top1", "top5", "top1_single_template", "top1_without_support", "mean_per_class_recall", "n", "classes",
+           "templates", "rejected")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -105,6 +119,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--per-class", type=Path, default=Path("reports/per_class.json"),
                     help="output: per-class recall and confusions")
     ap.add_argument("--plots", type=Path, default=Path("reports/plots/eval"), help="output: the plots folder")
+    ap.add_argument("--support", type=Path, default=Path("models") / SUPPORT_FILE,
+                    help="output: the support bank (clipmodel.support), for the CLIs and export")
     return ap.parse_args(argv)
 
 
@@ -127,12 +143,15 @@ def main(argv: list[str] | None = None) -> None:
     probed = [name for name in PROBED if all(name in by_split[s] for s in split)]
     # train and val images are embedded only for the linear probe, which needs labels in every split
     feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items() if name == "test" or probed}
+    support = training_support(enc, corpus, split["train"], ev, p.data.seed)
+    support.save(args.support)
 
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}
     per_class: dict = {}
     plotted: list[plots.Scored] = []
     for task in by_split["test"].values():
-        r, top = zero_shot(task, feats["test"], enc.texts, templates_of(table, task.templates, f"task {task.name}"))
+        r, top = zero_shot(task, feats["test"], enc.texts, templates_of(table, task.templates, f"task {task.name}"),
+                           support)
         metrics["zero_shot"][task.name] = {k: r[k] for k in SCALARS if k in r}
         per_class[task.name] = {"recall": r["per_class_recall"], "most_confused": r["most_confused"]}
         where = test[task.mask]
@@ -142,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
               f"n={r['n']})")
     for ds, templates in sets:
         r = evaluation.score(ds, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts, templates,
-                             ev.batch_size)
+                             ev.batch_size, support=support)
         metrics["zero_shot"][ds.name] = {k: r[k] for k in SCALARS if k in r}
         per_class[ds.name] = {"recall": r["per_class_recall"], "most_confused": r["most_confused"],
                               "rejected_images": r["rejected_images"]}

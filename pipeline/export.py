@@ -58,6 +58,7 @@ class Checks:
 
     def __init__(self, p: Params, corpus: Corpus, test: np.ndarray, enc: Encoder):
         table = read_templates(p.evaluate.templates)
+        self.support = enc.support  # the bank evaluate scored with, the same for every encoder compared
         self.tasks = [(t, templates_of(table, t.templates, f"task {t.name}"))
                       for t in tasks_for(p.data, corpus.manifest.labels.to_numpy()[test])]
         self.test_pixels = corpus.images(test) if self.tasks else None
@@ -84,10 +85,11 @@ class Checks:
             feats = embed_pixels(self.test_pixels)
             for task, templates in self.tasks:
                 out[task.name] = evaluation.zero_shot(feats[task.mask], task.targets[task.mask], task.classes,
-                                                      embed_texts, templates, task.texts)[0]["top1"]
+                                                      embed_texts, templates, task.texts,
+                                                      support=self.support)[0]["top1"]
         for ds, templates, pixels, targets in self.sets:
             out[ds.name] = evaluation.zero_shot(embed_pixels(pixels), targets, ds.classnames, embed_texts,
-                                                templates)[0]["top1"]
+                                                templates, support=self.support)[0]["top1"]
         return out
 
 

@@ -241,6 +241,11 @@ class EvaluateParams(Section):
     batch_size: int = Field(256, ge=1)
     retrieval_chunk: int = Field(2048, ge=1)
     probe_grid: list[float] = [0.01, 0.1, 1.0, 10.0, 100.0]  # logistic-regression C values tried on val
+    # Support-set zero-shot (clipmodel/support.py): class vector + weight * its training images. 0: the
+    # paper's zero-shot. The bank (models/support.safetensors) is written either way, for the CLIs.
+    support_weight: float = Field(0.0, ge=0)
+    support_temperature: float = Field(0.01, gt=0)  # of the softmax over caption cosines
+    support_images: int = Field(100_000, ge=1)      # training images in the bank at most (a seeded sample beyond)
 
 
 class ExportParams(Section):

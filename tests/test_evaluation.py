@@ -124,6 +124,7 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
     params["evaluate"]["templates"] = str(ROOT / "templates/prompts.yaml")
     params["evaluate"]["datasets"] = {"colours": {"path": str(csv_path), "templates": "label"},
                                       "tree": {"path": str(tree)}}
+    params["evaluate"]["support_weight"] = 1.0  # the CLIs take it from the bank evaluate writes
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(workspace, "train")
     out = run_stage(workspace, "evaluate").stdout
@@ -137,12 +138,14 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
     label = workspace / "label.txt"
     label.write_text("{}\n")
     assert run("-m", "clipmodel.export", "--model", "models", "--out", "onnx", cwd=workspace).returncode == 0
+    assert (workspace / "onnx/support.safetensors").is_file()
     for cli, model in (("clipmodel.cli", "models"), ("clipmodel.runtime_cli", "onnx")):
         proc = run("-m", cli, "zeroshot", "--model", model, str(csv_path), "--templates", str(label),
                    "--json", f"{model}.json", cwd=workspace)
         assert proc.returncode == 0, proc.stderr
         got = json.loads((workspace / f"{model}.json").read_text())["set"]
-        for key in ("top1", "top1_single_template", "mean_per_class_recall", "n", "rejected"):
+        for key in ("top1", "top1_single_template", "top1_without_support", "mean_per_class_recall", "n",
+                    "rejected"):
             assert got[key] == pytest.approx(zs["colours"][key], abs=1e-9), (cli, key)
         assert "broken.png" in proc.stdout
     bad = run("-m", "clipmodel.cli", "zeroshot", "--model", "models", str(tree), "--labels-file", str(label),
