@@ -4,6 +4,7 @@ seed by seed.
 
     python benchmarks/real_seeds.py RUN_S0.json RUN_S1.json RUN_S2.json \
         --out reports/benchmarks/real_zero_shot_e30_seeds.json [--template label] [--how "what was run"]
+        [--scores scores_support]
 
 Each RUN is one real_zero_shot.py output holding both sides (a `--skip-openclip` run into a copy of an
 earlier output keeps that output's open_clip side). Raises SystemExit (one line) when a run lacks a
@@ -30,27 +31,38 @@ def ratio(project: float, open_clip: float) -> float | None:
     return round(float(project / open_clip), 3) if open_clip else None
 
 
-def summary(runs: list[dict], names: list[str], template: str) -> dict:
-    """The table of `runs` (real_zero_shot.py outputs, one per seed, named by `names` in errors)."""
+def summary(runs: list[dict], names: list[str], template: str, scores: str = "scores") -> dict:
+    """The table of `runs` (real_zero_shot.py outputs, one per seed, named by `names` in errors), by
+    `scores`: "scores" (the paper's zero-shot) or "scores_support" (support-set zero-shot on both
+    sides; then also open_clip's better of the two scorings, seed by seed, and the ratio to that)."""
     sets = list(runs[0].get("open_clip", {}).get("scores", {}))  # a run without the side fails below
-    top1, epochs = {s: {k: [] for k in sets} for s in SIDES}, set()
+    kinds = ("scores", "scores_support") if scores == "scores_support" else ("scores",)
+    top1 = {kind: {s: {k: [] for k in sets} for s in SIDES} for kind in kinds}
+    epochs = set()
     for run, name in zip(runs, names):
         for side in SIDES:
             if side not in run:
                 raise SystemExit(f"real_seeds: {name} has no {side} side")
             epochs.add(run[side]["epochs"])
-            for k in sets:
-                try:
-                    top1[side][k].append(round(run[side]["scores"][k][template]["top1"], 4))
-                except KeyError:
-                    raise SystemExit(f"real_seeds: {name}: {side} has no {k} scored with template {template!r}") from None
+            for kind in kinds:
+                for k in sets:
+                    try:
+                        top1[kind][side][k].append(round(run[side][kind][k][template]["top1"], 4))
+                    except KeyError:
+                        raise SystemExit(f"real_seeds: {name}: {side} has no {k} in {kind} with template "
+                                         f"{template!r}") from None
     if len(epochs) != 1:
         raise SystemExit(f"real_seeds: the runs differ in epochs ({sorted(epochs)}); compare like with like")
-    a, b = top1["open_clip"], top1["project"]
+    a, b = top1[scores]["open_clip"], top1[scores]["project"]
+    extra = {}
+    if scores == "scores_support":
+        best = {k: [max(x, y) for x, y in zip(top1["scores"]["open_clip"][k], a[k])] for k in sets}
+        extra = {"top1_zero_shot": top1["scores"], "open_clip_best_of_both": best,
+                 "ratio_of_means_to_open_clip_best": {k: ratio(np.mean(b[k]), np.mean(best[k])) for k in sets}}
     return {
-        "epochs": epochs.pop(), "templates": template, "top1": top1,
+        "epochs": epochs.pop(), "templates": template, "scores": scores, "top1": top1[scores],
         "ratio_of_means": {k: ratio(np.mean(b[k]), np.mean(a[k])) for k in sets},
-        "ratio_per_seed": {k: [ratio(y, x) for x, y in zip(a[k], b[k])] for k in sets},
+        "ratio_per_seed": {k: [ratio(y, x) for x, y in zip(a[k], b[k])] for k in sets}, **extra,
         "train_seconds": {s: [r[s]["train_seconds"] for r in runs] for s in SIDES},
         "params": {s: runs[0][s]["params"] for s in SIDES},
         "seeds": {"open_clip": [r["open_clip"].get("seed") for r in runs],
@@ -65,17 +77,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--template", default="label", help="the template key whose top-1 is compared (default: the bare name)")
     ap.add_argument("--how", default="", help="how the runs were made, kept in the output")
+    ap.add_argument("--scores", choices=("scores", "scores_support"), default="scores",
+                    help="the paper's zero-shot (default) or support-set zero-shot (clipmodel.support) on both sides")
     args = ap.parse_args(argv)
     missing = [str(p) for p in args.runs if not p.is_file()]
     if missing:
         raise SystemExit(f"real_seeds: no such file: {missing[0]}")
     runs = [json.loads(p.read_text()) for p in args.runs]
-    out = {**summary(runs, [str(p) for p in args.runs], args.template), "how": args.how,
+    out = {**summary(runs, [str(p) for p in args.runs], args.template, args.scores), "how": args.how,
            "runs": [{k: r[k] for k in (*SIDES, "total_seconds", "machine") if k in r} for r in runs]}
     write_json(args.out, out)
     for k in out["ratio_of_means"]:
         print(f"{k:17} open_clip {out['top1']['open_clip'][k]}  project {out['top1']['project'][k]}  "
-              f"ratio of means {out['ratio_of_means'][k]}x  per seed {out['ratio_per_seed'][k]}")
+              f"ratio of means {out['ratio_of_means'][k]}x  per seed {out['ratio_per_seed'][k]}"
+              + (f"  to open_clip's best {out['ratio_of_means_to_open_clip_best'][k]}x"
+                 if args.scores != "scores" else ""))
     print(f"wrote {args.out}")
 
 

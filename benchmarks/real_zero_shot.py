@@ -1,7 +1,10 @@
 """Zero-shot transfer of two CLIP recipes trained on the same real captioned data, scored by one evaluator.
 
 Both sides train from scratch on one training CSV for the same epochs and batch, then classify each
-held-out labelled set with clipmodel.evaluation.score, once per template list of the templates YAML.
+held-out labelled set with clipmodel.evaluation.score, once per template list of the templates YAML:
+with the paper's zero-shot (`scores`) and, when the recipe's evaluate.support_weight is positive,
+with support-set zero-shot (`scores_support`, clipmodel.support: each side's own embeddings of the
+training rows join its class vectors, at the recipe's weight and temperature).
 By default the data is ../shared/real-emoji: train.csv (OpenMoji artwork, CLDR names + tags) and the
 sets eval_cross_style.csv (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never
 trained on). `--data DIR` takes DIR/train.csv and every DIR/eval_*.csv instead; `--train` and
@@ -22,6 +25,7 @@ Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other s
 
     python benchmarks/real_zero_shot.py [--epochs N] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
     python benchmarks/real_zero_shot.py --skip-openclip -S tokenize.vocab_size=4096 --out …/lever.json  # one lever
+    python benchmarks/real_zero_shot.py --rescore WORK --out OUT   # score again the models of a --keep WORK run
     python benchmarks/real_zero_shot.py --params mydata/params.yaml --train /data/pairs.tsv \
         --eval-set pets=/data/pets/test.csv --eval-set styles=/data/styles --out mydata/vs_open_clip.json
 
@@ -38,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -52,9 +57,11 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or n
 from benchmarks.machine import device_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import DatasetError, LabelledSet, score  # noqa: E402
+from clipmodel.evaluation import DatasetError, LabelledSet, score, unit  # noqa: E402
+from clipmodel.evaluation import embed_images as embed_images_of  # noqa: E402
 from clipmodel.images import MAX_PIXELS, ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
+from clipmodel.support import Support  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
 from pipeline.params import CsvSource  # noqa: E402
 from pipeline.sources import Record, SourceError, read_csv  # noqa: E402
@@ -152,21 +159,50 @@ def training_pairs(csv_params: dict[str, Any], train: Path,
 
 
 def score_sets(sets: dict[str, LabelledSet], templates: dict[str, list[str]], load_image: Callable[[Path], Any],
-               embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+               embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray],
+               support: Support | None = None) -> dict:
     scores = {}
     for name, ds in sets.items():
         for key, tmpl in templates.items():
-            result = score(ds, load_image, embed_images, embed_texts, tmpl)
-            scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED}
+            result = score(ds, load_image, embed_images, embed_texts, tmpl, support=support)
+            scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED if k in result}  # top5: > 5 classes
     return scores
+
+
+@dataclass
+class Judge:
+    """What both sides are scored on, by the same code: the held-out sets, the template lists, and for
+    support-set zero-shot (clipmodel.support) the training rows and the recipe's evaluate.support_*."""
+    sets: dict[str, LabelledSet]
+    templates: dict[str, list[str]]
+    rows: pd.DataFrame
+    support_weight: float
+    support_temperature: float
+
+    def __call__(self, load_image: Callable[[Path], Any], embed_images: Callable[[list[Any]], np.ndarray],
+                 embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
+        """`scores`: the paper's zero-shot; with a positive support weight also `scores_support`, each
+        side's training-row bank built from its own embeddings."""
+        out = {"scores": score_sets(self.sets, self.templates, load_image, embed_images, embed_texts)}
+        if self.support_weight > 0:
+            feats, _, rejected = embed_images_of(list(self.rows["filepath"]), load_image, embed_images)
+            if rejected:  # training_pairs decoded every row already
+                raise SystemExit(f"real_zero_shot: {rejected[0]['image']}: {rejected[0]['reason']}")
+            captions = list(self.rows["caption"])
+            texts = np.concatenate([embed_texts(captions[i:i + 1024]) for i in range(0, len(captions), 1024)])
+            bank = Support(unit(feats), unit(texts), np.arange(len(captions)), self.support_weight,
+                           self.support_temperature)
+            out["support"] = {"weight": self.support_weight, "temperature": self.support_temperature}
+            out["scores_support"] = score_sets(self.sets, self.templates, load_image, embed_images, embed_texts, bank)
+        return out
 
 
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def train_open_clip(work: Path, rows: pd.DataFrame, sets: dict[str, LabelledSet], epochs: int, batch: int,
-                    templates: dict[str, list[str]], background: list[int], seed: int) -> dict:
+def train_open_clip(work: Path, judge: Judge, epochs: int, batch: int, background: list[int], seed: int) -> dict:
+    rows = judge.rows
     work.mkdir()
     config = work / f"{OPEN_CLIP_MODEL}.json"
     config.write_text(json.dumps(OPEN_CLIP_CONFIG))
@@ -184,11 +220,10 @@ def train_open_clip(work: Path, rows: pd.DataFrame, sets: dict[str, LabelledSet]
     return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": batch,
             "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
             "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
-            **score_open_clip(config, checkpoint, sets, templates, background)}
+            **score_open_clip(config, checkpoint, judge, background)}
 
 
-def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, LabelledSet], templates: dict[str, list[str]],
-                    background: list[int]) -> dict:
+def score_open_clip(config: Path, checkpoint: Path, judge: Judge, background: list[int]) -> dict:
     """Parameter count and scores of an open_clip checkpoint, its images preprocessed as in training."""
     import open_clip
 
@@ -207,12 +242,10 @@ def score_open_clip(config: Path, checkpoint: Path, sets: dict[str, LabelledSet]
         return model.encode_text(tokenizer(texts), normalize=True).numpy()
 
     return {"version": open_clip.__version__, "params": n_params(model),
-            "scores": score_sets(sets, templates, lambda p: preprocess_val(decode(p)),
-                                 embed_images, embed_texts)}
+            **judge(lambda p: preprocess_val(decode(p)), embed_images, embed_texts)}
 
 
-def train_project(work: Path, train: Path, sets: dict[str, LabelledSet], epochs: int, templates: dict[str, list[str]],
-                  params: dict) -> dict:
+def train_project(work: Path, train: Path, judge: Judge, epochs: int, params: dict) -> dict:
     work.mkdir()
     for name in ("clipmodel", "pipeline", "templates"):
         shutil.copytree(ROOT / name, work / name)
@@ -225,14 +258,32 @@ def train_project(work: Path, train: Path, sets: dict[str, LabelledSet], epochs:
     print(f"project: {seconds}", flush=True)
     precision = resolve_precision(params["train"]["precision"], resolve_device(params["train"]["device"]))
     return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": precision,
-            "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", sets, templates)}
+            "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", judge)}
 
 
-def score_project(folder: Path, sets: dict[str, LabelledSet], templates: dict[str, list[str]]) -> dict:
+def score_project(folder: Path, judge: Judge) -> dict:
     """Architecture, parameter count and scores of a model folder the train stage wrote (as `clipmodel zeroshot`)."""
     enc = Encoder.load(folder)
     return {"model": enc.model.cfg.to_dict(), "params": n_params(enc.model),
-            "scores": score_sets(sets, templates, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)}
+            **judge(enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.texts)}
+
+
+def rescore(work: Path, result: dict, judge: Judge, epochs: int, background: list[int], skip_openclip: bool,
+            skip_project: bool) -> None:
+    """Score again the models an earlier run kept (--keep WORK) into `result`, keeping its other fields.
+
+    Raises: SystemExit (one line) when WORK lacks a side's model."""
+    sides = {"open_clip": work / "open_clip" / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt",
+             "project": work / "project" / "models" / "clip.safetensors"}
+    for side, path in sides.items():
+        if (side == "open_clip" and skip_openclip) or (side == "project" and skip_project):
+            continue
+        if not path.is_file():
+            raise SystemExit(f"real_zero_shot: --rescore {work}: {path} not found (run with --keep first)")
+        scores = (score_open_clip(work / "open_clip" / f"{OPEN_CLIP_MODEL}.json", path, judge, background)
+                  if side == "open_clip" else score_project(path.parent, judge))
+        result[side] = {**{k: v for k, v in result.get(side, {}).items() if not k.startswith(("scores", "support"))},
+                        **scores}
 
 
 def main() -> None:
@@ -255,6 +306,9 @@ def main() -> None:
     ap.add_argument("--openclip-seed", type=int, default=0, help="open_clip_train's --seed (its default: 0)")
     ap.add_argument("--skip-openclip", action="store_true")
     ap.add_argument("--skip-project", action="store_true")
+    ap.add_argument("--rescore", type=Path, metavar="WORK",
+                    help="score the models a run with --keep WORK left, instead of training "
+                         "(other fields kept from --out)")
     args = ap.parse_args()
     start = time.perf_counter()
     data = args.data.resolve()
@@ -275,32 +329,41 @@ def main() -> None:
     if left_out:
         print(f"real_zero_shot: {len(left_out)} rows of {train} left out of both sides (first: {left_out[0]})")
 
-    with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
-        work = args.keep.resolve() if args.keep else Path(tmp)
-        work.mkdir(parents=True, exist_ok=work == Path(tmp))
-        if not args.skip_openclip:
-            result["open_clip"] = train_open_clip(work / "open_clip", rows, sets, epochs, params["train"]["batch_size"],
-                                                  templates, params["data"]["background"], args.openclip_seed)
-        if not args.skip_project:
-            result["project"] = {"overrides": args.set,
-                                 **train_project(work / "project", train, sets, epochs, templates, params)}
+    ev = params["evaluate"]
+    judge = Judge(sets, templates, rows, ev.get("support_weight", 0.0), ev.get("support_temperature", 0.01))
+    if args.rescore:
+        rescore(args.rescore, result, judge, epochs, params["data"]["background"], args.skip_openclip,
+                args.skip_project)
+    else:
+        with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
+            work = args.keep.resolve() if args.keep else Path(tmp)
+            work.mkdir(parents=True, exist_ok=work == Path(tmp))
+            if not args.skip_openclip:
+                result["open_clip"] = train_open_clip(work / "open_clip", judge, epochs, params["train"]["batch_size"],
+                                                      params["data"]["background"], args.openclip_seed)
+            if not args.skip_project:
+                result["project"] = {"overrides": args.set,
+                                     **train_project(work / "project", train, judge, epochs, params)}
 
     result.pop("data", None)
     used = {} if args.train and args.eval_sets else {"data": str(data)}  # --data only where it named a file
     result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=str(train), train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
                   templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
-    if "open_clip" in result and "project" in result:
-        a, b = result["open_clip"]["scores"], result["project"]["scores"]
-        result["top1_ratio_project_over_open_clip"] = {
-            s: {k: round(b[s][k]["top1"] / a[s][k]["top1"], 3) if a[s][k]["top1"] else None for k in a[s] if k in b[s]}
-            for s in a if s in b}
+    for scores, ratio in (("scores", "top1_ratio_project_over_open_clip"), ("scores_support", "top1_ratio_support")):
+        result.pop(ratio, None)
+        if scores in result.get("open_clip", {}) and scores in result.get("project", {}):
+            a, b = result["open_clip"][scores], result["project"][scores]
+            result[ratio] = {s: {k: round(b[s][k]["top1"] / a[s][k]["top1"], 3) if a[s][k]["top1"] else None
+                                 for k in a[s] if k in b[s]} for s in a if s in b}
     write_json(args.out, result)
 
-    print(f"{'side':10} {'set':17} {'templates':15} {'top1':>6} {'top5':>6} {'recall':>6}")
+    print(f"{'side':10} {'scoring':14} {'set':17} {'templates':15} {'top1':>6} {'top5':>6} {'recall':>6}")
     for side in ("open_clip", "project"):
-        for s, by_key in result.get(side, {}).get("scores", {}).items():
-            for k, m in by_key.items():
-                print(f"{side:10} {s:17} {k:15} {m['top1']:6.3f} {m['top5']:6.3f} {m['mean_per_class_recall']:6.3f}")
+        for scores in ("scores", "scores_support"):
+            for s, by_key in result.get(side, {}).get(scores, {}).items():
+                for k, m in by_key.items():
+                    print(f"{side:10} {scores:14} {s:17} {k:15} {m['top1']:6.3f} {m.get('top5', np.nan):6.3f} "
+                          f"{m['mean_per_class_recall']:6.3f}")
     print(f"wrote {args.out} in {result['total_seconds']} s on {result['machine']}")
 
 

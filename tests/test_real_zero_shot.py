@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipmodel.evaluation import unit
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
@@ -68,3 +69,37 @@ def test_a_set_that_cannot_be_scored_stops_the_run_before_any_training(tmp_path)
     assert sets["good"].name == "good" and sets["good"].classnames == ["cat"]
     with pytest.raises(SystemExit, match=r"^real_zero_shot: .*bad.csv: needs columns image \(or filepath\) and label"):
         load_sets({"good": tmp_path / "good.csv", "bad": tmp_path / "bad.csv"})
+
+
+def test_the_judge_scores_both_ways_with_the_same_rows_and_support_settings(tmp_path):
+    """Support-set scores come from the side's own embeddings of the training rows; weight 0 gives the
+    paper's zero-shot alone. Four classes: no top-5 to report, which is no error."""
+    import pandas as pd
+
+    from benchmarks.real_zero_shot import Judge
+    from clipmodel.evaluation import LabelledSet, score
+    from clipmodel.support import Support
+
+    colours = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30), "grey": (120, 120, 120)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{name}.png")
+    (tmp_path / "set.csv").write_text("image,label\n" + "".join(f"{n}.png,{n}\n" for n in colours))
+    ds = LabelledSet.load(tmp_path / "set.csv", name="colours")
+    rows = pd.DataFrame({"filepath": [str(tmp_path / f"{n}.png") for n in colours],
+                         "caption": ["a red thing", "a blue thing", "a green one", "grey"]})
+    rng = np.random.default_rng(0)
+    words = {}
+    embed_texts = lambda texts: np.stack([sum(words.setdefault(w, rng.normal(size=6)) for w in t.split())  # noqa: E731
+                                          for t in texts]).astype(np.float32)
+    embed_images = lambda batch: np.stack([np.r_[np.asarray(b, np.float32).mean((0, 1)), 0, 0, 0]  # noqa: E731
+                                           for b in batch])
+    load = lambda p: np.asarray(Image.open(p))  # noqa: E731
+    templates = {"label": ["{}"]}
+    plain = Judge({"colours": ds}, templates, rows, 0.0, 0.01)(load, embed_images, embed_texts)
+    assert set(plain) == {"scores"}
+    both = Judge({"colours": ds}, templates, rows, 2.0, 0.05)(load, embed_images, embed_texts)
+    assert both["scores"] == plain["scores"] and both["support"] == {"weight": 2.0, "temperature": 0.05}
+    bank = Support(unit(embed_images([load(p) for p in rows["filepath"]])), unit(embed_texts(list(rows["caption"]))),
+                   np.arange(4), 2.0, 0.05)
+    expected = score(ds, load, embed_images, embed_texts, ["{}"], support=bank)
+    assert both["scores_support"]["colours"]["label"]["top1"] == expected["top1"]
