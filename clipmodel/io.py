@@ -2,6 +2,7 @@
 the next write of the same target removes what a killed writer left beside it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,3 +63,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     """
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def files_sha256(paths: list[str | Path]) -> str:
+    """Hex SHA-256 of the files' bytes, one after another, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

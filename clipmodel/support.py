@@ -16,6 +16,7 @@ was (docs/real-data.md, "Support-set zero-shot").
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,9 +25,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
 from clipmodel.evaluation import unit
-from clipmodel.io import atomic_path
+from clipmodel.io import atomic_path, files_sha256
 
 SUPPORT_FILE = "support.safetensors"  # beside a model's config.json (models/, models/onnx/)
+WEIGHTS_FILE = "clip.safetensors"  # the weights a torch model folder holds (the ONNX folder has none)
 
 
 @dataclass(frozen=True)
@@ -42,16 +44,17 @@ class Support:
     caption_image: np.ndarray
     weight: float
     temperature: float
+    weights_sha256: str = ""  # of the clip.safetensors that embedded them ("": not recorded)
 
     def __post_init__(self) -> None:
         m, k = len(self.images), len(self.captions)
         if self.images.ndim != 2 or self.captions.ndim != 2 or self.images.shape[1] != self.captions.shape[1]:
             raise ValueError(f"support: images {self.images.shape} and captions {self.captions.shape} "
                              "must be [M, D] and [K, D]")
-        if self.caption_image.shape != (k,) or (k and not 0 <= self.caption_image.min() <= self.caption_image.max() < m):
-            raise ValueError(f"support: caption_image must be [K={k}] rows of the {m} images")
         if k == 0:
             raise ValueError("support: no captions")
+        if self.caption_image.shape != (k,) or not 0 <= self.caption_image.min() <= self.caption_image.max() < m:
+            raise ValueError(f"support: caption_image must be [K={k}] rows of the {m} images")
         if self.weight < 0 or self.temperature <= 0:
             raise ValueError(f"support: weight {self.weight} must be >= 0 and temperature {self.temperature} > 0")
 
@@ -60,7 +63,12 @@ class Support:
 
     def vectors(self, classes: np.ndarray, max_elements: int = 2**24) -> np.ndarray:
         """float32 [C, D] unit support vectors s_c for unit class vectors [C, D], a few classes at a
-        time so that the class-by-caption matrix stays under `max_elements` floats."""
+        time so that the class-by-caption matrix stays under `max_elements` floats.
+
+        Raises: ValueError when the class vectors' D is not the bank's (another model's bank)."""
+        if classes.ndim != 2 or classes.shape[1] != self.images.shape[1]:
+            raise ValueError(f"support: class vectors {classes.shape} do not fit a bank of {self.images.shape[1]}-dim "
+                             "embeddings (was it written for another model?)")
         rows = max(1, max_elements // len(self.captions))
         described = self.images[self.caption_image]  # [K, D]: an image counts once per caption of it
         out = []
@@ -81,7 +89,8 @@ class Support:
             save_file({"images": np.ascontiguousarray(self.images, np.float32),
                        "captions": np.ascontiguousarray(self.captions, np.float32),
                        "caption_image": np.ascontiguousarray(self.caption_image, np.int64)}, str(tmp),
-                      metadata={"weight": repr(float(self.weight)), "temperature": repr(float(self.temperature))})
+                      metadata={"weight": repr(float(self.weight)), "temperature": repr(float(self.temperature)),
+                                "weights_sha256": self.weights_sha256})
 
     @classmethod
     def load(cls, path: str | Path) -> Support:
@@ -90,12 +99,25 @@ class Support:
             with safe_open(str(path), "np") as f:
                 meta = f.metadata() or {}
             t = load_file(str(path))
-            return cls(t["images"], t["captions"], t["caption_image"], float(meta["weight"]), float(meta["temperature"]))
+            return cls(t["images"], t["captions"], t["caption_image"], float(meta["weight"]), float(meta["temperature"]),
+                       meta.get("weights_sha256", ""))
         except (OSError, KeyError, ValueError, SafetensorError) as e:
             raise ValueError(f"{path}: not a support file ({e})") from None
 
     @classmethod
     def find(cls, folder: str | Path) -> Support | None:
-        """The support file of a model folder, or None when it has none."""
+        """The support file of a model folder, or None when it has none, or (with a warning) when it
+        was written for other weights than the folder's clip.safetensors: a model retrained without
+        rerunning evaluate must not be scored with its predecessor's embeddings.
+
+        Raises: ValueError for a malformed support file."""
         path = Path(folder) / SUPPORT_FILE
-        return cls.load(path) if path.is_file() else None
+        if not path.is_file():
+            return None
+        support, weights = cls.load(path), Path(folder) / WEIGHTS_FILE
+        if support.weights_sha256 and weights.is_file() and files_sha256([weights]) != support.weights_sha256:
+            warnings.warn(f"{path} was written for other weights than {weights}; not used (rerun the evaluate "
+                          "stage to write it for these)", stacklevel=2)
+            return None
+        return support
+

@@ -24,9 +24,9 @@ from tqdm import tqdm
 from clipmodel import evaluation
 from clipmodel.data import Corpus
 from clipmodel.encoder import Encoder
-from clipmodel.io import write_json
+from clipmodel.io import files_sha256, write_json
 from clipmodel.retrieval import ranks, summarize
-from clipmodel.support import SUPPORT_FILE, Support
+from clipmodel.support import SUPPORT_FILE, WEIGHTS_FILE, Support
 from pipeline import plots, tracking
 from pipeline.dvcfile import flatten
 from pipeline.device import resolve_device
@@ -49,15 +49,16 @@ def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str
                                 class_texts=task.texts, support=support)
 
 
-def training_support(enc: Encoder, corpus: Corpus, train: np.ndarray, ev: EvaluateParams, seed: int) -> Support:
+def training_support(enc: Encoder, corpus: Corpus, train: np.ndarray, ev: EvaluateParams, seed: int,
+                     weights: Path) -> Support:
     """clipmodel.support's bank: the train split's images (at most ev.support_images, a seeded sample
-    beyond) with every caption ingest kept for them, embedded by `enc`."""
+    beyond) with every caption ingest kept for them, embedded by `enc`, whose weights file is `weights`."""
     if len(train) > ev.support_images:
         train = np.sort(np.random.default_rng(seed).choice(train, ev.support_images, replace=False))
     captions = corpus.manifest.captions.to_numpy()[train]
     owner = np.repeat(np.arange(len(train)), [len(c) for c in captions])
     return Support(embed_split(enc, corpus, train), enc.texts([c for cs in captions for c in cs]), owner,
-                   ev.support_weight, ev.support_temperature)
+                   ev.support_weight, ev.support_temperature, files_sha256([weights]))
 
 
 def retrieval(image_features: torch.Tensor, text_features: torch.Tensor, image_keys: np.ndarray,
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     probed = [name for name in PROBED if all(name in by_split[s] for s in split)]
     # train and val images are embedded only for the linear probe, which needs labels in every split
     feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items() if name == "test" or probed}
-    support = training_support(enc, corpus, split["train"], ev, p.data.seed)
+    support = training_support(enc, corpus, split["train"], ev, p.data.seed, args.model / WEIGHTS_FILE)
     support.save(args.support)
 
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}

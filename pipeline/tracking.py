@@ -6,7 +6,6 @@ store itself is no stage path: $MLFLOW_TRACKING_URI, else mlflow.db in the curre
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 
-from clipmodel.io import _alive, write_json
+from clipmodel.io import _alive, files_sha256, write_json
 
 RUN_FILE = Path("reports/run.json")  # the default of the stages' --run
 
@@ -50,12 +49,7 @@ def git_commit() -> str:
 
 def data_fingerprint(paths: list[str | Path]) -> str:
     """A short hash of the files training read: the same fingerprint means the same data."""
-    h = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()[:16]
+    return files_sha256(paths)[:16]
 
 
 def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_file: str | Path = RUN_FILE) -> str:

@@ -9,11 +9,11 @@ from clipmodel.evaluation import unit
 from clipmodel.support import Support
 
 
-def bank(weight: float = 1.0, temperature: float = 0.01) -> Support:
+def bank(weight: float = 1.0, temperature: float = 0.01, weights_sha256: str = "") -> Support:
     """Three images along the axes; image 0 has two captions, the others one each."""
     images = np.eye(3, 4, dtype=np.float32)
     captions = unit(np.array([[1, 0, 0, 0.1], [1, 0.1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], np.float32))
-    return Support(images, captions, np.array([0, 0, 1, 2]), weight, temperature)
+    return Support(images, captions, np.array([0, 0, 1, 2]), weight, temperature, weights_sha256)
 
 
 def test_each_class_is_joined_by_the_images_of_its_nearest_captions():
@@ -56,6 +56,19 @@ def test_file_round_trip_and_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(ValueError, match="bad.safetensors: not a support file"):
         Support.load(tmp_path / "bad.safetensors")
+
+
+def test_a_bank_of_other_weights_is_not_used_and_says_so(tmp_path):
+    from clipmodel.io import files_sha256
+
+    (tmp_path / "clip.safetensors").write_bytes(b"these weights")
+    bank(weights_sha256=files_sha256([tmp_path / "clip.safetensors"])).save(tmp_path / "support.safetensors")
+    assert Support.find(tmp_path) is not None
+    (tmp_path / "clip.safetensors").write_bytes(b"retrained weights")
+    with pytest.warns(UserWarning, match="written for other weights"):
+        assert Support.find(tmp_path) is None
+    with pytest.raises(ValueError, match="another model"):
+        bank().vectors(np.ones((2, 5), np.float32))
 
 
 @pytest.mark.parametrize("change, message", [
