@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,8 @@ def support_of(args: argparse.Namespace, parser: argparse.ArgumentParser, found:
     weight = args.support_weight
     if weight is None:
         return found
-    if weight < 0:
-        parser.error("--support-weight must be >= 0")
+    if not math.isfinite(weight) or weight < 0:
+        parser.error(f"--support-weight must be a finite number >= 0, not {weight}")
     if weight == 0:
         return None
     if found is None:

@@ -55,8 +55,9 @@ class Support:
             raise ValueError("support: no captions")
         if self.caption_image.shape != (k,) or not 0 <= self.caption_image.min() <= self.caption_image.max() < m:
             raise ValueError(f"support: caption_image must be [K={k}] rows of the {m} images")
-        if self.weight < 0 or self.temperature <= 0:
-            raise ValueError(f"support: weight {self.weight} must be >= 0 and temperature {self.temperature} > 0")
+        if not (np.isfinite(self.weight) and np.isfinite(self.temperature)) or self.weight < 0 or self.temperature <= 0:
+            raise ValueError(f"support: weight {self.weight} must be finite and >= 0, temperature "
+                             f"{self.temperature} finite and > 0")
 
     def with_weight(self, weight: float) -> Support:
         return replace(self, weight=weight)

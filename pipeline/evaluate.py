@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> None:
     feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items() if name == "test" or probed}
     support = training_support(enc, corpus, split["train"], ev, p.data.seed, args.model / WEIGHTS_FILE)
     support.save(args.support)
+    print(f"evaluate: support bank {args.support}: {len(support.images)} images, {len(support.captions)} captions; "
+          f"zero-shot {'at weight ' + str(ev.support_weight) if ev.support_weight else 'without it (weight 0)'}")
 
     metrics: dict = {"zero_shot": {}, "linear_probe": {}}
     per_class: dict = {}
@@ -170,8 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         plotted.append(plots.Scored(ds.name, ds.classnames, ds.targets()[kept], r["predictions"], r,
                                     lambda rows, kept=kept, ds=ds: np.stack([enc.load_image(ds.images[i])
                                                                               for i in kept[rows]])))
+        without = f", without support {r['top1_without_support']:.3f}" if "top1_without_support" in r else ""
         print(f"zero-shot {ds.name}: top1 {r['top1']:.3f}, top5 {r.get('top5', float('nan')):.3f} "
-              f"(single template {r['top1_single_template']:.3f}, n={r['n']}, {r['classes']} classes, "
+              f"(single template {r['top1_single_template']:.3f}{without}, n={r['n']}, {r['classes']} classes, "
               f"{r['rejected']} undecodable image(s){f' listed in {args.per_class}' if r['rejected'] else ''})")
 
     for name in probed:

@@ -76,6 +76,8 @@ def test_a_bank_of_other_weights_is_not_used_and_says_so(tmp_path):
     (dict(captions=np.ones((4, 5), np.float32)), "must be"),
     (dict(weight=-1.0), "weight"),
     (dict(temperature=0.0), "temperature"),
+    (dict(weight=float("inf")), "finite"),
+    (dict(temperature=float("nan")), "finite"),
 ])
 def test_malformed_banks_are_refused(change, message):
     b = bank()
@@ -137,3 +139,8 @@ def test_the_bank_travels_with_the_model_into_both_clis_and_the_runtime(tmp_path
     proc = subprocess.run([sys.executable, "-m", "clipmodel.cli", "classify", "--model", str(models), str(paths[0]),
                            "--labels", "red,blue", "--support-weight", "1"], capture_output=True, text=True)
     assert proc.returncode == 2 and "has no support.safetensors" in proc.stderr.splitlines()[-1]
+    for bad in ("-1", "nan", "inf"):
+        proc = subprocess.run([sys.executable, "-m", "clipmodel.runtime_cli", "classify", "--model", str(onnx),
+                               str(paths[0]), "--labels", "red,blue", "--support-weight", bad], capture_output=True,
+                              text=True)
+        assert proc.returncode == 2 and "must be a finite number >= 0" in proc.stderr.splitlines()[-1], bad
