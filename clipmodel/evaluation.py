@@ -217,16 +217,15 @@ def zero_shot(image_features: np.ndarray, targets: np.ndarray, classnames: Seque
     templates = list(templates) or list(DEFAULT_TEMPLATES)
     texts = list(class_texts or classnames)
 
-    def vectors(tmpl: list[str]) -> np.ndarray:
-        v = class_vectors(embed_texts, texts, tmpl)
-        return support.apply(v) if support else v
-
-    top = top_k(image_features, vectors(templates), 5, chunk)
+    with_support = support.apply if support else (lambda v: v)  # noqa: E731
+    ensemble = class_vectors(embed_texts, texts, templates)
+    top = top_k(image_features, with_support(ensemble), 5, chunk)
     result = metrics(top, targets, classnames)
-    single = top if len(templates) == 1 else top_k(image_features, vectors(templates[:1]), 1, chunk)
+    single = top if len(templates) == 1 else top_k(
+        image_features, with_support(class_vectors(embed_texts, texts, templates[:1])), 1, chunk)
     result["top1_single_template"] = float((single[:, 0] == targets).mean())
     if support and support.weight:  # the paper's zero-shot beside it, so the support's share shows
-        plain = top_k(image_features, class_vectors(embed_texts, texts, templates), 1, chunk)
+        plain = top_k(image_features, ensemble, 1, chunk)
         result["top1_without_support"] = float((plain[:, 0] == targets).mean())
     result["templates"] = len(templates)
     return result, top
