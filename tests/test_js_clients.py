@@ -2,7 +2,8 @@
 
 What must agree with `clipmodel`: preprocessed pixels (bit-exact for PNG, whose decoding is exact;
 JPEG decoders differ, so there the largest difference is measured and bounded), token ids, image and
-text embeddings (cosine >= 0.9999 each) and the zero-shot top-1. The web page runs in headless
+text embeddings (cosine >= 0.9999 each) and the zero-shot top-1, with the folder's support set and
+without it (`--support-weight 0`). The web page runs in headless
 Chromium. Measurements go to reports/js_clients.json and the page's screenshot to reports/web_client.png.
 
 Without node, the npm packages (`npm ci` in examples/node and examples/web), Chromium or selenium
@@ -26,9 +27,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipmodel.encoder import Encoder
 from clipmodel.export import export_onnx
 from clipmodel.images import load_image
+from clipmodel.io import files_sha256
 from clipmodel.runtime import ClipRuntime
+from clipmodel.support import SUPPORT_FILE, WEIGHTS_FILE, Support
 from clipmodel.tokenizer import encode, load_tokenizer
 from conftest_ingest_helpers import png_header
 from test_export import build_model_folder
@@ -90,10 +94,16 @@ def write_report():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """A tiny random ViT exported the way users export theirs."""
+def model_dir(tmp_path_factory, images) -> Path:
+    """A tiny random ViT exported the way users export theirs, with a support set as the evaluate stage
+    writes one: training images (here the test images) and two captions of each, embedded by the model."""
     root = tmp_path_factory.mktemp("js_model")
-    return export_onnx(build_model_folder(root / "model", "vit"), root / "onnx")
+    folder = build_model_folder(root / "model", "vit")
+    enc, paths = Encoder.load(folder), list(images.values())[:10]
+    captions = [f"{template.format(LABELS[i % len(LABELS)])} {i}" for i in range(len(paths)) for template in TEMPLATES[:2]]
+    Support(enc.images(paths), enc.texts(captions), np.repeat(np.arange(len(paths)), 2), weight=1.0,
+            temperature=0.05, weights_sha256=files_sha256([folder / WEIGHTS_FILE])).save(folder / SUPPORT_FILE)
+    return export_onnx(folder, root / "onnx")
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +273,21 @@ def test_embeddings_match_python(node, model_dir, runtime, images):
     assert image_cos.min() >= MIN_COSINE and text_cos.min() >= MIN_COSINE, measured["embedding_cosine"]
 
 
-def test_zero_shot_matches_python(node, model_dir, runtime, images):
+@pytest.mark.parametrize("support_weight", [None, "0", "2.5"])
+def test_zero_shot_matches_python(node, model_dir, runtime, images, support_weight):
+    """The folder's support set at its own weight (None), none (0), and another weight, as in ClipRuntime."""
     paths = list(images.values())
+    weight = () if support_weight is None else ("--support-weight", support_weight)
     js = cli_json(node, "classify", "--model", str(model_dir), "--labels", *LABELS, "--templates", *TEMPLATES,
-                  "--top", str(len(LABELS)), "--", *map(str, paths))
-    py = runtime.classify(paths, LABELS, TEMPLATES, k=len(LABELS))
+                  "--top", str(len(LABELS)), *weight, "--", *map(str, paths))
+    found = runtime.support
+    assert found is not None and found.weight == 1.0
+    if support_weight is not None:
+        runtime.support = found.with_weight(float(support_weight)) if float(support_weight) else None
+    try:
+        py = runtime.classify(paths, LABELS, TEMPLATES, k=len(LABELS))
+    finally:
+        runtime.support = found
     compared, agreed, worst = 0, 0, {".png": 0.0, ".jpg": 0.0}
     for path, js_row, py_row in zip(paths, js, py):
         js_probs = {r["label"]: r["prob"] for r in js_row["top"]}
@@ -275,14 +295,15 @@ def test_zero_shot_matches_python(node, model_dir, runtime, images):
         if py_row[0][1] - py_row[1][1] > MARGIN:
             compared += 1
             agreed += js_row["top"][0]["label"] == py_row[0][0]
-    measured["zero_shot"] = {"images": len(paths), "compared": compared, "top1_agree": agreed,
-                             "max_prob_diff_png": worst[".png"], "max_prob_diff_jpeg": worst[".jpg"]}
+    result = measured.setdefault("zero_shot", {})[f"support_weight_{support_weight or 'default'}"] = {
+        "images": len(paths), "compared": compared, "top1_agree": agreed,
+        "max_prob_diff_png": worst[".png"], "max_prob_diff_jpeg": worst[".jpg"]}
     assert compared >= len(paths) // 2, "too many near ties to say anything: change the labels"
     # Same pixels (PNG): only float rounding apart. JPEG: the decoders' differences move probabilities a little.
-    assert agreed == compared and worst[".png"] < 1e-4 and worst[".jpg"] < 0.02, measured["zero_shot"]
+    assert agreed == compared and worst[".png"] < 1e-4 and worst[".jpg"] < 0.02, result
 
 
-def test_cli_errors_name_the_problem(node, model_dir, tmp_path):
+def test_cli_errors_name_the_problem(node, model_dir, images, tmp_path):
     not_image = tmp_path / "notes.png"
     not_image.write_text("hello")
     proc = run_cli(node, "embed", "--model", str(model_dir), "--images", str(not_image))
@@ -296,6 +317,23 @@ def test_cli_errors_name_the_problem(node, model_dir, tmp_path):
     proc = run_cli(node, "classify", "--model", str(model_dir), "--labels", "a", "--templates", "no braces", "--", "x")
     assert proc.returncode == 2 and "{}" in proc.stderr
     assert run_cli(node, "nonsense").returncode == 2
+    for weight in ("-1", "nan", "inf", "x"):
+        proc = run_cli(node, "classify", "--model", str(model_dir), "--labels", "a", "--support-weight", weight, "--", "x")
+        assert proc.returncode == 2 and "--support-weight must be a finite number >= 0" in proc.stderr, weight
+    plain = tmp_path / "plain"  # a folder exported before evaluate wrote a support set
+    shutil.copytree(model_dir, plain, ignore=shutil.ignore_patterns(SUPPORT_FILE))
+    pre = json.loads((plain / "preprocess.json").read_text())
+    (plain / "preprocess.json").write_text(json.dumps({**pre, "support": None}))
+    image = str(images["rgb_97x61.png"])
+    proc = run_cli(node, "classify", "--model", str(plain), "--labels", "a", "b", "--support-weight", "1", "--", image)
+    assert proc.returncode == 2 and f"has no {SUPPORT_FILE}" in proc.stderr
+    assert len(cli_json(node, "classify", "--model", str(plain), "--labels", "a", "b", "--", image)) == 1
+    (plain / "preprocess.json").write_text(json.dumps(pre))  # listed but missing: named
+    proc = run_cli(node, "classify", "--model", str(plain), "--labels", "a", "--", image)
+    assert proc.returncode == 1 and SUPPORT_FILE in proc.stderr
+    (plain / SUPPORT_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")  # truncated
+    proc = run_cli(node, "classify", "--model", str(plain), "--labels", "a", "--", image)
+    assert proc.returncode == 1 and SUPPORT_FILE in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ export const FILES = {
   text: "text_encoder.onnx",
   tokenizer: "tokenizer.json",
   preprocess: "preprocess.json",
+  support: "support.safetensors", // optional: the support set (clipmodel.support), listed in preprocess.json
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -106,11 +107,11 @@ export function dot(a, b) {
   return s;
 }
 
-/** softmax(scale * x) over one row, computed stably. */
+/** softmax(scale * x) over one row, computed stably (a loop: a bank's rows are too many to spread). */
 export function softmax(values, scale = 1) {
-  const logits = values.map((v) => v * scale);
-  const max = Math.max(...logits);
-  const exps = logits.map((v) => Math.exp(v - max));
+  let max = -Infinity;
+  for (const v of values) max = Math.max(max, v * scale);
+  const exps = values.map((v) => Math.exp(v * scale - max));
   const sum = exps.reduce((a, b) => a + b, 0);
   return exps.map((e) => e / sum);
 }
@@ -121,12 +122,84 @@ function rows(flat, dim) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Support set
+
+/**
+ * A safetensors file (8-byte little-endian header length, JSON header, raw little-endian data) ->
+ * {tensors: {name: {shape, data}}, metadata}; F32 gives a Float32Array, I64 a BigInt64Array.
+ */
+export function readSafetensors(bytes, name = "safetensors") {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const headerLength = bytes.length >= 8 ? Number(view.getBigUint64(0, true)) : Infinity;
+  if (8 + headerLength > bytes.length) throw new Error(`${name}: not a safetensors file (too short)`);
+  const header = JSON.parse(new TextDecoder().decode(bytes.subarray(8, 8 + headerLength)));
+  const types = { F32: Float32Array, I64: BigInt64Array };
+  const tensors = {};
+  for (const [key, { dtype, shape, data_offsets: [begin, end] = [] }] of Object.entries(header)) {
+    if (key === "__metadata__") continue;
+    const Type = types[dtype];
+    const count = shape.reduce((a, b) => a * b, 1);
+    if (!Type || end - begin !== count * Type.BYTES_PER_ELEMENT || 8 + headerLength + end > bytes.length) {
+      throw new Error(`${name}: tensor ${key} (${dtype} ${JSON.stringify(shape)}) cannot be read`);
+    }
+    // A copy: typed arrays need offsets aligned to their element size, which the format does not promise.
+    const start = 8 + headerLength + begin;
+    tensors[key] = { shape, data: new Type(bytes.slice(start, start + end - begin).buffer) };
+  }
+  return { tensors, metadata: header.__metadata__ ?? {} };
+}
+
+/**
+ * Support-set zero-shot (clipmodel.support): the training images and captions the model embedded.
+ * A unit class vector t becomes t + weight * s, not renormalised, where s is the unit sum over captions
+ * k of softmax_k(t . captions[k] / temperature) * images[captionImage[k]]; weight 0 is plain zero-shot.
+ */
+export class SupportSet {
+  constructor(images, captions, captionImage, weight, temperature) {
+    Object.assign(this, { images, captions, captionImage, weight, temperature });
+  }
+
+  /** support.safetensors's bytes -> SupportSet; throws naming the file when it is not a bank of dim-d rows. */
+  static fromBytes(bytes, dim, name = FILES.support) {
+    const { tensors, metadata } = readSafetensors(bytes, name);
+    const { images, captions, caption_image: captionImage } = tensors;
+    const weight = Number(metadata.weight), temperature = Number(metadata.temperature);
+    if (!images || !captions || !captionImage || images.shape[1] !== dim || captions.shape[1] !== dim ||
+        captionImage.shape[0] !== captions.shape[0] || !(weight >= 0) || !(temperature > 0)) {
+      throw new Error(`${name}: not a support set of ${dim}-d embeddings`);
+    }
+    const imageRows = rows(images.data, dim);
+    const index = Array.from(captionImage.data, Number);
+    if (index.some((i) => !(i >= 0 && i < imageRows.length))) throw new Error(`${name}: caption_image out of range`);
+    return new SupportSet(imageRows, rows(captions.data, dim), index, weight, temperature);
+  }
+
+  withWeight(weight) {
+    return new SupportSet(this.images, this.captions, this.captionImage, weight, this.temperature);
+  }
+
+  /** Unit class vector Float32Array [D] -> Float32Array [D]: t + weight * s. */
+  apply(t) {
+    if (this.weight === 0) return t;
+    const w = softmax(this.captions.map((c) => dot(t, c)), 1 / this.temperature);
+    const s = new Float64Array(t.length);
+    w.forEach((wk, k) => {
+      const image = this.images[this.captionImage[k]];
+      for (let d = 0; d < s.length; d++) s[d] += wk * image[d];
+    });
+    const su = unit(s);
+    return Float32Array.from(t, (v, d) => v + this.weight * su[d]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Model
 
 export class ClipModel {
   /**
    * ort: onnxruntime-node or onnxruntime-web; readFile(name) -> Promise<Uint8Array> of a file of the
-   * exported folder; sessionOptions go to both InferenceSession.create calls.
+   * exported folder; sessionOptions go to both InferenceSession.create calls. The folder's support set,
+   * where preprocess.json lists one, joins every class vector (`model.support = null`: plain zero-shot).
    */
   static async load(ort, readFile, sessionOptions = {}) {
     const decoder = new TextDecoder();
@@ -135,15 +208,17 @@ export class ClipModel {
     // One after the other: two sessions initialising at once double the peak memory.
     const image = await ort.InferenceSession.create(await readFile(FILES.image), sessionOptions);
     const text = await ort.InferenceSession.create(await readFile(FILES.text), sessionOptions);
-    return new ClipModel(ort, image, text, new CaptionTokenizer(tokenizerJson, pre), pre);
+    const support = pre.support ? SupportSet.fromBytes(await readFile(pre.support.file), pre.embed_dim) : null;
+    return new ClipModel(ort, image, text, new CaptionTokenizer(tokenizerJson, pre), pre, support);
   }
 
-  constructor(ort, imageSession, textSession, tokenizer, pre) {
+  constructor(ort, imageSession, textSession, tokenizer, pre, support = null) {
     this.ort = ort;
     this.imageSession = imageSession;
     this.textSession = textSession;
     this.tokenizer = tokenizer;
     this.pre = pre;
+    this.support = support;
     this.size = pre.image_size;
     this.dim = pre.embed_dim;
     this.logitScale = pre.logit_scale;
@@ -211,7 +286,8 @@ export class ClipModel {
 
   /**
    * One unit vector per label: the label's prompts (each template with "{}" replaced by it) embedded,
-   * each normalised, averaged and renormalised (clipmodel.evaluation.class_vectors).
+   * each normalised, averaged and renormalised (clipmodel.evaluation.class_vectors), with the support
+   * set's term added when there is one (ClipRuntime.class_embeddings).
    */
   async classEmbeddings(labels, templates = this.templates) {
     // A replacer function, so that "$&" or "$1" in a label stays literal.
@@ -223,7 +299,7 @@ export class ClipModel {
         const u = unit(e);
         for (let d = 0; d < this.dim; d++) mean[d] += u[d] / templates.length;
       }
-      return unit(mean);
+      return this.support ? this.support.apply(unit(mean)) : unit(mean);
     });
   }
 

@@ -2,7 +2,8 @@
 // Command-line client for an exported clipmodel folder; prints JSON on stdout.
 //
 //   node clip.mjs embed    --model DIR [--images A.png B.jpg ...] [--texts "a caption" ...]
-//   node clip.mjs classify --model DIR --labels cat dog [--templates "a photo of a {}." ...] [--top K] -- IMAGE...
+//   node clip.mjs classify --model DIR --labels cat dog [--templates "a photo of a {}." ...] [--top K]
+//                          [--support-weight W] -- IMAGE...
 //   node clip.mjs tokens   --model DIR --texts "a caption" ...                   (token ids only)
 //   node clip.mjs pixels   --size S [--background R,G,B] [--out DIR] IMAGE...   (preprocessed pixels only)
 //
@@ -18,10 +19,10 @@ import { decodeImage } from "./decode.mjs";
 import { preprocessImage } from "./preprocess.mjs";
 
 const LIST_OPTIONS = new Set(["images", "texts", "labels", "templates"]);
-const VALUE_OPTIONS = new Set(["model", "top", "threads", "size", "background", "out"]);
+const VALUE_OPTIONS = new Set(["model", "top", "threads", "size", "background", "out", "support-weight"]);
 const USAGE = `usage:
   clip.mjs embed    --model DIR [--images IMAGE...] [--texts TEXT...]
-  clip.mjs classify --model DIR --labels LABEL... [--templates T...] [--top K] [--] IMAGE...
+  clip.mjs classify --model DIR --labels LABEL... [--templates T...] [--top K] [--support-weight W] [--] IMAGE...
   clip.mjs tokens   --model DIR --texts TEXT...
   clip.mjs pixels   --size S [--background R,G,B] [--out DIR] IMAGE...`;
 
@@ -98,6 +99,18 @@ async function classify({ options, positionals }) {
   const bad = templates.filter((t) => t.split("{}").length !== 2);
   if (bad.length) throw new UsageError(`every template needs exactly one "{}" (bad: ${bad.join(", ")})`);
   const top = Number(options.top ?? 5);
+  if (options["support-weight"] !== undefined) {
+    // As clipmodel's CLIs: the folder's support set at another weight; 0 is the paper's zero-shot.
+    const weight = Number(options["support-weight"]);
+    if (!Number.isFinite(weight) || weight < 0) {
+      throw new UsageError(`--support-weight must be a finite number >= 0, not ${options["support-weight"]}`);
+    }
+    if (weight > 0 && !model.support) {
+      throw new UsageError(`--support-weight: ${options.model} has no ${FILES.support} (the evaluate stage writes ` +
+                           "it beside the model; export copies it into the ONNX folder)");
+    }
+    model.support = weight > 0 ? model.support.withWeight(weight) : null;
+  }
   const classes = await model.classEmbeddings(labels, templates);
   const scores = model.scoreLabels(await model.encodeImages(images.map(readImage)), classes, labels);
   return images.map((file, i) => ({ path: file, top: scores[i].slice(0, top) }));

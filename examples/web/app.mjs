@@ -37,7 +37,9 @@ async function loadModel(readFile, where) {
   $("#templates").value = model.templates.join("\n");
   $("#preview").width = $("#preview").height = model.size;
   setStatus($("#model-status"), `Model from ${where}: ${model.size}×${model.size} pixels, ` +
-            `${model.dim}-d embeddings, ${ort.env.wasm.numThreads} thread(s).`, "ready");
+            `${model.dim}-d embeddings, ${ort.env.wasm.numThreads} thread(s)` +
+            (model.support ? `, support set of ${model.support.images.length} images at weight ${model.support.weight}.`
+                           : "."), "ready");
   $("#classify").disabled = false;
   state.index = []; // another model's embeddings mean nothing to this one
   $("#search").disabled = true;
