@@ -1,6 +1,6 @@
 """Zero-shot transfer of two CLIP recipes trained on the same real captioned data, scored by one evaluator.
 
-Both sides train from scratch on one training CSV for the same epochs and batch, then classify each
+Both sides train from scratch on the same captioned images for the same epochs and batch, then classify each
 held-out labelled set with clipmodel.evaluation.score, once per template list of the templates YAML:
 with the paper's zero-shot (`scores`) and, when the recipe's evaluate.support_weight is positive,
 with support-set zero-shot (`scores_support`, clipmodel.support: each side's own embeddings of the
@@ -8,10 +8,13 @@ training rows join its class vectors, at the recipe's weight and temperature).
 By default the data is ../shared/real-emoji: train.csv (OpenMoji artwork, CLDR names + tags) and the
 sets eval_cross_style.csv (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never
 trained on). `--data DIR` takes DIR/train.csv and every DIR/eval_*.csv instead; `--train` and
-`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. The
-training CSV is read as the project's ingest reads it, with the columns, separator and quoting of
-the recipe's data.csv, and open_clip trains on the same rows: the ones ingest refuses, and images that
-do not decode, are left out of both sides, counted and listed in the output.
+`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. A recipe
+whose data.source is coco, webdataset or folder trains both sides on its own data.<source> instead
+(paths relative to the params file, as the stages read them). The training data is read as the
+project's ingest reads it (pipeline.sources, with the recipe's columns, separator and quoting for a
+CSV), and open_clip trains on the same (image, caption) pairs, one CSV row per caption (images inside
+shards are written to a scratch folder for it): what ingest refuses, and images that do not decode,
+are left out of both sides, counted and listed in the output.
 
 - open_clip: its own trainer (`python -m open_clip_train.main`, CPU) with a small ViT (OPEN_CLIP_CONFIG,
   registered through open_clip.add_model_config), open_clip's tokenizer and its defaults except warmup
@@ -29,8 +32,8 @@ Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other s
     python benchmarks/real_zero_shot.py --params mydata/params.yaml --train /data/pairs.tsv \
         --eval-set pets=/data/pets/test.csv --eval-set styles=/data/styles --out mydata/vs_open_clip.json
 
-Raises SystemExit (one line) when a file is missing, the training CSV lacks the recipe's columns, or a
-set is given twice.
+Raises SystemExit (one line) when a file is missing, the training CSV lacks the recipe's columns, --train
+names a CSV for a recipe of another source, or a set is given twice.
 """
 from __future__ import annotations
 
@@ -63,8 +66,8 @@ from clipmodel.images import MAX_PIXELS, ImageError, decode, to_rgb  # noqa: E40
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.support import Support  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
-from pipeline.params import CsvSource  # noqa: E402
-from pipeline.sources import Record, SourceError, read_csv  # noqa: E402
+from pipeline.params import DataParams  # noqa: E402
+from pipeline.sources import Rejection, SourceError, read  # noqa: E402
 
 REPORTED = ("top1", "top5", "mean_per_class_recall", "top1_single_template", "n", "classes", "rejected")
 OPEN_CLIP_MODEL = "ViT-192-8-64"  # "vit" in the name selects open_clip's ViT defaults: lr 5e-4, betas (0.9, 0.98), eps 1e-6
@@ -75,6 +78,7 @@ OPEN_CLIP_CONFIG = {
 }
 OPEN_CLIP_PRECISION = "amp_bf16"
 LAUNCHER = "import sys; from benchmarks.real_zero_shot import launch; launch(sys.argv[1:])"
+SOURCE_PATHS = {"csv": ("path",), "coco": ("annotations", "images"), "webdataset": ("shards",), "folder": ("path",)}
 
 
 def composite_alpha(background: list[int]) -> None:
@@ -136,24 +140,53 @@ def load_sets(paths: dict[str, Path]) -> dict[str, LabelledSet]:
         raise SystemExit(f"real_zero_shot: {e}") from None
 
 
-def training_pairs(csv_params: dict[str, Any], train: Path,
-                   max_pixels: int = MAX_PIXELS) -> tuple[pd.DataFrame, list[dict[str, str]]]:
-    """Every (absolute filepath, caption) row of `train` that the project's ingest reads, with the
-    recipe's data.csv columns, separator and quoting (pipeline.sources.read_csv), and whose image
-    decodes within `max_pixels` (data.max_pixels); and one {where, reason} per row left out."""
+def recipe_data(data: dict[str, Any], base: Path, train: Path | None) -> dict[str, Any]:
+    """The recipe's data section with its source's paths made absolute (they are relative to `base`,
+    the params file's folder, where the stages run), and `train` in place of data.csv.path when given.
+
+    Raises: SystemExit (one line) for a synthetic recipe, --train with another source than csv, or a
+    source section without its paths."""
+    source = data["source"]
+    if source not in SOURCE_PATHS:
+        raise SystemExit(f"real_zero_shot: the recipe's data.source is {source}; this benchmark trains on "
+                         f"captioned images ({', '.join(SOURCE_PATHS)})")
+    if train and source != "csv":
+        raise SystemExit(f"real_zero_shot: --train names a training CSV, but the recipe's data.source is {source}: "
+                         f"both sides train on its data.{source}")
+    section = {**(data.get(source) or {}), **({"path": str(train)} if train else {})}
+    for key in SOURCE_PATHS[source]:
+        if not section.get(key):
+            raise SystemExit(f"real_zero_shot: the recipe has no data.{source}.{key}")
+        section[key] = os.path.normpath(base / section[key])  # not resolve(): webdataset's is a glob
+    return {**data, source: section}
+
+
+def training_pairs(data: dict[str, Any], scratch: Path) -> tuple[pd.DataFrame, list[dict[str, str]]]:
+    """Every (absolute image path, caption) pair of `data` (a recipe's data section, paths absolute)
+    that the project's ingest reads (pipeline.sources.read), one per caption, whose image decodes within
+    data.max_pixels; and one {where, reason} per item left out. Images inside shards are written to
+    `scratch`, since open_clip's CSV loader opens files.
+
+    Raises: SystemExit (one line) when the source as a whole cannot be read."""
     pairs, left_out = [], []
+    recipe = DataParams(**data)
     try:
-        for item in read_csv(CsvSource(**{**csv_params, "path": str(train)})):
-            if not isinstance(item, Record):
+        for item in read(recipe):
+            if isinstance(item, Rejection):
                 left_out.append({"where": item.source, "reason": item.reason})
                 continue
             try:
-                decode(item.image, max_pixels)
+                decode(item.image, recipe.max_pixels)
             except ImageError as e:
                 left_out.append({"where": item.origin, "reason": str(e)})
                 continue
-            pairs.append((str(item.image), item.captions[0]))
-    except SourceError as e:  # the recipe's data.csv does not fit the file
+            image = item.image
+            if isinstance(image, bytes):
+                scratch.mkdir(parents=True, exist_ok=True)
+                image = scratch / f"{len(pairs):08d}"  # PIL opens it by its content, not its name
+                image.write_bytes(item.image)
+            pairs.extend((str(Path(image).absolute()), caption) for caption in item.captions)
+    except SourceError as e:  # the recipe's data section does not fit the files
         raise SystemExit(f"real_zero_shot: {e} in the recipe that --params names") from None
     return pd.DataFrame(pairs, columns=["filepath", "caption"]), left_out
 
@@ -245,11 +278,10 @@ def score_open_clip(config: Path, checkpoint: Path, judge: Judge, background: li
             **judge(lambda p: preprocess_val(decode(p)), embed_images, embed_texts)}
 
 
-def train_project(work: Path, train: Path, judge: Judge, epochs: int, params: dict) -> dict:
+def train_project(work: Path, judge: Judge, epochs: int, params: dict) -> dict:
     work.mkdir()
     for name in ("clipmodel", "pipeline", "templates"):
         shutil.copytree(ROOT / name, work / name)
-    params["data"]["csv"]["path"] = str(train)
     params["train"]["epochs"] = epochs
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
@@ -291,7 +323,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, help="both sides' epochs (default: the recipe's train.epochs, after -S)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji",
                     help="a folder holding train.csv and eval_*.csv (the held-out sets, named by their stems)")
-    ap.add_argument("--train", type=Path, help="the training CSV (default: DATA/train.csv), read with the recipe's data.csv settings")
+    ap.add_argument("--train", type=Path, help="the training CSV (default: DATA/train.csv), read with the recipe's data.csv "
+                    "settings; a recipe of another data.source (coco, webdataset, folder) trains on its own data")
     ap.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="NAME=PATH",
                     help="a held-out labelled set, CSV or ImageFolder (repeatable; default: every DATA/eval_*.csv)")
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
@@ -312,7 +345,6 @@ def main() -> None:
     args = ap.parse_args()
     start = time.perf_counter()
     data = args.data.resolve()
-    train = (args.train or data / "train.csv").resolve()
     paths = eval_set_paths(data, args.eval_sets)
     sets = load_sets(paths)
     lists = yaml.safe_load(args.templates.read_text())
@@ -325,29 +357,32 @@ def main() -> None:
         override(params, assignment)
     epochs = args.epochs or params["train"]["epochs"]
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    rows, left_out = training_pairs(params["data"]["csv"], train, params["data"]["max_pixels"])
-    if left_out:
-        print(f"real_zero_shot: {len(left_out)} rows of {train} left out of both sides (first: {left_out[0]})")
-
+    csv_recipe = params["data"]["source"] == "csv"
+    params["data"] = recipe_data(params["data"], args.params.resolve().parent,
+                                 (args.train or data / "train.csv").resolve() if csv_recipe else args.train)
+    source = params["data"]["source"]
+    train = params["data"][source]["path"] if csv_recipe else {source: params["data"][source]}
     ev = params["evaluate"]
-    judge = Judge(sets, templates, rows, ev.get("support_weight", 0.0), ev.get("support_temperature", 0.01))
-    if args.rescore:
-        rescore(args.rescore, result, judge, epochs, params["data"]["background"], args.skip_openclip,
-                args.skip_project)
-    else:
-        with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
-            work = args.keep.resolve() if args.keep else Path(tmp)
-            work.mkdir(parents=True, exist_ok=work == Path(tmp))
+    with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
+        rows, left_out = training_pairs(params["data"], Path(tmp) / "shard_images")
+        if left_out:
+            print(f"real_zero_shot: {len(left_out)} items of {train} left out of both sides (first: {left_out[0]})")
+        judge = Judge(sets, templates, rows, ev.get("support_weight", 0.0), ev.get("support_temperature", 0.01))
+        if args.rescore:
+            rescore(args.rescore, result, judge, epochs, params["data"]["background"], args.skip_openclip,
+                    args.skip_project)
+        else:
+            work = args.keep.resolve() if args.keep else Path(tmp) / "work"
+            work.mkdir(parents=True, exist_ok=not args.keep)
             if not args.skip_openclip:
                 result["open_clip"] = train_open_clip(work / "open_clip", judge, epochs, params["train"]["batch_size"],
                                                       params["data"]["background"], args.openclip_seed)
             if not args.skip_project:
-                result["project"] = {"overrides": args.set,
-                                     **train_project(work / "project", train, judge, epochs, params)}
+                result["project"] = {"overrides": args.set, **train_project(work / "project", judge, epochs, params)}
 
     result.pop("data", None)
-    used = {} if args.train and args.eval_sets else {"data": str(data)}  # --data only where it named a file
-    result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=str(train), train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
+    used = {} if (args.train or not csv_recipe) and args.eval_sets else {"data": str(data)}  # where --data named a file
+    result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=train, train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
                   templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
     for scores, ratio in (("scores", "top1_ratio_project_over_open_clip"), ("scores_support", "top1_ratio_support")):
         result.pop(ratio, None)

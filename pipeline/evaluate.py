@@ -38,7 +38,8 @@ def embed_split(enc: Encoder, corpus: Corpus, index: np.ndarray) -> np.ndarray:
     """[N, D] normalised features of corpus images, a batch of pixels in memory at a time."""
     bs = enc.batch_size
     out = [enc.pixels(corpus.images(index[s:s + bs]))
-           for s in tqdm(range(0, len(index), bs), desc="embed images", unit="batch", leave=False)]
+           for s in tqdm(range(0, len(index), bs), desc="embed images", unit="batch", leave=False,
+                         disable=not len(index))]
     return np.concatenate(out) if out else np.empty((0, enc.model.cfg.output_dim), np.float32)
 
 

@@ -1,7 +1,9 @@
 """benchmarks/real_zero_shot.py: which rows and sets both sides get (the training itself is the benchmark's)."""
 from __future__ import annotations
 
+import json
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -11,9 +13,14 @@ from clipmodel.evaluation import unit
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_zero_shot import eval_set_paths, load_sets, training_pairs  # noqa: E402
+from benchmarks.real_zero_shot import eval_set_paths, load_sets, recipe_data, training_pairs  # noqa: E402
+from conftest_ingest_helpers import add_member, encode, noise  # noqa: E402
 
 TSV = {"image_column": "filepath", "caption_column": "title", "sep": "\t", "quoting": "auto"}
+
+
+def csv_recipe(section: dict, path) -> dict:
+    return {"source": "csv", "csv": {**section, "path": str(path)}}
 
 
 def png(path):
@@ -32,17 +39,57 @@ def test_training_pairs_read_as_ingest_reads_and_leave_out_what_it_refuses(tmp_p
         "img/b.png\n"                                # one field: a malformed row
         "img/broken.png\ta broken file\n"
         "img/b.png\t  a second caption  \n")
-    rows, left_out = training_pairs(TSV, tmp_path / "pairs.tsv")
+    rows, left_out = training_pairs(csv_recipe(TSV, tmp_path / "pairs.tsv"), tmp_path / "scratch")
     assert rows["caption"].tolist() == ['"Casablanca" poster, 1942', "a second caption"]
     assert rows["filepath"].tolist() == [str(tmp_path / "img" / "a.png"), str(tmp_path / "img" / "b.png")]
     assert [(r["where"].rsplit(":", 1)[-1], r["reason"].split(":")[0]) for r in left_out] == [
         ("line 3", "malformed_row"), ("line 4", "not_an_image")]
 
 
+def test_coco_and_webdataset_recipes_give_one_pair_per_caption(tmp_path):
+    """Both sides train on what ingest reads of a COCO file and of shards: every caption of an image is
+    a row; images inside shards become files open_clip's CSV loader can open."""
+    png(tmp_path / "coco" / "images" / "1.png")
+    (tmp_path / "coco" / "captions.json").write_text(json.dumps({
+        "images": [{"id": 1, "file_name": "1.png"}, {"id": 2, "file_name": "missing.png"}],
+        "annotations": [{"image_id": 1, "caption": "a dark square"}, {"image_id": 1, "caption": "black"},
+                        {"image_id": 2, "caption": "nothing there"}]}))
+    data = recipe_data({"source": "coco", "coco": {"annotations": "coco/captions.json", "images": "coco/images"}},
+                       tmp_path, None)
+    assert data["coco"]["annotations"] == str(tmp_path / "coco" / "captions.json")  # relative to the params file
+    rows, left_out = training_pairs(data, tmp_path / "scratch")
+    assert sorted(rows["caption"]) == ["a dark square", "black"]
+    assert set(rows["filepath"]) == {str(tmp_path / "coco" / "images" / "1.png")}
+    assert len(left_out) == 1 and left_out[0]["where"].endswith("captions.json:image 2")
+
+    with tarfile.open(tmp_path / "shard-0.tar", "w") as tar:
+        for key, seed in (("a", 1), ("b", 2)):
+            add_member(tar, f"{key}.png", encode(noise(seed)))
+            add_member(tar, f"{key}.txt", f"caption {key}".encode())
+        add_member(tar, "c.png", b"not a png")
+        add_member(tar, "c.txt", b"broken")
+    rows, left_out = training_pairs(recipe_data({"source": "webdataset", "webdataset": {"shards": "shard-*.tar"}},
+                                                tmp_path, None), tmp_path / "scratch")
+    assert rows["caption"].tolist() == ["caption a", "caption b"] and len(left_out) == 1
+    assert [np.asarray(Image.open(p)).shape for p in rows["filepath"]] == [(16, 24, 3)] * 2
+    assert all(p.startswith(str(tmp_path / "scratch")) for p in rows["filepath"])
+
+
+def test_recipe_data_refuses_what_it_cannot_train_on(tmp_path):
+    with pytest.raises(SystemExit, match="--train names a training CSV, but the recipe's data.source is coco"):
+        recipe_data({"source": "coco", "coco": {"annotations": "a.json", "images": "img"}}, tmp_path, tmp_path / "t.csv")
+    with pytest.raises(SystemExit, match="data.source is synthetic"):
+        recipe_data({"source": "synthetic"}, tmp_path, None)
+    with pytest.raises(SystemExit, match="no data.folder.path"):
+        recipe_data({"source": "folder", "folder": {}}, tmp_path, None)
+    assert recipe_data({"source": "csv", "csv": {"path": "x.csv"}}, tmp_path, tmp_path / "t.csv")["csv"]["path"] == \
+        str(tmp_path / "t.csv")
+
+
 def test_training_csv_without_the_recipes_columns_is_a_one_line_error(tmp_path):
     (tmp_path / "train.csv").write_text("image,text\na.png,a cat\n")
     with pytest.raises(SystemExit, match=r"train.csv: no column 'filepath', 'title'"):
-        training_pairs({**TSV, "sep": ","}, tmp_path / "train.csv")
+        training_pairs(csv_recipe({**TSV, "sep": ","}, tmp_path / "train.csv"), tmp_path / "scratch")
 
 
 def test_eval_sets_default_to_the_folders_eval_csvs_or_are_named(tmp_path):
