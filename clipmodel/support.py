@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -62,6 +63,12 @@ class Support:
     def with_weight(self, weight: float) -> Support:
         return replace(self, weight=weight)
 
+    @cached_property
+    def described(self) -> np.ndarray:
+        """float32 [K, D]: the image each caption describes (an image counts once per caption of it),
+        gathered once per bank rather than per call of `vectors`."""
+        return self.images[self.caption_image]
+
     def vectors(self, classes: np.ndarray, max_elements: int = 2**24) -> np.ndarray:
         """float32 [C, D] unit support vectors s_c for unit class vectors [C, D], a few classes at a
         time so that the class-by-caption matrix stays under `max_elements` floats.
@@ -71,12 +78,11 @@ class Support:
             raise ValueError(f"support: class vectors {classes.shape} do not fit a bank of {self.images.shape[1]}-dim "
                              "embeddings (was it written for another model?)")
         rows = max(1, max_elements // len(self.captions))
-        described = self.images[self.caption_image]  # [K, D]: an image counts once per caption of it
         out = []
         for start in range(0, len(classes), rows):
             logits = classes[start:start + rows] @ self.captions.T / self.temperature
             w = np.exp(logits - logits.max(1, keepdims=True))
-            s = (w / w.sum(1, keepdims=True)) @ described
+            s = (w / w.sum(1, keepdims=True)) @ self.described
             out.append(unit(s))
         return np.concatenate(out).astype(np.float32) if out else np.empty((0, self.images.shape[1]), np.float32)
 
