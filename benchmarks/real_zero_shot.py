@@ -5,16 +5,16 @@ held-out labelled set with clipmodel.evaluation.score, once per template list of
 with the paper's zero-shot (`scores`) and, when the recipe's evaluate.support_weight is positive,
 with support-set zero-shot (`scores_support`, clipmodel.support: each side's own embeddings of the
 training rows join its class vectors, at the recipe's weight and temperature).
-By default the data is ../shared/real-emoji: train.csv (OpenMoji artwork, CLDR names + tags) and the
-sets eval_cross_style.csv (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never
-trained on). `--data DIR` takes DIR/train.csv and every DIR/eval_*.csv instead; `--train` and
-`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. A recipe
-whose data.source is coco, webdataset or folder trains both sides on its own data.<source> instead
-(paths relative to the params file, as the stages read them). The training data is read as the
-project's ingest reads it (pipeline.sources, with the recipe's columns, separator and quoting for a
-CSV), and open_clip trains on the same (image, caption) pairs, one CSV row per caption (images inside
-shards are written to a scratch folder for it): what ingest refuses, and images that do not decode,
-are left out of both sides, counted and listed in the output.
+Both train on the recipe's own data (data.<source> of --params, paths relative to the params file,
+as the stages read them; real/params.yaml's is ../shared/real-emoji/train.csv, OpenMoji artwork with
+CLDR names + tags), and the held-out sets are by default ../shared/real-emoji's eval_cross_style.csv
+(the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never trained on). `--data DIR`
+takes DIR/eval_*.csv instead, and for a CSV recipe DIR/train.csv; `--train` (a CSV recipe's) and
+`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. The
+training data is read as the project's ingest reads it (pipeline.sources, with the recipe's columns,
+separator and quoting for a CSV), and open_clip trains on the same (image, caption) pairs, one CSV
+row per caption (images inside shards are written to a scratch folder for it): what ingest refuses,
+and images that do not decode, are left out of both sides, counted and listed in the output.
 
 - open_clip: its own trainer (`python -m open_clip_train.main`, CPU) with a small ViT (OPEN_CLIP_CONFIG,
   registered through open_clip.add_model_config), open_clip's tokenizer and its defaults except warmup
@@ -62,7 +62,7 @@ from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
 from clipmodel.evaluation import DatasetError, LabelledSet, score, unit  # noqa: E402
 from clipmodel.evaluation import embed_images as embed_images_of  # noqa: E402
-from clipmodel.images import MAX_PIXELS, ImageError, decode, to_rgb  # noqa: E402
+from clipmodel.images import ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.support import Support  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
@@ -321,10 +321,10 @@ def rescore(work: Path, result: dict, judge: Judge, epochs: int, background: lis
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, help="both sides' epochs (default: the recipe's train.epochs, after -S)")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji",
-                    help="a folder holding train.csv and eval_*.csv (the held-out sets, named by their stems)")
-    ap.add_argument("--train", type=Path, help="the training CSV (default: DATA/train.csv), read with the recipe's data.csv "
-                    "settings; a recipe of another data.source (coco, webdataset, folder) trains on its own data")
+    ap.add_argument("--data", type=Path, help="a folder holding eval_*.csv (the held-out sets, named by their stems) "
+                    "and, for a CSV recipe, train.csv (default: ../shared/real-emoji's sets, the recipe's own data)")
+    ap.add_argument("--train", type=Path, help="a training CSV in place of the recipe's data.csv.path, read with its "
+                    "data.csv settings; a recipe of another data.source (coco, webdataset, folder) trains on its own data")
     ap.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="NAME=PATH",
                     help="a held-out labelled set, CSV or ImageFolder (repeatable; default: every DATA/eval_*.csv)")
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
@@ -344,7 +344,7 @@ def main() -> None:
                          "(other fields kept from --out)")
     args = ap.parse_args()
     start = time.perf_counter()
-    data = args.data.resolve()
+    data = (args.data or ROOT.parent / "shared" / "real-emoji").resolve()
     paths = eval_set_paths(data, args.eval_sets)
     sets = load_sets(paths)
     lists = yaml.safe_load(args.templates.read_text())
@@ -357,11 +357,10 @@ def main() -> None:
         override(params, assignment)
     epochs = args.epochs or params["train"]["epochs"]
     result = json.loads(args.out.read_text()) if args.out.exists() else {}
-    csv_recipe = params["data"]["source"] == "csv"
-    params["data"] = recipe_data(params["data"], args.params.resolve().parent,
-                                 (args.train or data / "train.csv").resolve() if csv_recipe else args.train)
     source = params["data"]["source"]
-    train = params["data"][source]["path"] if csv_recipe else {source: params["data"][source]}
+    train_csv = args.train or (data / "train.csv" if args.data and source == "csv" else None)
+    params["data"] = recipe_data(params["data"], args.params.resolve().parent, train_csv and train_csv.resolve())
+    train = params["data"]["csv"]["path"] if source == "csv" else {source: params["data"][source]}
     ev = params["evaluate"]
     with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
         rows, left_out = training_pairs(params["data"], Path(tmp) / "shard_images")
@@ -381,7 +380,7 @@ def main() -> None:
                 result["project"] = {"overrides": args.set, **train_project(work / "project", judge, epochs, params)}
 
     result.pop("data", None)
-    used = {} if (args.train or not csv_recipe) and args.eval_sets else {"data": str(data)}  # where --data named a file
+    used = {"data": str(data)} if not args.eval_sets or (train_csv and not args.train) else {}  # where it named a file
     result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=train, train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
                   templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
     for scores, ratio in (("scores", "top1_ratio_project_over_open_clip"), ("scores_support", "top1_ratio_support")):

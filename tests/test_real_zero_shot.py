@@ -150,3 +150,36 @@ def test_the_judge_scores_both_ways_with_the_same_rows_and_support_settings(tmp_
                    np.arange(4), 2.0, 0.05)
     expected = score(ds, load, embed_images, embed_texts, ["{}"], support=bank)
     assert both["scores_support"]["colours"]["label"]["top1"] == expected["top1"]
+
+
+def test_both_sides_train_on_the_recipes_own_data_unless_told_otherwise(tmp_path, monkeypatch):
+    """main() with both sides skipped: which training data a CSV recipe gets by default (its own
+    data.csv.path, relative to the params file), with --data DIR (DIR/train.csv) and with --train."""
+    import json as json_
+    import yaml
+
+    from benchmarks import real_zero_shot
+
+    for folder, n in (("mine", 2), ("other", 3)):
+        for i in range(n):
+            png(tmp_path / folder / f"{i}.png")
+        (tmp_path / folder / "train.csv").write_text("filepath,caption\n" + "".join(f"{i}.png,thing {i}\n" for i in range(n)))
+    (tmp_path / "other" / "eval_x.csv").write_text("image,label\n0.png,a\n1.png,b\n")
+    params = yaml.safe_load((ROOT / "real" / "params.yaml").read_text())
+    params["data"]["csv"] = {**params["data"]["csv"], "path": "mine/train.csv"}  # relative to the params file
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+
+    def run(*argv: str) -> dict:
+        out = tmp_path / "out.json"
+        out.unlink(missing_ok=True)
+        monkeypatch.setattr(sys, "argv", ["real_zero_shot.py", "--params", str(tmp_path / "params.yaml"), "--skip-openclip",
+                                          "--skip-project", "--template-keys", "label", "--out", str(out), *argv])
+        real_zero_shot.main()
+        return json_.loads(out.read_text())
+
+    eval_set = f"x={tmp_path / 'other' / 'eval_x.csv'}"
+    assert run("--eval-set", eval_set)["train"] == str(tmp_path / "mine" / "train.csv")
+    result = run("--data", str(tmp_path / "other"))
+    assert (result["train"], result["train_pairs"], result["data"]) == (
+        str(tmp_path / "other" / "train.csv"), 3, str(tmp_path / "other"))
+    assert run("--eval-set", eval_set, "--train", str(tmp_path / "other" / "train.csv"))["train_pairs"] == 3
