@@ -14,7 +14,10 @@ takes DIR/eval_*.csv instead, and for a CSV recipe DIR/train.csv; `--train` (a C
 training data is read as the project's ingest reads it (pipeline.sources, with the recipe's columns,
 separator and quoting for a CSV), and open_clip trains on the same (image, caption) pairs, one CSV
 row per caption (images inside shards are written to a scratch folder for it): what ingest refuses,
-and images that do not decode, are left out of both sides, counted and listed in the output.
+and images that do not decode, are left out of both sides, counted and listed in the output. An
+epoch is each trainer's own: open_clip passes over the rows, the project over the images, a caption
+drawn each time, so on data with several captions per image open_clip takes that many times the
+steps (both sides' `steps` are in the output).
 
 - open_clip: its own trainer (`python -m open_clip_train.main`, CPU) with a small ViT (OPEN_CLIP_CONFIG,
   registered through open_clip.add_model_config), open_clip's tokenizer and its defaults except warmup
@@ -251,7 +254,7 @@ def train_open_clip(work: Path, judge: Judge, epochs: int, batch: int, backgroun
     seconds = run_logged(cmd, ROOT, {**os.environ, "PYTHONPATH": str(ROOT)}, work / "train.log")
     checkpoint = work / "logs" / "run" / "checkpoints" / f"epoch_{epochs}.pt"
     return {"model": OPEN_CLIP_MODEL, "config": OPEN_CLIP_CONFIG, "epochs": epochs, "batch": batch,
-            "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
+            "steps": epochs * (len(rows) // batch), "warmup_steps": warmup, "precision": OPEN_CLIP_PRECISION, "seed": seed, "train_seconds": seconds,
             "checkpoint": str(checkpoint), "command": ["python", "-m", "open_clip_train.main", *argv],
             **score_open_clip(config, checkpoint, judge, background)}
 
@@ -289,7 +292,8 @@ def train_project(work: Path, judge: Judge, epochs: int, params: dict) -> dict:
                for stage in ("ingest", "tokenize", "train")}
     print(f"project: {seconds}", flush=True)
     precision = resolve_precision(params["train"]["precision"], resolve_device(params["train"]["device"]))
-    return {"epochs": epochs, "batch": params["train"]["batch_size"], "precision": precision,
+    steps = json.loads((work / "reports" / "train.json").read_text())["steps"]
+    return {"epochs": epochs, "batch": params["train"]["batch_size"], "steps": steps, "precision": precision,
             "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", judge)}
 
 
@@ -361,11 +365,12 @@ def main() -> None:
     train_csv = args.train or (data / "train.csv" if args.data and source == "csv" else None)
     params["data"] = recipe_data(params["data"], args.params.resolve().parent, train_csv and train_csv.resolve())
     train = params["data"]["csv"]["path"] if source == "csv" else {source: params["data"][source]}
+    named = train if source == "csv" else f"data.{source} ({', '.join(f'{k} {v}' for k, v in train[source].items())})"
     ev = params["evaluate"]
     with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
         rows, left_out = training_pairs(params["data"], Path(tmp) / "shard_images")
         if left_out:
-            print(f"real_zero_shot: {len(left_out)} items of {train} left out of both sides (first: {left_out[0]})")
+            print(f"real_zero_shot: {len(left_out)} items of {named} left out of both sides (first: {left_out[0]})")
         judge = Judge(sets, templates, rows, ev.get("support_weight", 0.0), ev.get("support_temperature", 0.01))
         if args.rescore:
             rescore(args.rescore, result, judge, epochs, params["data"]["background"], args.skip_openclip,

@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     z = cli_args.add_zeroshot_command(sub, [])
     z.add_argument("--model", required=True)
     args = parser.parse_args(argv)
+    parser = sub.choices[args.command]  # usage errors print the subcommand's usage
     if getattr(args, "top", 1) < 1:
         parser.error("--top must be at least 1")
     if args.command == "embed" and not args.out.endswith(".npy"):
@@ -99,12 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.command == "caption":
         if args.beam < 1:
             raise SystemExit("clipmodel: --beam must be >= 1")
-        for path, text in zip(args.images, caption(args.model, args.images, args.beam)):
-            print(f"{path}\t{text}")
+        with cli_args.quiet_broken_pipe():
+            for path, text in zip(args.images, caption(args.model, args.images, args.beam)):
+                print(f"{path}\t{text}")
         return
     enc = Encoder.load(model_folder(args.model), batch_size=64)
     try:
-        run(args, parser, enc)
+        with cli_args.quiet_broken_pipe():
+            run(args, parser, enc)
     except ImageError as e:
         raise SystemExit(f"clipmodel: {e}") from None
 
@@ -135,7 +137,6 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
     top, probs = classify(torch.from_numpy(enc.images(args.images)), classes, enc.logit_scale, args.top)
     for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
         cli_args.print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])
-    sys.stdout.flush()
 
 
 if __name__ == "__main__":

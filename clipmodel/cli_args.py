@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,18 @@ def add_support_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--support-weight", type=float, metavar="W",
                         help=f"weight of the model folder's training images in each class vector ({SUPPORT_FILE}, "
                              "clipmodel.support); 0: plain zero-shot (default: the weight the evaluate stage used)")
+
+
+@contextlib.contextmanager
+def quiet_broken_pipe() -> Iterator[None]:
+    """A reader that stops early (`| head`) ends the command quietly with status 1 instead of a
+    BrokenPipeError traceback (the Python docs' note on SIGPIPE, in the signal module's page)."""
+    try:
+        yield
+        sys.stdout.flush()  # inside: a closed pipe found now is still caught
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush goes nowhere
+        raise SystemExit(1) from None
 
 
 def support_of(args: argparse.Namespace, parser: argparse.ArgumentParser, found: Support | None,

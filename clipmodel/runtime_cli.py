@@ -81,11 +81,13 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--cache", metavar="DIR", help="embedding cache folder (default: ~/.cache/clip-onnx)")
     s.set_defaults(run=search)
     args = parser.parse_args(argv)
+    parser = sub.choices[args.command]  # usage errors print the subcommand's usage
     if getattr(args, "top", 1) < 1:
         parser.error("--top must be at least 1")
     warnings.formatwarning = lambda message, *_, **__: f"clip-onnx: warning: {message}\n"
     try:
-        args.run(ClipRuntime.load(args.model, args.threads), args, parser)
+        with cli_args.quiet_broken_pipe():
+            args.run(ClipRuntime.load(args.model, args.threads), args, parser)
     except (FileNotFoundError, ImageError, ValueError) as e:
         raise SystemExit(f"clip-onnx: {e}") from None
 

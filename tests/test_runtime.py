@@ -261,3 +261,19 @@ def test_cli_searches_a_folder_whose_names_are_not_utf8(onnx_dir, tmp_path):
                          env_home=tmp_path)
         assert proc.returncode == 0, proc.stderr
         assert "caf\\xe9/\\xff.png" in proc.stdout and "ok.png" in proc.stdout
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(onnx_dir, tmp_path):
+    """`clip-onnx classify ... | head -1`: the reader gone, the command ends with status 1 and no traceback;
+    a usage error names the subcommand's usage."""
+    paths = odd_images(tmp_path / "images")
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "clipmodel.runtime_cli", "classify", "--model", str(onnx_dir),
+                             *map(str, paths), "--labels", "a,b"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd=ROOT, env=env)
+    proc.stdout.close()  # before it writes a line
+    stderr = proc.stderr.read().decode()
+    assert proc.wait() == 1 and stderr == "", stderr
+    proc = clip_onnx("classify", "--model", str(onnx_dir), str(paths[0]), "--labels", "a", "--support-weight", "-1",
+                     env_home=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith("usage: clip-onnx classify"), proc.stderr

@@ -305,14 +305,15 @@ export class ClipModel {
 
   /**
    * Per image embedding, every label with its probability, most probable first:
-   * softmax(logit_scale * cosine) over the labels (clipmodel.runtime.top_k).
+   * softmax(logit_scale * score) over the labels (clipmodel.runtime.top_k), the score being the image's
+   * cosine with the class vector plus, with a support set, its support term.
    */
   scoreLabels(imageEmbeddings, classEmbeddings, labels) {
     return imageEmbeddings.map((embedding) => {
       const image = unit(embedding);
-      const cosines = classEmbeddings.map((c) => dot(image, c));
-      const probs = softmax(cosines, this.logitScale);
-      return labels.map((label, i) => ({ label, prob: probs[i], cosine: cosines[i] }))
+      const scores = classEmbeddings.map((c) => dot(image, c));
+      const probs = softmax(scores, this.logitScale);
+      return labels.map((label, i) => ({ label, prob: probs[i], score: scores[i] }))
         .sort((a, b) => b.prob - a.prob);
     });
   }
