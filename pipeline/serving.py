@@ -45,6 +45,7 @@ from clipmodel.runtime import ClipRuntime
 
 IMAGE, TEXT = "image", "text"
 ARTIFACT = "onnx"  # the key of the exported folder in context.artifacts
+MODEL_CODE = Path(__file__).with_name("serving_model.py")  # what log_model logs: sets ClipModel as the model
 # Written by hand: infer_signature gives an empty list's default the type datetime. An empty `labels`
 # means "embed", an empty `templates` means the runtime's default prompts.
 PARAMS = ParamSchema([ParamSpec("labels", "string", [], (-1,)), ParamSpec("templates", "string", [], (-1,)),
@@ -205,10 +206,11 @@ def signature(runtime: ClipRuntime) -> ModelSignature:
 def log_model(onnx_dir: Path, name: str, registered_model_name: str) -> ModelInfo:
     """Log the pyfunc into the active run with `onnx_dir` (the whole folder) as its artifact, a
     signature and an input example, and register it as a new version of `registered_model_name`.
+    The model is logged as code (MODEL_CODE), not pickled: loading it executes no pickle.
 
     Raises: FileNotFoundError when `onnx_dir` is not an exported model folder (from `ClipRuntime.load`)."""
     runtime = ClipRuntime.load(onnx_dir)
     return mlflow.pyfunc.log_model(
-        name=name, python_model=ClipModel(), artifacts={ARTIFACT: str(Path(onnx_dir).resolve())},
+        name=name, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(Path(onnx_dir).resolve())},
         signature=signature(runtime), input_example=input_example(), registered_model_name=registered_model_name,
         pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS])
