@@ -344,9 +344,10 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path, images: np.ndarray,
             stem = name.removesuffix(".onnx")
             sizes[f"{stem}_fp32"] = (onnx_dir / name).stat().st_size
             sizes[f"{stem}_int8"] = (tmp / name).stat().st_size
-        for name in (TOKENIZER_JSON, PREPROCESS_JSON, SUPPORT_FILE):
-            if name != SUPPORT_FILE or (onnx_dir / name).is_file():
-                shutil.copy(onnx_dir / name, tmp / name)
+        for name in (TOKENIZER_JSON, PREPROCESS_JSON):
+            shutil.copy(onnx_dir / name, tmp / name)
+        if (onnx_dir / SUPPORT_FILE).is_file():  # optional: written by evaluate, copied by export_onnx
+            shutil.copy(onnx_dir / SUPPORT_FILE, tmp / SUPPORT_FILE)
         (tmp / MODEL_CARD).write_text((onnx_dir / MODEL_CARD).read_text() + f"""
 ## Quantisation
 Both encoders here are statically quantised (onnxruntime QDQ): int8 weights per output channel, uint8
