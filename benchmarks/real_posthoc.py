@@ -28,7 +28,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import DEFAULT_TEMPLATES, LabelledSet, class_vectors, embed_images, unit  # noqa: E402
+from clipmodel.evaluation import DEFAULT_TEMPLATES, LabelledSet, embed_images  # noqa: E402
+from clipmodel.zeroshot import class_vectors, unit  # noqa: E402
 from clipmodel.io import atomic_path  # noqa: E402
 
 SETS = ("eval_cross_style", "eval_unseen")

@@ -29,7 +29,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import DEFAULT_TEMPLATES, LabelledSet, class_vectors, embed_images, top_k, unit  # noqa: E402
+from clipmodel.evaluation import DEFAULT_TEMPLATES, LabelledSet, embed_images  # noqa: E402
+from clipmodel.zeroshot import class_vectors, top_k, unit  # noqa: E402
 from clipmodel.io import atomic_path, write_json  # noqa: E402
 from clipmodel.support import Support  # noqa: E402
 

@@ -106,7 +106,7 @@ def model_similarities(model: Path, ds: LabelledSet) -> np.ndarray:
     """float32 [images, classes]: a model folder's cosine similarities on the set, bare-name prompts."""
     from benchmarks.real_posthoc import set_cosines
     from clipmodel.encoder import Encoder
-    from clipmodel.evaluation import class_vectors
+    from clipmodel.zeroshot import class_vectors
 
     enc = Encoder.load(model)
     return set_cosines(enc, ds, class_vectors(enc.texts, ds.classnames, ["{}"]), "real_unseen_words")

@@ -63,11 +63,12 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or n
 from benchmarks.machine import device_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import DatasetError, LabelledSet, score, unit  # noqa: E402
+from clipmodel.evaluation import DatasetError, LabelledSet, score  # noqa: E402
 from clipmodel.evaluation import embed_images as embed_images_of  # noqa: E402
 from clipmodel.images import ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.support import Support  # noqa: E402
+from clipmodel.zeroshot import unit  # noqa: E402
 from pipeline.device import resolve_device, resolve_precision  # noqa: E402
 from pipeline.params import DataParams  # noqa: E402
 from pipeline.sources import Rejection, SourceError, read  # noqa: E402

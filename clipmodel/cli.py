@@ -24,7 +24,7 @@ from clipmodel.encoder import Encoder
 from clipmodel.images import ImageError, load_image
 from clipmodel.io import atomic_path
 from clipmodel.tokenizer import decode, load_tokenizer
-from clipmodel.zeroshot import class_embeddings, classify
+from clipmodel.zeroshot import classify
 
 
 def model_folder(folder: str | Path) -> Path:
@@ -130,11 +130,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
         print(f"wrote {args.out}: {tuple(emb.shape)}")
         return
     labels = cli_args.labels_of(args, parser)
-    classes = class_embeddings(lambda texts: torch.from_numpy(enc.texts(texts)), labels,
-                               cli_args.templates_of(args, parser))
-    if enc.support:
-        classes = torch.from_numpy(enc.support.apply(classes.numpy()))
-    top, probs = classify(torch.from_numpy(enc.images(args.images)), classes, enc.logit_scale, args.top)
+    classes = enc.class_embeddings(labels, cli_args.templates_of(args, parser))
+    top, probs = classify(enc.images(args.images), classes, enc.logit_scale, args.top)
     for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
         cli_args.print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])
 

@@ -2,6 +2,7 @@
 tokenizer and the preprocessing its training images went through."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,9 @@ from clipmodel.data import to_tensor
 from clipmodel.images import ImageError, load_image
 from clipmodel.model import CLIP, CLIPEnsemble
 from clipmodel.support import Support
+from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
+from clipmodel.zeroshot import class_vectors
 
 
 class Encoder:
@@ -24,7 +27,7 @@ class Encoder:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.tokenizer, self.preprocess, self.batch_size = tokenizer, preprocess, batch_size
-        self.support = support  # the folder's support bank (clipmodel.support), which the CLIs apply
+        self.support = support  # the folder's support bank (clipmodel.support), or None
 
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 256, device: str | torch.device = "cpu") -> Encoder:
@@ -74,6 +77,13 @@ class Encoder:
         """float32 [N, D], L2-normalised, for raw strings tokenized as in training (over-long texts cut,
         EOT kept last)."""
         return self.tokens(encode(self.tokenizer, list(texts))[0])
+
+    def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
+        """float32 [C, D] class vectors: each label's prompt embeddings averaged
+        (clipmodel.zeroshot.class_vectors), unit, or with `support`'s term added when it is set; as
+        ClipRuntime.class_embeddings, so the torch and ONNX classifiers agree."""
+        classes = class_vectors(self.texts, labels, templates)
+        return self.support.apply(classes) if self.support else classes
 
     def images(self, sources: list[str | Path | bytes]) -> np.ndarray:
         """float32 [N, D], L2-normalised, for image files or encoded bytes.

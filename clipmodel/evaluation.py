@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from clipmodel.templates import DEFAULT_TEMPLATES
+from clipmodel.zeroshot import class_vectors, top_k
 
 if TYPE_CHECKING:
     from clipmodel.support import Support
@@ -133,41 +134,6 @@ def _image_folder(root: Path, allow_empty: bool) -> tuple[list[Path], list[str],
         images += files
         labels += [folder.name] * len(files)
     return images, labels, [str(p) for p in images]
-
-
-def class_vectors(embed_texts: Callable[[list[str]], np.ndarray], classnames: Sequence[str],
-                  templates: Sequence[str], batch_prompts: int = 4096) -> np.ndarray:
-    """float32 [C, D] unit vectors: each prompt normalised, averaged per class, renormalised (the
-    paper's prompt ensembling, Radford et al. 2021 sec. 3.1.4), a few classes per text batch.
-
-    `embed_texts` maps n strings to [n, D]; `batch_prompts` caps the prompts per call (memory)."""
-    per_batch = max(1, batch_prompts // len(templates))
-    out = []
-    for start in range(0, len(classnames), per_batch):
-        names = classnames[start:start + per_batch]
-        emb = unit(np.asarray(embed_texts([t.format(c) for c in names for t in templates]), dtype=np.float32))
-        out.append(unit(emb.reshape(len(names), len(templates), -1).mean(1)))
-    return np.concatenate(out)
-
-
-def unit(x: np.ndarray) -> np.ndarray:
-    """float [..., D] -> same shape and dtype, each row L2-normalised (the epsilon of torch's F.normalize)."""
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
-def top_k(image_features: np.ndarray, classes: np.ndarray, k: int = 5, chunk: int = 1024) -> np.ndarray:
-    """int64 [N, min(k, C)]: the classes nearest each image by cosine, best first, `chunk` images at a time.
-
-    image_features: [N, D], normalised here; classes: float32 [C, D] (`class_vectors`, or with a
-    support term added: clipmodel.support)."""
-    k = min(k, len(classes))
-    out = np.empty((len(image_features), k), dtype=np.int64)
-    for s in range(0, len(image_features), chunk):
-        sims = unit(image_features[s:s + chunk].astype(np.float32)) @ classes.T
-        part = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(sims, part, 1), axis=1, kind="stable")
-        out[s:s + chunk] = np.take_along_axis(part, order, 1)
-    return out
 
 
 def metrics(top: np.ndarray, targets: np.ndarray, classnames: Sequence[str], confusions: int = 20) -> dict[str, Any]:

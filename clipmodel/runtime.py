@@ -20,12 +20,12 @@ import psutil
 from PIL import Image, ImageOps
 from tokenizers import Tokenizer
 
-from clipmodel.evaluation import class_vectors, unit
 from clipmodel.images import ImageError, load_image, preprocess, to_rgb
 from clipmodel.io import atomic_path
 from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
+from clipmodel.zeroshot import class_vectors, classify
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -53,20 +53,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     opts.inter_op_num_threads = 1
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
-
-
-def top_k(image_embeddings: np.ndarray, class_embeddings: np.ndarray, logit_scale: float,
-          k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k class indices int64 [N, min(k, C)] and their probabilities [N, min(k, C)] (float32 for
-    float32 inputs), softmax(logit_scale * cosine) over all classes (Radford et al. 2021, sec. 3.1.2).
-
-    image_embeddings: [N, D], normalised here; class_embeddings: [C, D] (`ClipRuntime.class_embeddings`)."""
-    logits = logit_scale * unit(image_embeddings) @ class_embeddings.T
-    logits -= logits.max(-1, keepdims=True)
-    probs = np.exp(logits)
-    probs /= probs.sum(-1, keepdims=True)
-    index = np.argsort(-probs, axis=-1, kind="stable")[:, :k]
-    return index, np.take_along_axis(probs, index, -1)
 
 
 @dataclass(frozen=True)
@@ -183,7 +169,7 @@ class ClipRuntime:
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """float32 [C, D] class vectors: each label's prompt embeddings averaged
-        (clipmodel.evaluation.class_vectors), unit, or with `support`'s term added when it is set."""
+        (clipmodel.zeroshot.class_vectors), unit, or with `support`'s term added when it is set."""
         classes = class_vectors(self.encode_texts, labels, templates)
         return self.support.apply(classes) if self.support else classes
 
@@ -195,8 +181,8 @@ class ClipRuntime:
         """
         if not labels:
             raise ValueError("no labels to classify into")
-        index, probs = top_k(self.encode_images(images), self.class_embeddings(labels, templates),
-                             self.pre.logit_scale, k)
+        index, probs = classify(self.encode_images(images), self.class_embeddings(labels, templates),
+                                self.pre.logit_scale, k)
         return [[(labels[i], float(p)) for i, p in zip(row_i, row_p)] for row_i, row_p in zip(index, probs)]
 
     def fingerprint(self) -> str:

@@ -25,7 +25,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from clipmodel.evaluation import unit
+from clipmodel.zeroshot import unit
 from clipmodel.io import atomic_path, files_sha256
 
 SUPPORT_FILE = "support.safetensors"  # beside a model's config.json (models/, models/onnx/)

@@ -37,7 +37,7 @@ from clipmodel.data import MEAN, STD, CorpusBatches, Corpus, to_tensor
 from clipmodel.io import atomic_path, write_json
 from clipmodel.model import CLIP
 from clipmodel.tokenizer import encode, load_tokenizer
-from clipmodel.zeroshot import class_embeddings
+from clipmodel.zeroshot import class_vectors
 from pipeline import tracking
 from pipeline.dvcfile import flatten
 from clipmodel.evaluation import embed_images
@@ -85,7 +85,7 @@ class Probe:
     targets: torch.Tensor   # [N] class index
     texts: list[str]        # class texts
     templates: list[str]
-    prompts: torch.Tensor   # [classes * templates, ctx] ids, class-major like class_embeddings
+    prompts: torch.Tensor   # [classes * templates, ctx] ids, class-major like class_vectors
 
 
 def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
@@ -128,9 +128,9 @@ def zero_shot_top1(objective: str, model: nn.Module, probe: Probe, tok) -> float
     class's per-template scores (BoW word log-probabilities, captioner log-likelihoods)."""
     x = probe.images
     if objective == "contrastive":
-        def encode_text(texts: list[str]) -> torch.Tensor:
-            return model.encode_text(torch.from_numpy(encode(tok, texts)[0]).long().to(x.device))
-        classes = class_embeddings(encode_text, probe.texts, probe.templates)
+        def encode_text(texts: list[str]) -> np.ndarray:
+            return model.encode_text(torch.from_numpy(encode(tok, texts)[0]).long().to(x.device)).float().cpu().numpy()
+        classes = torch.from_numpy(class_vectors(encode_text, probe.texts, probe.templates)).to(x.device)
         pred = (F.normalize(model.encode_image(x).float(), dim=-1) @ classes.T).argmax(1)
     else:
         scores = score_prompts(model(x), probe.prompts) if objective == "bow" else model.log_likelihood(x, probe.prompts)

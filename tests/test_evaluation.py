@@ -11,7 +11,8 @@ import pytest
 import yaml
 from PIL import Image
 
-from clipmodel.evaluation import DatasetError, LabelledSet, metrics, score, top_k, unit
+from clipmodel.evaluation import DatasetError, LabelledSet, metrics, score
+from clipmodel.zeroshot import top_k, unit
 from conftest import ROOT, run_stage, stage_env
 
 COLOURS = {"1": (220, 30, 30), "NA": (30, 30, 220), "null": (30, 200, 30)}  # labels that pandas would not keep

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clipmodel.evaluation import unit
+from clipmodel.zeroshot import unit
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from clipmodel import zeroshot
 from clipmodel.data import MEAN, STD, to_tensor
 from clipmodel.export import export_onnx
 from clipmodel.images import ImageError, load_rgb, preprocess
-from clipmodel.evaluation import class_vectors
-from clipmodel.runtime import ClipRuntime, top_k
+from clipmodel.runtime import ClipRuntime
 from test_export import build_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,29 +87,6 @@ def test_encode_images_batches_and_names_bad_files(rt, tmp_path):
     (tmp_path / "broken.png").write_bytes(b"not a png at all")
     with pytest.raises(ImageError, match="broken.png"):
         rt.encode_images([paths[0], tmp_path / "broken.png"])
-
-
-def test_class_vectors_hand_checked():
-    prompts = np.array([[3.0, 0.0], [0.0, 1.0],     # class 0: normalised first, so [3,0] counts as [1,0]
-                        [0.0, -2.0], [0.0, -1.0]])  # class 1
-    classes = class_vectors(lambda texts: prompts, ['0', '1'], ['{}', 'a {}'])
-    assert np.allclose(classes, [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]])
-    index, probs = top_k(np.array([[2.0, 0.0]]), classes, logit_scale=10.0, k=5)
-    p0 = 1 / (1 + np.exp(-10 * 2 ** -0.5))  # softmax of logits (10 * 0.7071, 10 * 0)
-    assert index.tolist() == [[0, 1]] and np.allclose(probs, [[p0, 1 - p0]])
-
-
-def test_class_vectors_match_torch_zeroshot():
-    rng = np.random.default_rng(0)
-    prompts = rng.normal(size=(5 * 3, 8)).astype(np.float32)
-    images = rng.normal(size=(4, 8)).astype(np.float32)
-    theirs = zeroshot.class_embeddings(lambda texts: torch.from_numpy(prompts), [str(i) for i in range(5)],
-                                       ["{}", "a {}", "the {}"])
-    ours = class_vectors(lambda texts: prompts, [str(i) for i in range(5)], ['{}', 'a {}', 'the {}'])
-    assert np.allclose(ours, theirs.numpy(), atol=1e-6)
-    t_index, t_probs = zeroshot.classify(torch.from_numpy(images), theirs, logit_scale=20.0, k=3)
-    index, probs = top_k(images, ours, logit_scale=20.0, k=3)
-    assert (index == t_index.numpy()).all() and np.allclose(probs, t_probs.numpy(), atol=1e-6)
 
 
 def test_classify_ensembles_templates(rt, monkeypatch):

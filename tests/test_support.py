@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from clipmodel.evaluation import unit
+from clipmodel.zeroshot import unit
 from clipmodel.support import Support
 
 
@@ -96,7 +96,7 @@ def test_the_bank_travels_with_the_model_into_both_clis_and_the_runtime(tmp_path
     from PIL import Image
 
     from clipmodel.encoder import Encoder
-    from clipmodel.evaluation import class_vectors
+    from clipmodel.zeroshot import class_vectors
     from clipmodel.export import export_onnx
     from clipmodel.runtime import ClipRuntime
     from clipmodel.support import SUPPORT_FILE

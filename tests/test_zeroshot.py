@@ -12,27 +12,30 @@ import torch.nn.functional as F
 from PIL import Image
 
 from clipmodel.templates import load_templates
-from clipmodel.zeroshot import class_embeddings, classify
+from clipmodel.zeroshot import class_vectors, classify
 from test_export import build_model_folder
 
 
 def test_ensemble_normalises_each_prompt_then_averages_then_renormalises():
     vectors = {"a cat": [3.0, 0.0], "the cat": [0.0, 1.0], "a dog": [0.0, -2.0], "the dog": [0.0, -5.0]}
-    emb = class_embeddings(lambda texts: torch.tensor([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
+    emb = class_vectors(lambda texts: np.array([vectors[t] for t in texts]), ["cat", "dog"], ["a {}", "the {}"])
     # cat: mean of (1,0) and (0,1) = (0.5,0.5) -> (0.7071, 0.7071); unnormalised averaging would tilt to (3,1)
-    assert torch.allclose(emb[0], torch.tensor([2 ** -0.5, 2 ** -0.5]), atol=1e-6)
-    assert torch.allclose(emb[1], torch.tensor([0.0, -1.0]))
-    assert torch.allclose(emb.norm(dim=-1), torch.ones(2))
+    assert emb.dtype == np.float32 and np.allclose(emb, [[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]], atol=1e-6)
+    # a few classes per text batch (batch_prompts) gives the same vectors
+    assert np.array_equal(class_vectors(lambda texts: np.array([vectors[t] for t in texts]), ["cat", "dog"],
+                                        ["a {}", "the {}"], batch_prompts=2), emb)
 
 
 def test_classify_topk_and_softmax_probabilities():
     classes = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]]), dim=-1)
-    images = torch.tensor([[2.0, 0.1], [0.0, -3.0]])
-    top, probs = classify(images, classes, logit_scale=10.0, k=2)
-    assert top[0].tolist() == [0, 1]
-    logits = 10 * F.normalize(images, dim=-1) @ classes.T
-    assert torch.allclose(probs, logits.softmax(-1).topk(2).values)
-    assert top.shape == (2, 2) and classify(images, classes, k=10)[0].shape == (2, 3)
+    images = torch.tensor([[2.0, 0.1], [0.1, -3.0]])
+    top, probs = classify(images.numpy(), classes.numpy(), logit_scale=10.0, k=2)
+    reference = (10 * F.normalize(images, dim=-1) @ classes.T).softmax(-1).topk(2)  # torch as the reference
+    assert top.tolist() == reference.indices.tolist() and np.allclose(probs, reference.values.numpy(), atol=1e-6)
+    p0 = 1 / (1 + np.exp(-10 * 2 ** -0.5))  # two classes: softmax of logits (10 * 0.7071, 10 * 0)
+    assert np.allclose(classify(np.array([[2.0, 0.0]]), np.array([[2 ** -0.5, 2 ** -0.5], [0.0, -1.0]]), 10.0)[1],
+                       [[p0, 1 - p0]])
+    assert top.shape == (2, 2) and classify(images.numpy(), classes.numpy(), 1.0, k=10)[0].shape == (2, 3)
 
 
 def test_templates_file_validation(tmp_path):

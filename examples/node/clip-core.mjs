@@ -286,7 +286,7 @@ export class ClipModel {
 
   /**
    * One unit vector per label: the label's prompts (each template with "{}" replaced by it) embedded,
-   * each normalised, averaged and renormalised (clipmodel.evaluation.class_vectors), with the support
+   * each normalised, averaged and renormalised (clipmodel.zeroshot.class_vectors), with the support
    * set's term added when there is one (ClipRuntime.class_embeddings).
    */
   async classEmbeddings(labels, templates = this.templates) {
