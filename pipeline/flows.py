@@ -40,7 +40,7 @@ back into the repo and the clone removed.
 
 CLI::
 
-    python -m pipeline.flows run [--set train.lr=3e-4 ...] [--name EXP]
+    python -m pipeline.flows run [--set train.lr=3e-4 ...] [--name EXP] [--pipeline real]
     python -m pipeline.flows sweep sweep.yaml [--concurrency 2]
     python -m pipeline.flows serve --cron "0 3 * * *" [--sweep sweep.yaml] [--set ...]
 """
@@ -178,8 +178,8 @@ def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment(repo: str, experiment: str) -> str:
     """`dvc exp save -n NAME dvc.yaml`, including the uncached outputs (metrics, plots, run.json) that
-    .gitignore would otherwise leave out. Limited to the root pipeline's stages: the efficiency
-    study's (efficiency/dvc.yaml) outputs need not exist."""
+    .gitignore would otherwise leave out. Limited to this folder's pipeline: another's (e.g.
+    efficiency/dvc.yaml) outputs need not exist."""
     include = [p for p in uncached_outputs(repo) if (Path(repo) / p).exists()]
     cmd = workspace.dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include), "dvc.yaml")
     stream(cmd, repo, workspace.subprocess_env(repo), "exp-save")
@@ -207,6 +207,8 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
                   isolated: bool = False) -> dict[str, Any]:
     """Reproduce the DVC pipeline, one task per stage, and record the run as a DVC experiment.
 
+    repo: the folder of dvc.yaml and params.yaml, the root of a git + DVC repo or a folder in it
+    (e.g. real/: its stages, params, reports and MLflow store, as `cd real && dvc exp run`).
     overrides: params.yaml values for this run, e.g. {"train.lr": 3e-4} (`dvc exp run -S` syntax
     for strings). experiment: the DVC experiment name (default: this flow run's name). retries /
     retry_delay_seconds: per-stage retries with exponential backoff (delay, 2*delay, 4*delay...).
@@ -224,10 +226,11 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
            "MLFLOW_TRACKING_URI": workspace.subprocess_env(repo_path)["MLFLOW_TRACKING_URI"]}
     stage_task = run_stage.with_options(
         retries=retries, retry_delay_seconds=exponential_backoff(retry_delay_seconds)(retries) or 0)
-    original, work = None, repo_path
+    original, work, clone = None, repo_path, None
     try:
         if isolated:
-            work = workspace.clone(repo_path)
+            clone = workspace.clone(repo_path)
+            work = clone / repo_path.relative_to(workspace.toplevel(repo_path))
         if overrides:
             original = apply_overrides(str(work), overrides, name)
         else:
@@ -237,13 +240,13 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
             stages[stage] = stage_task(stage, str(work), env)
         save_experiment(str(work), name)
         result = collect(str(work))
-        if isolated:
-            workspace.fetch_experiment(repo_path, work, name)
+        if clone:
+            workspace.fetch_experiment(repo_path, clone, name)
     finally:
         if original is not None and not isolated:
             (work / PARAMS).write_text(original)
-        if work != repo_path:
-            shutil.rmtree(work, ignore_errors=True)
+        if clone:
+            shutil.rmtree(clone, ignore_errors=True)
     result.update(experiment=name, overrides=overrides, key_metrics=key_metrics(result["metrics"]),
                   stages=stages, flow_run_id=flow_run_id)
     logger.info("experiment %s: mlflow run %s, %s", name, result["mlflow_run_id"],
@@ -389,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pipeline.flows", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--repo", default=str(ROOT), help="the DVC repo (default: this checkout)")
+    common.add_argument("--pipeline", "--repo", dest="repo", default=str(ROOT), metavar="DIR",
+                        help="the folder of dvc.yaml and params.yaml: a DVC repo's root (default: this "
+                             "checkout) or a pipeline folder in it, e.g. real")
     common.add_argument("--retries", type=int, default=2, help="retries per stage (default 2)")
     common.add_argument("--retry-delay", type=float, default=10.0,
                         help="first retry delay in seconds, doubling after (default 10)")

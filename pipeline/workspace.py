@@ -69,8 +69,15 @@ def hydra_value(value: Any) -> str:
     return repr(value)
 
 
-def clone(repo: Path) -> Path:
-    """A `git clone --shared` of repo with its uncommitted changes, DVC cache and MLflow store."""
+def toplevel(folder: str | Path) -> Path:
+    """The root of the git repo that holds `folder` (a pipeline folder such as real/ may be below it)."""
+    return Path(git(folder, "rev-parse", "--show-toplevel"))
+
+
+def clone(folder: Path) -> Path:
+    """A `git clone --shared` of the repo that holds `folder`, with its uncommitted changes, DVC cache
+    and MLflow store; returns the clone's root (`folder`'s copy is at the same path below it)."""
+    repo = toplevel(folder)
     work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
     try:
         _populate_clone(repo, work)
@@ -98,8 +105,8 @@ def _populate_clone(repo: Path, work: Path) -> None:
 
 
 def fetch_experiment(repo: Path, work: Path, name: str) -> None:
-    """Copy experiment `name`'s refs (refs/exps/...) from the clone `work` into `repo`, before the
-    clone is removed; an existing ref of the same name is overwritten.
+    """Copy experiment `name`'s refs (refs/exps/...) from the clone whose root is `work` into the repo
+    holding `repo`, before the clone is removed; an existing ref of the same name is overwritten.
 
     Raises: subprocess.CalledProcessError when git fails.
     """

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
-from conftest import ROOT, TINY, git_copy, merge
+from conftest import ROOT, TINY, git, git_copy, merge
 from pipeline import flows
 from pipeline.workspace import hydra_value, subprocess_env
 
@@ -56,6 +57,24 @@ def train_repo(tmp_path_factory, mlflow_store):
     """A git copy with SMALL params and the stages up to train only: the sweep tests are about
     experiments and MLflow runs, which `train` makes; supervised + evaluate would add ~40 s a point."""
     return git_copy(tmp_path_factory.mktemp("flows_train_repo"), SMALL, stages=["ingest", "tokenize", "train"])
+
+
+@pytest.fixture(scope="module")
+def sub_pipeline(tmp_path_factory, mlflow_store):
+    """A git copy whose pipeline lives in a folder below the root, as real/ does: real/dvc.yaml's
+    stages up to train (less its data deps outside the repo) with SMALL's synthetic params."""
+    repo = git_copy(tmp_path_factory.mktemp("flows_sub_repo"), SMALL, stages=["ingest", "tokenize", "train"])
+    sub = repo / "sub"
+    sub.mkdir()
+    stages = yaml.safe_load((repo / "real" / "dvc.yaml").read_text())["stages"]
+    stages = {name: stages[name] for name in ("ingest", "tokenize", "train")}
+    stages["ingest"]["deps"] = [d for d in stages["ingest"]["deps"] if not d.startswith("../../")]
+    (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    shutil.copy(repo / "params.yaml", sub / "params.yaml")
+    shutil.copy(repo / "real" / ".gitignore", sub / ".gitignore")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "a pipeline in sub/")
+    return sub
 
 
 def dvc_experiments(repo: Path) -> dict[str, dict]:
@@ -245,6 +264,34 @@ def test_sweep_makes_one_experiment_and_one_mlflow_run_per_point_sequentially_or
         assert exps[row["experiment"]]["params"] == earlier[twin]["params"]
         assert exps[row["experiment"]]["metrics"] == earlier[twin]["metrics"]
         assert row["mlflow_run_id"] == runs[twin]  # nothing retrained, so no new MLflow run
+
+
+@pytest.mark.slow
+def test_a_pipeline_in_a_folder_of_the_repo_runs_alone_and_concurrently(prefect_api, sub_pipeline):
+    """`--pipeline real` as `cd real && dvc exp run`: that folder's stages, params, outputs and
+    experiment; concurrent points clone the whole repo and run in the folder's copy."""
+    root = sub_pipeline.parent
+    before = {p: p.read_text() for p in (root / "params.yaml", sub_pipeline / "params.yaml")}
+    result = flows.clip_pipeline(overrides={"train.lr": 0.002}, experiment="sub-lr", repo=str(sub_pipeline),
+                                 retries=0)
+
+    assert result["stages"] == {"ingest": "ran", "tokenize": "ran", "train": "ran"}
+    assert (sub_pipeline / "models" / "clip.safetensors").is_file() and not (root / "models").exists()
+    assert {p: p.read_text() for p in before} == before
+    assert result["mlflow_run_id"] == json.loads((sub_pipeline / "reports/run.json").read_text())["run_id"]
+    assert mlflow_runs()[result["mlflow_run_id"]].data.tags["dvc_experiment"] == "sub-lr"
+    exp = dvc_experiments(root)["sub-lr"]
+    assert exp["params"]["sub/params.yaml"]["data"]["train"]["lr"] == 0.002
+    assert exp["metrics"]["sub/reports/train.json"]["data"]["final_loss"] == result["metrics"]["train.final_loss"]
+
+    table = flows.clip_sweep(grid=[{"train.lr": 0.002}, {"train.lr": 0.001}], concurrency=2,
+                             repo=str(sub_pipeline), prefix="sub-par", retries=0)
+    assert [row["status"] for row in table] == ["completed", "completed"]
+    exps = dvc_experiments(root)
+    assert exps["sub-par-1"]["metrics"] == exp["metrics"]  # restored from the run cache the first run filled
+    assert exps["sub-par-2"]["params"]["sub/params.yaml"]["data"]["train"]["lr"] == 0.001
+    assert {p: p.read_text() for p in before} == before
+    assert not list((root / ".dvc" / "tmp").glob("clip-exp-*"))
 
 
 @pytest.mark.slow
