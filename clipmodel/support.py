@@ -25,8 +25,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file, save_file
 
-from clipmodel.zeroshot import unit
 from clipmodel.io import atomic_path, files_sha256
+from clipmodel.zeroshot import unit
 
 SUPPORT_FILE = "support.safetensors"  # beside a model's config.json (models/, models/onnx/)
 WEIGHTS_FILE = "clip.safetensors"  # the weights a torch model folder holds (the ONNX folder has none)
