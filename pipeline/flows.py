@@ -86,8 +86,10 @@ class StageFailed(RuntimeError):
         self.params_errors = params_errors
         self.bad_params = bool(params_errors) and (
             returncode == 2 or any("exited with 2" in line for line in tail))
-        detail = "; ".join(params_errors) if self.bad_params else "\n".join(tail[-20:])
-        super().__init__(f"stage {stage!r} failed (exit status {returncode}): {detail}")
+        if self.bad_params:  # the stage's own one-line error; DVC's exit status (255) says nothing more
+            super().__init__(f"stage {stage!r} refused its params: {'; '.join(params_errors)}")
+        else:
+            super().__init__(f"stage {stage!r} failed (exit status {returncode}): " + "\n".join(tail[-20:]))
 
     def __reduce__(self):  # picklable, for Prefect's result handling
         return (StageFailed, (self.stage, self.returncode, self.tail, self.params_errors))
@@ -428,8 +430,9 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: result[k] for k in ("experiment", "mlflow_run_id", "stages", "key_metrics")},
                              indent=2))
         else:
-            table = clip_sweep(grid=str(Path(args.file).resolve()), concurrency=args.concurrency,
-                               prefix=args.prefix, **common_params)
+            grid = str(Path(args.file).resolve())
+            load_grid(grid)  # a missing or malformed file fails here, before Prefect starts a server
+            table = clip_sweep(grid=grid, concurrency=args.concurrency, prefix=args.prefix, **common_params)
             print(format_table(table))
     except Exception as e:  # the run logs hold the traceback; the terminal gets one line
         print(f"{args.command} failed: {e}", file=sys.stderr)

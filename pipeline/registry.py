@@ -11,10 +11,12 @@ commit, the data fingerprint and its metrics, so the registry alone says where a
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import numpy as np
 import onnx
+from filelock import FileLock
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
@@ -41,6 +43,15 @@ def champion_value(client: MlflowClient, metric: str) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def promotion_lock(uri: str) -> AbstractContextManager:
+    """One promotion at a time into a SQLite store: without it two exports that finish together (the
+    points of a concurrent sweep) both read the same champion and both claim the alias, the worse one
+    possibly last. A tracking server gets no lock here: its clients may be on other hosts."""
+    if uri.startswith("sqlite:///"):
+        return FileLock(f"{uri.removeprefix('sqlite:///')}-promote.lock")
+    return nullcontext()
+
+
 def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings: dict[str, np.ndarray],
              metric: str, value: float, tags: dict[str, str]) -> dict[str, dict]:
     """Log both encoders and the pyfunc (each with a signature and input example) into the active run and
@@ -64,16 +75,18 @@ def promote(versions: dict[str, str], metric: str, value: float, tags: dict[str,
     """Tag the new `versions` ({model name: version}, one per model in MODELS, from the active run) with
     `tags` and the metric, and give all three the same alias: `champion` when `value` beats the current
     champion trio's, else `challenger`, so `@champion` always names the models of one run. A non-finite
-    metric never becomes champion. Aliases are set last: a failed log moves none of them."""
+    metric never becomes champion. Aliases are set last: a failed log moves none of them. Promotions into
+    one SQLite store take turns (`promotion_lock`)."""
     client = MlflowClient(tracking.tracking_uri())
-    previous = champion_value(client, metric)
-    wins = math.isfinite(value) and (previous is None or value > previous)
-    alias = "champion" if wins else "challenger"
     tags = {**tags, "mlflow_run_id": tags.get("mlflow_run_id") or tracking.mlflow.active_run().info.run_id}
     out = {}
-    for name, version in versions.items():
-        for key, val in {**tags, metric: str(value)}.items():
-            client.set_model_version_tag(name, version, key, val)
-        client.set_registered_model_alias(name, alias, version)
-        out[name] = {"version": version, "alias": alias, "previous_champion": previous}
+    with promotion_lock(tracking.tracking_uri()):
+        previous = champion_value(client, metric)
+        wins = math.isfinite(value) and (previous is None or value > previous)
+        alias = "champion" if wins else "challenger"
+        for name, version in versions.items():
+            for key, val in {**tags, metric: str(value)}.items():
+                client.set_model_version_tag(name, version, key, val)
+            client.set_registered_model_alias(name, alias, version)
+            out[name] = {"version": version, "alias": alias, "previous_champion": previous}
     return out

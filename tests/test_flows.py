@@ -186,6 +186,15 @@ def test_grid_expansion_and_override_syntax():
         "train.lr": "3e-4", "model.vision_layers": "[1,1,1,1]"}
 
 
+def test_a_missing_sweep_file_fails_before_any_flow_runs(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(flows, "clip_sweep", lambda **kw: pytest.fail("the sweep flow started"))
+    assert flows.main(["sweep", str(tmp_path / "nosuch.yaml")]) == 1
+    assert capsys.readouterr().err.startswith("sweep failed: [Errno 2] No such file or directory")
+    (tmp_path / "empty.yaml").write_text("")
+    assert flows.main(["sweep", str(tmp_path / "empty.yaml")]) == 1
+    assert "expected {key: [values]}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # end to end: the real pipeline in a git copy (run in file order: later ones reuse the DVC cache)
 

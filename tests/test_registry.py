@@ -2,6 +2,8 @@
 models:/…@champion."""
 from __future__ import annotations
 
+import threading
+
 import mlflow
 import numpy as np
 import onnxruntime as ort
@@ -85,3 +87,26 @@ def test_champion_is_always_a_pair_of_one_run_and_never_non_finite(store):
     fourth = register(0.9)
     register(float("nan"))
     assert champion_runs() == {fourth}
+
+
+def test_promotions_into_one_store_take_turns(store, tmp_path):
+    """While another export holds the store's promotion lock, a promotion neither reads the champion nor
+    moves an alias; it goes on when the lock is released (the points of a concurrent sweep)."""
+    client = mlflow.MlflowClient()
+    with mlflow.start_run() as run:
+        versions = {}
+        for name in registry.MODELS:
+            client.create_registered_model(name)
+            versions[name] = client.create_model_version(name, f"runs:/{run.info.run_id}/model", run.info.run_id).version
+    lock = registry.promotion_lock(tracking.tracking_uri())
+    assert str(tmp_path) in lock.lock_file
+    with lock:
+        promoting = threading.Thread(target=registry.promote,
+                                     args=(versions, "m", 0.5, {"mlflow_run_id": run.info.run_id}))
+        promoting.start()
+        promoting.join(timeout=2)
+        assert promoting.is_alive()
+        assert not client.get_registered_model(registry.IMAGE_MODEL).aliases
+    promoting.join(timeout=30)
+    assert not promoting.is_alive()
+    assert client.get_model_version_by_alias(registry.IMAGE_MODEL, "champion").version == versions[registry.IMAGE_MODEL]
