@@ -56,7 +56,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any
 
-import yaml
 from prefect import flow, get_run_logger, serve, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run as current_flow_run
@@ -64,15 +63,13 @@ from prefect.schedules import Cron
 from prefect.tasks import exponential_backoff
 
 from pipeline import workspace
-from pipeline.dvcfile import KEY_METRICS, key_metrics, read_metrics, stage_names, uncached_outputs
+from pipeline.dvcfile import key_metrics, read_metrics, stage_names, uncached_outputs
+from pipeline.sweeps import Overrides, expand_grid, format_table, load_grid, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = "params.yaml"
 RUN_FILE = "reports/run.json"      # written by the train stage (pipeline/tracking.py RUN_FILE)
 PARAMS_ERROR = re.compile(r"^params\.yaml: \S")  # pipeline/params.py's one-line error
-
-Overrides = dict[str, Any]
-
 
 # ---------------------------------------------------------------------------------------------
 # subprocesses
@@ -256,31 +253,6 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
     return result
 
 
-def expand_grid(grid: dict[str, Any] | list[dict[str, Any]]) -> list[Overrides]:
-    """{key: [values]} -> the Cartesian product (a scalar is one value); a list of override
-    dicts is used as given."""
-    if isinstance(grid, list):
-        return [dict(point) for point in grid]
-    keys = list(grid)
-    values = [v if isinstance(v, list) else [v] for v in grid.values()]
-    return [dict(zip(keys, combo)) for combo in itertools.product(*values)]
-
-
-def load_grid(path: str | Path, repo: str | Path = ROOT) -> dict | list:
-    """A sweep file (YAML or JSON), unexpanded: {key: [values]} or a list of override dicts. A relative
-    path missing from the current directory is looked up in `repo`.
-
-    Raises: ValueError when the file holds neither, or is empty.
-    """
-    path = Path(path)
-    if not path.is_absolute() and not path.exists():
-        path = Path(repo) / path
-    grid = yaml.safe_load(path.read_text())  # YAML or JSON
-    if not isinstance(grid, (dict, list)) or not grid:
-        raise ValueError(f"{path}: expected {{key: [values]}} or a list of {{key: value}} dicts")
-    return grid
-
-
 def _outcome(state) -> dict[str, Any]:
     """A finished clip-pipeline state as plain data: its result, or why it failed."""
     if state.is_completed():
@@ -341,22 +313,6 @@ def clip_sweep(grid: dict[str, Any] | list[dict[str, Any]] | str, concurrency: i
     return table
 
 
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table of the sweep: one column per experiment, one line per setting and key
-    metric (there are more metrics than experiments, so this stays readable)."""
-    keys = sorted({k for row in rows for k in row if KEY_METRICS.match(k)})
-    overrides = sorted({k for row in rows for k in row.get("overrides", {})})
-
-    def cell(v: Any) -> str:
-        return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else str(v))
-
-    lines = [["", *(row["experiment"] for row in rows)], ["status", *(row.get("status", "") for row in rows)]]
-    lines += [[k, *(cell(row.get("overrides", {}).get(k)) for row in rows)] for k in overrides]
-    lines += [[k, *(cell(row.get(k)) for row in rows)] for k in keys]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
-
-
 # ---------------------------------------------------------------------------------------------
 # deployments and CLI
 
@@ -372,20 +328,6 @@ def build_deployment(name: str, cron: str, sweep: str | None = None,
                                         parameters={"grid": str(Path(sweep).resolve()), "repo": repo, **params})
     return clip_pipeline.to_deployment(name=name, schedule=schedule,
                                        parameters={"overrides": overrides or {}, "repo": repo, **params})
-
-
-def parse_sets(sets: list[str]) -> Overrides:
-    """`--set key=value` arguments as overrides; values stay strings, for DVC's `-S` grammar to parse.
-
-    Raises: SystemExit (one line) for an item without `=` or with an empty key.
-    """
-    out = {}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise SystemExit(f"--set {item!r}: expected key=value")
-        out[key.strip()] = value  # a string: parsed by DVC's -S grammar, as `dvc exp run -S`
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -431,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
                              indent=2))
         else:
             grid = str(Path(args.file).resolve())
-            load_grid(grid)  # a missing or malformed file fails here, before Prefect starts a server
+            load_grid(grid, args.repo)  # a missing or malformed file fails here, before Prefect starts a server
             table = clip_sweep(grid=grid, concurrency=args.concurrency, prefix=args.prefix, **common_params)
             print(format_table(table))
     except Exception as e:  # the run logs hold the traceback; the terminal gets one line

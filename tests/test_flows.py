@@ -22,7 +22,7 @@ from prefect.settings import PREFECT_HOME, temporary_settings
 from prefect.testing.utilities import prefect_test_harness
 
 from conftest import ROOT, TINY, git, git_copy, merge
-from pipeline import flows
+from pipeline import flows, sweeps
 from pipeline.workspace import hydra_value, subprocess_env
 
 SMALL = merge(TINY, {"data": {"synthetic": {"num_images": 300}},
@@ -176,13 +176,13 @@ def test_serve_deployment_has_the_cron_schedule(prefect_api, tmp_path):
 
 
 def test_grid_expansion_and_override_syntax():
-    assert flows.expand_grid({"train.lr": [1e-3, 3e-4], "train.loss": "sigmoid"}) == [
+    assert sweeps.expand_grid({"train.lr": [1e-3, 3e-4], "train.loss": "sigmoid"}) == [
         {"train.lr": 1e-3, "train.loss": "sigmoid"}, {"train.lr": 3e-4, "train.loss": "sigmoid"}]
-    assert flows.expand_grid([{"train.lr": 1e-3}, {"model.vision": "resnet"}]) == [
+    assert sweeps.expand_grid([{"train.lr": 1e-3}, {"model.vision": "resnet"}]) == [
         {"train.lr": 1e-3}, {"model.vision": "resnet"}]
     assert [hydra_value(v) for v in (3e-4, True, None, [1, 1, 1, 1], "resnet")] == [
         "0.0003", "true", "null", "[1,1,1,1]", "resnet"]
-    assert flows.parse_sets(["train.lr=3e-4", "model.vision_layers=[1,1,1,1]"]) == {
+    assert sweeps.parse_sets(["train.lr=3e-4", "model.vision_layers=[1,1,1,1]"]) == {
         "train.lr": "3e-4", "model.vision_layers": "[1,1,1,1]"}
 
 
