@@ -228,8 +228,7 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
     original, work, clone = None, repo_path, None
     try:
         if isolated:
-            clone = workspace.clone(repo_path)
-            work = clone / repo_path.relative_to(workspace.toplevel(repo_path))
+            clone, work = workspace.clone(repo_path)
         if overrides:
             original = apply_overrides(str(work), overrides, name)
         else:

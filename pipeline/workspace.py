@@ -69,22 +69,18 @@ def hydra_value(value: Any) -> str:
     return repr(value)
 
 
-def toplevel(folder: str | Path) -> Path:
-    """The root of the git repo that holds `folder` (a pipeline folder such as real/ may be below it)."""
-    return Path(git(folder, "rev-parse", "--show-toplevel"))
-
-
-def clone(folder: Path) -> Path:
-    """A `git clone --shared` of the repo that holds `folder`, with its uncommitted changes, DVC cache
-    and MLflow store; returns the clone's root (`folder`'s copy is at the same path below it)."""
-    repo = toplevel(folder)
+def clone(folder: Path) -> tuple[Path, Path]:
+    """A `git clone --shared` of the repo that holds `folder` (a pipeline folder such as real/ may be
+    below its root), with its uncommitted changes, DVC cache and MLflow store: the clone's root, to
+    remove when done, and its copy of `folder`."""
+    repo = Path(git(folder, "rev-parse", "--show-toplevel"))
     work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
     try:
         _populate_clone(repo, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    return work
+    return work, work / Path(folder).resolve().relative_to(repo)
 
 
 def _populate_clone(repo: Path, work: Path) -> None:

@@ -305,7 +305,7 @@ export class ClipModel {
 
   /**
    * Per image embedding, every label with its probability, most probable first:
-   * softmax(logit_scale * score) over the labels (clipmodel.runtime.top_k), the score being the image's
+   * softmax(logit_scale * score) over the labels (clipmodel.zeroshot.classify), the score being the image's
    * cosine with the class vector plus, with a support set, its support term.
    */
   scoreLabels(imageEmbeddings, classEmbeddings, labels) {
