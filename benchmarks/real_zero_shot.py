@@ -27,7 +27,9 @@ steps (both sides' `steps` are in the output).
 - project: ingest, tokenize and train of --params (default real/params.yaml), run in a scratch copy of the
   repo's code.
 
-Writes reports/benchmarks/real_zero_shot.json (a partial rerun keeps the other side's last result):
+Writes reports/benchmarks/real_zero_shot.json for real/params.yaml on real-emoji, and for other
+inputs reports/benchmarks/real_zero_shot_<what differs>.json (e.g. `_mydata_pets` for --params
+mydata/params.yaml --eval-set pets=...), unless --out; a partial rerun keeps the other side's last result:
 
     python benchmarks/real_zero_shot.py [--epochs N] [--data DIR] [--skip-openclip | --skip-project] [--keep DIR]
     python benchmarks/real_zero_shot.py --skip-openclip -S tokenize.vocab_size=4096 --out …/lever.json  # one lever
@@ -63,7 +65,7 @@ sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or n
 from benchmarks.machine import device_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.encoder import Encoder  # noqa: E402
-from clipmodel.evaluation import DatasetError, LabelledSet, score  # noqa: E402
+from clipmodel.evaluation import DatasetError, LabelledSet, embed_set, zero_shot  # noqa: E402
 from clipmodel.evaluation import embed_images as embed_images_of  # noqa: E402
 from clipmodel.images import ImageError, decode, to_rgb  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
@@ -195,15 +197,17 @@ def training_pairs(data: dict[str, Any], scratch: Path) -> tuple[pd.DataFrame, l
     return pd.DataFrame(pairs, columns=["filepath", "caption"]), left_out
 
 
-def score_sets(sets: dict[str, LabelledSet], templates: dict[str, list[str]], load_image: Callable[[Path], Any],
-               embed_images: Callable[[list[Any]], np.ndarray], embed_texts: Callable[[list[str]], np.ndarray],
-               support: Support | None = None) -> dict:
-    scores = {}
-    for name, ds in sets.items():
-        for key, tmpl in templates.items():
-            result = score(ds, load_image, embed_images, embed_texts, tmpl, support=support)
-            scores.setdefault(name, {})[key] = {k: result[k] for k in REPORTED if k in result}  # top5: > 5 classes
-    return scores
+def memoised(embed_texts: Callable[[list[str]], np.ndarray]) -> Callable[[list[str]], np.ndarray]:
+    """`embed_texts` embedding each distinct string once: the template lists share prompts, and both
+    scorings (with and without the support set) build the same class vectors."""
+    cache: dict[str, np.ndarray] = {}
+
+    def embed(texts: list[str]) -> np.ndarray:
+        new = [t for t in dict.fromkeys(texts) if t not in cache]
+        if new:
+            cache.update(zip(new, np.asarray(embed_texts(new))))
+        return np.stack([cache[t] for t in texts])
+    return embed
 
 
 @dataclass
@@ -218,19 +222,28 @@ class Judge:
 
     def __call__(self, load_image: Callable[[Path], Any], embed_images: Callable[[list[Any]], np.ndarray],
                  embed_texts: Callable[[list[str]], np.ndarray]) -> dict:
-        """`scores`: the paper's zero-shot; with a positive support weight also `scores_support`, each
-        side's training-row bank built from its own embeddings."""
-        out = {"scores": score_sets(self.sets, self.templates, load_image, embed_images, embed_texts)}
+        """`scores`: the paper's zero-shot per set and template list; with a positive support weight also
+        `scores_support`, each side's training-row bank built from its own embeddings. Each image is
+        embedded once, each prompt once (what clipmodel.evaluation.score does per call, shared)."""
+        embed_texts = memoised(embed_texts)
+        scorings = {"scores": None}
+        out = {}
         if self.support_weight > 0:
             feats, _, rejected = embed_images_of(list(self.rows["filepath"]), load_image, embed_images)
             if rejected:  # training_pairs decoded every row already
                 raise SystemExit(f"real_zero_shot: {rejected[0]['image']}: {rejected[0]['reason']}")
             captions = list(self.rows["caption"])
             texts = np.concatenate([embed_texts(captions[i:i + 1024]) for i in range(0, len(captions), 1024)])
-            bank = Support(unit(feats), unit(texts), np.arange(len(captions)), self.support_weight,
-                           self.support_temperature)
+            scorings["scores_support"] = Support(unit(feats), unit(texts), np.arange(len(captions)),
+                                                 self.support_weight, self.support_temperature)
             out["support"] = {"weight": self.support_weight, "temperature": self.support_temperature}
-            out["scores_support"] = score_sets(self.sets, self.templates, load_image, embed_images, embed_texts, bank)
+        for name, ds in self.sets.items():
+            feats, kept, rejected = embed_set(ds, load_image, embed_images)
+            for key, tmpl in self.templates.items():
+                for scoring, bank in scorings.items():
+                    result, _ = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, tmpl, support=bank)
+                    result["rejected"] = len(rejected)  # top5 only with more than 5 classes
+                    out.setdefault(scoring, {}).setdefault(name, {})[key] = {k: result[k] for k in REPORTED if k in result}
         return out
 
 
@@ -323,6 +336,16 @@ def rescore(work: Path, result: dict, judge: Judge, epochs: int, background: lis
                         **scores}
 
 
+def default_out(args: argparse.Namespace) -> Path:
+    """reports/benchmarks/real_zero_shot.json for the committed comparison (real/params.yaml, real-emoji's
+    sets); another recipe, data folder, training file or held-out set adds its name, so that a run on other
+    data never overwrites that result nor keeps a side of it."""
+    parts = [args.params.resolve().parent.name] if args.params.resolve() != ROOT / "real" / "params.yaml" else []
+    parts += [p.resolve().name if p.is_dir() else p.stem for p in (args.data, args.train) if p]
+    parts += [spec.partition("=")[0] for spec in args.eval_sets]
+    return ROOT / "reports" / "benchmarks" / ("_".join(["real_zero_shot", *parts]) + ".json")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--epochs", type=int, help="both sides' epochs (default: the recipe's train.epochs, after -S)")
@@ -337,7 +360,7 @@ def main() -> None:
     ap.add_argument("--template-keys", nargs="+", default=["label", "clip", "label_and_clip"],
                     help="the lists of --templates to score each side with (templates/prompts.yaml has label, "
                          "clip and label_and_clip)")
-    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "real_zero_shot.json")
+    ap.add_argument("--out", type=Path, help="the result JSON (default: named after the inputs, see above)")
     ap.add_argument("--keep", type=Path, help="a new folder to keep the scratch work in (checkpoints, logs); default: a temp dir")
     ap.add_argument("-S", dest="set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a key of the project's params, as `dvc exp run -S` (e.g. tokenize.vocab_size=4096)")
@@ -348,6 +371,7 @@ def main() -> None:
                     help="score the models a run with --keep WORK left, instead of training "
                          "(other fields kept from --out)")
     args = ap.parse_args()
+    args.out = args.out or default_out(args)
     start = time.perf_counter()
     data = (args.data or ROOT.parent / "shared" / "real-emoji").resolve()
     paths = eval_set_paths(data, args.eval_sets)

@@ -220,6 +220,21 @@ def embed_images(paths: Sequence[Path], load_image: Callable[[Path], Any],
     return (np.concatenate(feats) if feats else np.empty((0, 0), np.float32)), np.array(kept, np.int64), rejected
 
 
+def embed_set(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch: Callable[[list[Any]], np.ndarray],
+              batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it,
+              ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str]]]:
+    """`embed_images` over a labelled set's images: features [M, D], their positions int64 [M] in
+    `ds.images`, and the undecodable ones with a reason; once per set, whatever is scored after.
+
+    Raises: DatasetError when no image of the set could be decoded.
+    """
+    feats, kept, rejected = embed_images(ds.images, load_image, embed_images_batch, batch_size, progress)
+    if len(kept) == 0:
+        raise DatasetError(f"{ds.name}: none of its {len(ds.images)} images could be decoded "
+                           f"(first: {rejected[0]['image']}: {rejected[0]['reason']})")
+    return feats, kept, rejected
+
+
 def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch: Callable[[list[Any]], np.ndarray],
           embed_texts: Callable[[list[str]], np.ndarray], templates: Sequence[str] = DEFAULT_TEMPLATES,
           batch_size: int = 256, progress: Callable[[Any], Any] = lambda it: it,
@@ -231,9 +246,6 @@ def score(ds: LabelledSet, load_image: Callable[[Path], Any], embed_images_batch
 
     Raises: DatasetError when no image of the set could be decoded.
     """
-    feats, kept, rejected = embed_images(ds.images, load_image, embed_images_batch, batch_size, progress)
-    if len(kept) == 0:
-        raise DatasetError(f"{ds.name}: none of its {len(ds.images)} images could be decoded "
-                           f"(first: {rejected[0]['image']}: {rejected[0]['reason']})")
+    feats, kept, rejected = embed_set(ds, load_image, embed_images_batch, batch_size, progress)
     result, top = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, templates, support=support)
     return {**result, "rejected": len(rejected), "rejected_images": rejected, "kept": kept, "predictions": top}

@@ -141,15 +141,45 @@ def test_the_judge_scores_both_ways_with_the_same_rows_and_support_settings(tmp_
     embed_images = lambda batch: np.stack([np.r_[np.asarray(b, np.float32).mean((0, 1)), 0, 0, 0]  # noqa: E731
                                            for b in batch])
     load = lambda p: np.asarray(Image.open(p))  # noqa: E731
-    templates = {"label": ["{}"]}
+    templates = {"label": ["{}"], "thing": ["{}", "a {} thing"]}
     plain = Judge({"colours": ds}, templates, rows, 0.0, 0.01)(load, embed_images, embed_texts)
     assert set(plain) == {"scores"}
-    both = Judge({"colours": ds}, templates, rows, 2.0, 0.05)(load, embed_images, embed_texts)
+    seen = {"images": 0, "texts": []}
+
+    def counted_images(batch: list) -> np.ndarray:
+        seen["images"] += len(batch)
+        return embed_images(batch)
+
+    def counted_texts(texts: list[str]) -> np.ndarray:
+        seen["texts"] += texts
+        return embed_texts(texts)
+    both = Judge({"colours": ds}, templates, rows, 2.0, 0.05)(load, counted_images, counted_texts)
+    # Each image once (the set's four, the bank's four), each prompt and caption once, for both scorings.
+    prompts = {t.format(c) for c in colours for t in ("{}", "a {} thing")}
+    assert seen["images"] == 8 and len(seen["texts"]) == len(set(seen["texts"]))
+    assert set(seen["texts"]) == prompts | set(rows["caption"])
     assert both["scores"] == plain["scores"] and both["support"] == {"weight": 2.0, "temperature": 0.05}
     bank = Support(unit(embed_images([load(p) for p in rows["filepath"]])), unit(embed_texts(list(rows["caption"]))),
                    np.arange(4), 2.0, 0.05)
     expected = score(ds, load, embed_images, embed_texts, ["{}"], support=bank)
     assert both["scores_support"]["colours"]["label"]["top1"] == expected["top1"]
+
+
+def test_a_run_on_other_inputs_never_writes_the_committed_result(tmp_path):
+    import argparse
+
+    from benchmarks.real_zero_shot import ROOT as BENCH_ROOT
+    from benchmarks.real_zero_shot import default_out
+
+    def out(**kw: object) -> str:
+        return default_out(argparse.Namespace(**{"params": BENCH_ROOT / "real" / "params.yaml", "data": None,
+                                                 "train": None, "eval_sets": [], **kw})).name
+    (tmp_path / "pets").mkdir()
+    assert default_out(argparse.Namespace(params=BENCH_ROOT / "real" / ".." / "real" / "params.yaml", data=None,
+                                          train=None, eval_sets=[])) == BENCH_ROOT / "reports/benchmarks/real_zero_shot.json"
+    assert out(params=tmp_path / "mydata" / "params.yaml", eval_sets=["pets=/x.csv", "styles=/y"]) == \
+        "real_zero_shot_mydata_pets_styles.json"
+    assert out(data=tmp_path / "pets", train=tmp_path / "pairs.tsv") == "real_zero_shot_pets_pairs.json"
 
 
 def test_both_sides_train_on_the_recipes_own_data_unless_told_otherwise(tmp_path, monkeypatch):
