@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -395,7 +396,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="real-zero-shot-") as tmp:
         rows, left_out = training_pairs(params["data"], Path(tmp) / "shard_images")
         if left_out:
-            print(f"real_zero_shot: {len(left_out)} items of {named} left out of both sides (first: {left_out[0]})")
+            reasons = dict(Counter(item["reason"] for item in left_out).most_common())
+            repeats = "duplicate_row: a caption its image already has, nothing lost; " if "duplicate_row" in reasons else ""
+            print(f"real_zero_shot: {len(left_out)} items of {named} left out of both sides {reasons} "
+                  f"({repeats}first: {left_out[0]})")
         judge = Judge(sets, templates, rows, ev.get("support_weight", 0.0), ev.get("support_temperature", 0.01))
         if args.rescore:
             rescore(args.rescore, result, judge, epochs, params["data"]["background"], args.skip_openclip,

@@ -13,14 +13,17 @@ keyed by `sample_key` (the manifest row). `clipmodel.stream` streams those shard
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import numpy as np
+from braceexpand import braceexpand
 
 
 class BadSample(Exception):
@@ -38,6 +41,22 @@ class Sample(NamedTuple):
 
     key: str
     files: dict[str, bytes]
+
+
+def shard_paths(pattern: str) -> list[str]:
+    """The .tar files a shard spec names, sorted: a glob, a brace range as WebDataset and open_clip write
+    them (`train-{000000..000099}.tar`), or both (`{a,b}/*.tar`).
+
+    Raises: FileNotFoundError when nothing matches; IsADirectoryError when a match is a folder (the
+    spec must name the files in it, e.g. `folder/*.tar`)."""
+    paths = sorted({path for part in braceexpand(pattern) for path in glob.glob(part)})
+    if not paths:
+        raise FileNotFoundError(f"no shards match {pattern!r}")
+    folders = [p for p in paths if os.path.isdir(p)]
+    if folders:
+        raise IsADirectoryError(f"{folders[0]} is a folder: name the shards in it, e.g. "
+                                f"{os.path.join(folders[0], '*.tar')!r}")
+    return paths
 
 
 def sample_key(index: int) -> str:

@@ -16,7 +16,6 @@ to an uninterrupted run (the npy path, CorpusBatches, is bit-identical).
 """
 from __future__ import annotations
 
-import glob
 import io
 import json
 import warnings
@@ -31,7 +30,7 @@ from PIL import Image
 
 from clipmodel import distributed
 from clipmodel.data import ColorAugment, image_fields
-from clipmodel.shards import BadSample, caption_ids, read_samples
+from clipmodel.shards import BadSample, caption_ids, read_samples, shard_paths
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 T = TypeVar("T")
@@ -87,9 +86,9 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                  ssl_crop_scale: tuple[float, float] | None = None, resample: bool = True,
                  shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
-        self.shards = sorted(glob.glob(shards)) if isinstance(shards, str) else [str(s) for s in shards]
+        self.shards = shard_paths(shards) if isinstance(shards, str) else [str(s) for s in shards]
         if not self.shards:
-            raise FileNotFoundError(f"no tar shards match {shards!r}")
+            raise FileNotFoundError("no tar shards given")
         if (rank is None) != (world_size is None):
             raise ValueError("pass both rank and world_size, or neither (then torch.distributed decides)")
         self.rank, self.world_size = (rank, world_size) if rank is not None else (distributed.rank(), distributed.world())

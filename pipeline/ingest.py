@@ -276,8 +276,9 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
 
     reasons = Counter(r.reason for r in rejected)
     if not manifest.ids:
+        first = f"; first: {rejected[0].source}: {rejected[0].reason}: {rejected[0].detail}" if rejected else ""
         raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
-                          f"{dict(reasons.most_common())})")
+                          f"{dict(reasons.most_common())}{first})")
     manifest.write(manifest_path)
     pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
                  columns=["source", "reason", "detail"]).to_csv(
@@ -330,7 +331,9 @@ def main(argv: list[str] | None = None) -> None:
         r = run(data, images=args.images, manifest=args.manifest, rejected=args.rejected, report=args.report)
     except SourceError as e:
         raise SystemExit(f"ingest: {e}") from None
-    print(f"ingest: {r['accepted']} images ({r['splits']}), {r['rejected']} rejected {r['reasons']}, "
+    repeats = r["reasons"].get("duplicate_row", 0)
+    print(f"ingest: {r['accepted']} images ({r['splits']}), {r['rejected']} rejected {r['reasons']}"
+          f"{f' ({repeats} duplicate_row: a caption its image already has, nothing lost)' if repeats else ''}, "
           f"{r['duplicates']} duplicates merged, {r['images_per_s']} img/s")
 
 

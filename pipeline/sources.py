@@ -7,7 +7,6 @@ stream goes on; only a source that cannot be read at all raises SourceError.
 from __future__ import annotations
 
 import csv
-import glob
 import hashlib
 import json
 import os
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipmodel import synthetic
-from clipmodel.shards import BadSample, read_samples
+from clipmodel.shards import BadSample, read_samples, shard_paths
 from pipeline.params import CocoSource, CsvSource, DataParams, FolderSource, WebDatasetSource
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -200,7 +199,7 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
             if not isinstance(im, dict) or not _scalar_id(im.get("id")) or not isinstance(im.get("file_name"), str):
                 raise BadSample("bad_record", "an image needs a scalar id and a string file_name")
             if im["id"] in images:
-                raise BadSample("duplicate_row", f"image id {im['id']}")
+                raise BadSample("duplicate_image_id", f"image id {im['id']} (file_name {im['file_name']!r})")
             utf8_name(im["file_name"])
             images[im["id"]] = im
         except BadSample as e:
@@ -239,9 +238,10 @@ def _scalar_id(value: object) -> bool:
 def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:
     """`.tar` shards streamed member by member (never extracted): key.{jpg,png,webp} + key.txt, the
     key as clipmodel.shards reads it. Bad members and samples are rejections, never merged or dropped unseen."""
-    shards = sorted(glob.glob(p.shards))
-    if not shards:
-        raise SourceError(f"no shards match {p.shards!r}")
+    try:
+        shards = shard_paths(p.shards)
+    except OSError as e:
+        raise SourceError(f"data.webdataset.shards: {e}") from None
     for shard in map(Path, shards):
         for item in read_samples(shard):
             if isinstance(item, BadSample):

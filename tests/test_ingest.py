@@ -136,7 +136,8 @@ def test_a_failed_run_keeps_the_previous_outputs(tmp_path):
     run(params(synthetic={"num_images": 20}), tmp_path)
     before = (tmp_path / "data/manifest.parquet").read_bytes()
     csv = write_csv(tmp_path / "c.tsv", [("nothing.png", "x")])
-    with pytest.raises(SourceError, match="no usable image"):
+    # rejected.csv is one of the outputs kept, so the message names the first rejection itself
+    with pytest.raises(SourceError, match=r"no usable image .*1 rejected.*; first: .*c.tsv:line 2: missing_file: .*nothing.png"):
         run(params(source="csv", csv={"path": str(csv)}), tmp_path)
     assert (tmp_path / "data/manifest.parquet").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["images", "manifest.parquet", "rejected.csv"]
@@ -180,7 +181,7 @@ def test_coco(tmp_path):
         (images / f"{i}.jpg").write_bytes(encode(noise(i), "JPEG"))
     ann = {
         "images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(4)]
-        + [{"id": 9, "file_name": "../outside.jpg"}, {"id": 10, "file_name": "2.jpg"}],
+        + [{"id": 9, "file_name": "../outside.jpg"}, {"id": 10, "file_name": "2.jpg"}, {"id": 1, "file_name": "2.jpg"}],
         "annotations": [
             {"id": 1, "image_id": 0, "caption": "  a cat "}, {"id": 2, "image_id": 1, "caption": "a dog"},
             {"id": 3, "image_id": 0, "caption": "a cat on a mat"}, {"id": 4, "image_id": 1, "caption": " "},
@@ -197,7 +198,7 @@ def test_coco(tmp_path):
     report = run(data, tmp_path)
     assert report["accepted"] == 2
     assert report["reasons"] == {"empty_caption": 1, "duplicate_row": 1, "missing_image": 1, "missing_caption": 2,
-                                 "missing_file": 1, "unsafe_path": 1}
+                                 "missing_file": 1, "unsafe_path": 1, "duplicate_image_id": 1}
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert manifest.captions.map(list).tolist() == [["a cat", "a cat on a mat"], ["a dog"]]
 
@@ -228,6 +229,24 @@ def test_webdataset(tmp_path):
     assert report["reasons"] == {"unsafe_path": 2, "missing_caption": 1, "missing_image": 1, "caption_not_utf8": 1,
                                  "corrupt_shard": 1}
     assert not (tmp_path / "evil.png").exists() and not (tmp_path.parent / "evil.png").exists()
+
+
+def test_webdataset_shards_as_a_brace_range_a_glob_or_both(tmp_path):
+    """The spec as WebDataset and open_clip users write it; a folder or no match is one clear line."""
+    (tmp_path / "d").mkdir()
+    for n in range(4):
+        with tarfile.open(tmp_path / f"train-{n:06d}.tar", "w") as tar:
+            _add(tar, f"k{n}.png", encode(noise(n)))
+            _add(tar, f"k{n}.txt", f"image {n}".encode())
+
+    def keys(spec: str) -> list[str]:
+        return [r.key for r in read_webdataset(params(source="webdataset", webdataset={"shards": spec}).webdataset)]
+    assert keys(str(tmp_path / "train-{000001..000002}.tar")) == ["train-000001.tar/k1", "train-000002.tar/k2"]
+    assert keys(str(tmp_path / "train-{000000,000003}.t*")) == ["train-000000.tar/k0", "train-000003.tar/k3"]
+    with pytest.raises(SourceError, match=r"data.webdataset.shards: .*/d is a folder: name the shards in it, e.g. '.*/d/\*.tar'"):
+        keys(str(tmp_path / "d"))
+    with pytest.raises(SourceError, match=r"data.webdataset.shards: no shards match '.*train-\{000007..000009\}.tar'"):
+        keys(str(tmp_path / "train-{000007..000009}.tar"))
 
 
 def test_folder(tmp_path):
