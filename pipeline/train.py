@@ -37,6 +37,7 @@ from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
 from pipeline.dvcfile import flatten
+from pipeline.evaluation_sets import labelled_sets
 from pipeline.device import autocast, resolve_precision
 from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_loss, clip_objective, clip_split
@@ -108,6 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     Raises: SystemExit (one line) when `fit` stops (see there)."""
     args = parse_args(argv)
     p = load_params()
+    labelled_sets(p.evaluate, "train (checking the held-out sets the evaluate stage will need)")  # fail before training
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
     device, corpus = prepare(p, args.data)

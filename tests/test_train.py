@@ -126,3 +126,13 @@ def test_fewer_training_images_than_a_batch_is_one_line(workspace):
     proc = run_stage(workspace, "train", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "fewer than train.batch_size=4096" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_a_held_out_set_that_evaluate_cannot_read_stops_train_before_it_trains(workspace):
+    """A typo in evaluate.datasets would cost the whole training before evaluate said so."""
+    write_params(workspace, merge(TINY, {"evaluate": {"datasets": {"pets": {"path": "pets/tset.csv"}}}}))
+    proc = run_stage(workspace, "train", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("train (checking the held-out sets") and "evaluate.datasets.pets: " in last
+    assert "pets/tset.csv" in last and not (workspace / "models").exists() and not (workspace / "checkpoints").exists()
