@@ -23,27 +23,18 @@ def templates_of(table: dict[str, list[str]], key: str | None, where: str) -> li
     return table[key]
 
 
-def labelled_sets(ev: EvaluateParams, stage: str = "evaluate") -> dict[str, LabelledSet]:
-    """evaluate.datasets by name, read (labels and file lists, no pixels) and checked.
+def held_out_sets(ev: EvaluateParams, table: dict[str, list[str]]) -> list[tuple[LabelledSet, list[str]]]:
+    """evaluate.datasets, loaded and checked before any model work.
 
-    Raises: SystemExit (one line naming `stage` and the set) when a set cannot be read or its labels
-    miss its classes."""
-    sets = {}
+    Raises: SystemExit (one line naming the set) when a set cannot be read or its labels miss its classes."""
+    sets = []
     for name, spec in ev.datasets.items():
         try:
-            sets[name] = LabelledSet.load(spec.path, spec.classnames, name)
+            ds = LabelledSet.load(spec.path, spec.classnames, name)
         except DatasetError as e:
-            raise SystemExit(f"{stage}: evaluate.datasets.{name}: {e}") from None
+            raise SystemExit(f"evaluate: evaluate.datasets.{name}: {e}") from None
+        sets.append((ds, templates_of(table, spec.templates, f"evaluate.datasets.{name}")))
     return sets
-
-
-def held_out_sets(ev: EvaluateParams, table: dict[str, list[str]]) -> list[tuple[LabelledSet, list[str]]]:
-    """evaluate.datasets with their template lists, loaded and checked before any model work.
-
-    Raises: SystemExit (one line naming the set) as `labelled_sets`, or when a set names templates the
-    file lacks."""
-    return [(ds, templates_of(table, ev.datasets[name].templates, f"evaluate.datasets.{name}"))
-            for name, ds in labelled_sets(ev).items()]
 
 
 def read_templates(path: str | Path) -> dict[str, list[str]]:

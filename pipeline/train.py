@@ -37,7 +37,6 @@ from clipmodel.retrieval import ranks, summarize
 from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
 from pipeline.dvcfile import flatten
-from pipeline.evaluation_sets import labelled_sets
 from pipeline.device import autocast, resolve_precision
 from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
 from pipeline.objectives import clip_loss, clip_objective, clip_split
@@ -104,12 +103,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def check_held_out_paths(p: Params) -> None:
+    """A typo in evaluate.datasets would surface only after training, in the evaluate stage: its files
+    are looked for first. Only that they exist: reading them is evaluate's (which train must not import,
+    or every change to zero-shot scoring would retrain).
+
+    Raises: SystemExit (one line naming the key) when a set's path or class-list file is missing."""
+    for name, spec in p.evaluate.datasets.items():
+        files = {"path": spec.path, **({"classnames": spec.classnames} if isinstance(spec.classnames, str) else {})}
+        for key, path in files.items():
+            if not Path(path).exists():
+                raise SystemExit(f"train: evaluate.datasets.{name}.{key}: {path} not found (checked before "
+                                 "training: the evaluate stage reads it)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the stage on this rank; rank 0 alone writes the model folder, the reports and the MLflow run.
     Raises: SystemExit (one line) when `fit` stops (see there)."""
     args = parse_args(argv)
     p = load_params()
-    labelled_sets(p.evaluate, "train (checking the held-out sets the evaluate stage will need)")  # fail before training
+    check_held_out_paths(p)
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
     device, corpus = prepare(p, args.data)
