@@ -60,7 +60,8 @@ class CocoSource(Section):
 
 
 class WebDatasetSource(Section):
-    """data.webdataset: a glob of .tar shards whose samples are an image (key.jpg, key.png, ...) and key.txt."""
+    """data.webdataset: .tar shards, a glob or a brace range (clipmodel.shards.shard_paths), whose
+    samples are an image (key.jpg, key.png, ...) and key.txt."""
     shards: str | None = None
 
 
