@@ -50,22 +50,33 @@ def swap(data: Path) -> dict[str, pd.DataFrame]:
             "eval_unseen.csv": unseen}
 
 
+def check_data(data: Path, prog: str) -> None:
+    """Raises SystemExit (one line) when `data` lacks a file of real-emoji that a rebuild reads."""
+    for name in ("train.csv", "eval_cross_style.csv", "eval_unseen.csv", "images"):
+        if not (data / name).exists():
+            sys.exit(f"{prog}: {data / name}: not found")
+
+
+def write_benchmark(out: Path, data: Path, frames: dict[str, pd.DataFrame]) -> None:
+    """The CSVs into `out` (created), each written whole or not at all, beside a link `images` to the
+    data's images, so that the CSVs' relative paths resolve."""
+    out.mkdir(parents=True, exist_ok=True)
+    link = out / "images"
+    if not link.exists():
+        link.symlink_to((data / "images").resolve(), target_is_directory=True)
+    for name, frame in frames.items():
+        with atomic_path(out / name) as tmp:
+            frame.to_csv(tmp, index=False)
+        print(f"{out / name}: {len(frame)} rows")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path, help="a folder for the three CSVs (created)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
     args = ap.parse_args()
-    for name in ("train.csv", "eval_cross_style.csv", "eval_unseen.csv", "images"):
-        if not (args.data / name).exists():
-            sys.exit(f"real_swap_styles: {args.data / name}: not found")
-    args.out.mkdir(parents=True, exist_ok=True)
-    link = args.out / "images"
-    if not link.exists():
-        link.symlink_to((args.data / "images").resolve(), target_is_directory=True)
-    for name, frame in swap(args.data).items():
-        with atomic_path(args.out / name) as tmp:
-            frame.to_csv(tmp, index=False)
-        print(f"{args.out / name}: {len(frame)} rows")
+    check_data(args.data, "real_swap_styles")
+    write_benchmark(args.out, args.data, swap(args.data))
 
 
 if __name__ == "__main__":
