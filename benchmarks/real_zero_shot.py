@@ -300,8 +300,10 @@ def train_project(work: Path, judge: Judge, epochs: int, params: dict) -> dict:
     work.mkdir()
     for name in ("clipmodel", "pipeline", "templates"):
         shutil.copytree(ROOT / name, work / name)
-    params["train"]["epochs"] = epochs
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # The Judge scores the held-out sets, not the evaluate stage: without them, train's check for
+    # their files (paths relative to the recipe's folder, not to this scratch copy) has none to look for.
+    recipe = {**params, "train": {**params["train"], "epochs": epochs}, "evaluate": {**params["evaluate"], "datasets": {}}}
+    (work / "params.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
     seconds = {stage: run_logged([sys.executable, "-m", f"pipeline.{stage}"], work, env, work / f"{stage}.log")
                for stage in ("ingest", "tokenize", "train")}

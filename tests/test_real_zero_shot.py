@@ -213,3 +213,32 @@ def test_both_sides_train_on_the_recipes_own_data_unless_told_otherwise(tmp_path
     assert (result["train"], result["train_pairs"], result["data"]) == (
         str(tmp_path / "other" / "train.csv"), 3, str(tmp_path / "other"))
     assert run("--eval-set", eval_set, "--train", str(tmp_path / "other" / "train.csv"))["train_pairs"] == 3
+
+
+@pytest.mark.slow
+def test_the_project_side_trains_in_its_scratch_copy_with_the_recipes_held_out_paths_unresolved(tmp_path):
+    """real/params.yaml names its held-out sets relative to real/; the scratch copy the project side
+    trains in is elsewhere, and the Judge, not the evaluate stage, scores them."""
+    import pandas as pd
+    import yaml
+
+    from benchmarks.real_zero_shot import Judge, recipe_data, train_project
+    from clipmodel.evaluation import LabelledSet
+    from conftest import TINY, merge
+
+    for i in range(48):
+        noise(i).save(tmp_path / f"{i}.png")
+    (tmp_path / "train.csv").write_text("filepath,caption\n" + "".join(f"{i}.png,thing {i % 6} (tag {i})\n" for i in range(48)))
+    (tmp_path / "set.csv").write_text("image,label\n" + "".join(f"{i}.png,thing {i % 6}\n" for i in range(6)))
+    params = yaml.safe_load((ROOT / "real" / "params.yaml").read_text())
+    params = merge(params, {k: TINY[k] for k in ("model", "tokenize")} | {
+        "model": {**TINY["model"], "vision": "resnet", "vision_layers": [1, 1, 1, 1], "vision_width": 8, "ensemble": 1},
+        "data": {"image_size": 32, "workers": 1}, "train": {"batch_size": 16, "ssl_weight": 0.0}})
+    assert not (tmp_path / "work" / params["evaluate"]["datasets"]["unseen"]["path"]).exists()  # ../../shared/...
+    params["data"] = recipe_data({**params["data"], "csv": {**params["data"]["csv"], "path": "train.csv"}}, tmp_path, None)
+    rows = pd.DataFrame({"filepath": [str(tmp_path / f"{i}.png") for i in range(48)],
+                         "caption": [f"thing {i % 6} (tag {i})" for i in range(48)]})
+    judge = Judge({"set": LabelledSet.load(tmp_path / "set.csv", name="set")}, {"label": ["{}"]}, rows, 1.0, 0.01)
+    result = train_project(tmp_path / "work", judge, 1, params)
+    assert result["epochs"] == 1 and result["steps"] == 3 and result["scores"]["set"]["label"]["n"] == 6
+    assert "scores_support" in result and params["train"]["epochs"] == 30  # the caller's recipe is left as it was
