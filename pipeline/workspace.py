@@ -72,9 +72,12 @@ def hydra_value(value: Any) -> str:
 def clone(folder: Path) -> tuple[Path, Path]:
     """A `git clone --shared` of the repo that holds `folder` (a pipeline folder such as real/ may be
     below its root), with its uncommitted changes, DVC cache and MLflow store: the clone's root, to
-    remove when done, and its copy of `folder`."""
+    remove when done, and its copy of `folder`.
+
+    The clone is a hidden sibling of the repo (`../.<repo>-exp-XXXX`), so that a relative path leading
+    out of the repo (real/'s `../../shared/real-emoji`) names the same files from the clone."""
     repo = Path(git(folder, "rev-parse", "--show-toplevel"))
-    work = Path(tempfile.mkdtemp(prefix="clip-exp-", dir=repo / ".dvc" / "tmp"))
+    work = Path(tempfile.mkdtemp(prefix=f".{repo.name}-exp-", dir=repo.parent))
     try:
         _populate_clone(repo, work)
     except BaseException:

@@ -62,13 +62,19 @@ def train_repo(tmp_path_factory, mlflow_store):
 @pytest.fixture(scope="module")
 def sub_pipeline(tmp_path_factory, mlflow_store):
     """A git copy whose pipeline lives in a folder below the root, as real/ does: real/dvc.yaml's
-    stages up to train (less its data deps outside the repo) with SMALL's synthetic params."""
-    repo = git_copy(tmp_path_factory.mktemp("flows_sub_repo"), SMALL, stages=["ingest", "tokenize", "train"])
+    stages up to train with SMALL's synthetic params, and as real/'s data, a dep outside the repo
+    named by a relative path (`../../outside/notes.txt`)."""
+    base = tmp_path_factory.mktemp("flows_sub")
+    (base / "outside").mkdir()
+    (base / "outside" / "notes.txt").write_text("data beside the repo, as ../shared/real-emoji is\n")
+    (base / "repo").mkdir()
+    repo = git_copy(base / "repo", SMALL, stages=["ingest", "tokenize", "train"])
     sub = repo / "sub"
     sub.mkdir()
     stages = yaml.safe_load((repo / "real" / "dvc.yaml").read_text())["stages"]
     stages = {name: stages[name] for name in ("ingest", "tokenize", "train")}
     stages["ingest"]["deps"] = [d for d in stages["ingest"]["deps"] if not d.startswith("../../")]
+    stages["ingest"]["deps"].append("../../outside/notes.txt")
     (sub / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     shutil.copy(repo / "params.yaml", sub / "params.yaml")
     shutil.copy(repo / "real" / ".gitignore", sub / ".gitignore")
@@ -266,7 +272,7 @@ def test_sweep_makes_one_experiment_and_one_mlflow_run_per_point_sequentially_or
 
     assert [row["status"] for row in table] == ["completed", "completed"]
     assert {f: (train_repo / f).read_text() for f in before} == before
-    assert not list((train_repo / ".dvc" / "tmp").glob("clip-exp-*"))
+    assert not list(train_repo.parent.glob(f".{train_repo.name}-exp-*"))
     exps = dvc_experiments(train_repo)
     runs = {r.data.tags.get("dvc_experiment"): r.info.run_id for r in mlflow_runs().values()}
     for row, twin in zip(table, ("lr-1", "lr-2")):
@@ -293,14 +299,15 @@ def test_a_pipeline_in_a_folder_of_the_repo_runs_alone_and_concurrently(prefect_
     assert exp["params"]["sub/params.yaml"]["data"]["train"]["lr"] == 0.002
     assert exp["metrics"]["sub/reports/train.json"]["data"]["final_loss"] == result["metrics"]["train.final_loss"]
 
-    # concurrency > 1 runs each point in a clone, even a single point: restored from the run cache
+    # concurrency > 1 runs each point in a clone, even a single point: restored from the run cache, its
+    # dep outside the repo found from the clone as from the repo
     table = flows.clip_sweep(grid=[{"train.lr": 0.002}], concurrency=2, repo=str(sub_pipeline), prefix="sub-par",
                              retries=0)
     assert [row["status"] for row in table] == ["completed"]
     par = dvc_experiments(root)["sub-par-1"]
     assert par["metrics"] == exp["metrics"] and par["params"]["sub/params.yaml"]["data"]["train"]["lr"] == 0.002
     assert {p: p.read_text() for p in before} == before
-    assert not list((root / ".dvc" / "tmp").glob("clip-exp-*"))
+    assert not list(root.parent.glob(f".{root.name}-exp-*"))  # the clone, beside the repo, is gone
 
 
 @pytest.mark.slow
