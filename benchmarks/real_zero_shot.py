@@ -240,9 +240,10 @@ class Judge:
             out["support"] = {"weight": self.support_weight, "temperature": self.support_temperature}
         for name, ds in self.sets.items():
             feats, kept, rejected = embed_set(ds, load_image, embed_images)
+            targets = ds.targets()[kept]
             for key, tmpl in self.templates.items():
                 for scoring, bank in scorings.items():
-                    result, _ = zero_shot(feats, ds.targets()[kept], ds.classnames, embed_texts, tmpl, support=bank)
+                    result, _ = zero_shot(feats, targets, ds.classnames, embed_texts, tmpl, support=bank)
                     result["rejected"] = len(rejected)  # top5 only with more than 5 classes
                     out.setdefault(scoring, {}).setdefault(name, {})[key] = {k: result[k] for k in REPORTED if k in result}
         return out
