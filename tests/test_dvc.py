@@ -64,14 +64,13 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")
 
-    for lr in ("0.002", "0.0005"):
-        dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
+    dvc(repo, "exp", "run", "-S", "train.lr=0.002")
     exps = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     runs = [e for row in exps for e in (row.get("experiments") or [])]
-    assert len(runs) == 2
-    for run in runs:  # each experiment's commit carries its own metrics
-        data = run["revs"][0]["data"]
-        assert flat(data["metrics"]["reports/metrics.json"]["data"])["zero_shot.shape.top1"] is not None
+    assert len(runs) == 1
+    data = runs[0]["revs"][0]["data"]  # the experiment's commit carries its own params and metrics
+    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.002
+    assert flat(data["metrics"]["reports/metrics.json"]["data"])["zero_shot.shape.top1"] is not None
     # --all: a metric the experiment left where it was is still listed (the tiny model can tie on shape)
     diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json").stdout)["reports/metrics.json"]
     old, new = diff["zero_shot.shape.top1"]["old"], diff["zero_shot.shape.top1"]["new"]
@@ -79,11 +78,12 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     plots = dvc(repo, "plots", "diff", "main", "--json").stdout
     assert "confusion_shape.png" in plots and "train_log.csv" in plots
 
-    # Three pipeline runs registered three versions; the champion is the first to reach the best metric,
-    # so a run that is not better (worse or equal) left the alias where it was.
+    # Two pipeline runs registered two versions; the champion is the first to reach the best metric,
+    # so a run that is not better (worse or equal) left the alias where it was (test_registry.py
+    # covers each case on its own).
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     for name in ("clip-image-encoder", "clip-text-encoder"):
         versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
         values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
-        assert len(values) == 3
+        assert len(values) == 2
         assert str(client.get_model_version_by_alias(name, "champion").version) == str(values.index(max(values)) + 1)
