@@ -10,7 +10,8 @@ as the stages read them; real/params.yaml's is ../shared/real-emoji/train.csv, O
 CLDR names + tags), and the held-out sets are by default ../shared/real-emoji's eval_cross_style.csv
 (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never trained on). `--data DIR`
 takes DIR/eval_*.csv instead, and for a CSV recipe DIR/train.csv; `--train` (a CSV recipe's) and
-`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable) name any other files. The
+`--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable; `--classnames NAME=FILE` gives
+a set's class list, as evaluate.datasets' `classnames`) name any other files. The
 training data is read as the project's ingest reads it (pipeline.sources, with the recipe's columns,
 separator and quoting for a CSV), and open_clip trains on the same (image, caption) pairs, one CSV
 row per caption (images inside shards are written to a scratch folder for it): what ingest refuses,
@@ -38,7 +39,7 @@ mydata/params.yaml --eval-set pets=...), unless --out; a partial rerun keeps the
         --eval-set pets=/data/pets/test.csv --eval-set styles=/data/styles --out mydata/vs_open_clip.json
 
 Raises SystemExit (one line) when a file is missing, the training CSV lacks the recipe's columns, --train
-names a CSV for a recipe of another source, or a set is given twice.
+names a CSV for a recipe of another source, a set is given twice, or --classnames names no set.
 """
 from __future__ import annotations
 
@@ -109,40 +110,58 @@ def launch(argv: list[str]) -> None:
     open_clip_train.main.main(argv[2:])
 
 
-def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
-    """Run `cmd`, output to `log`; wall seconds, or exit with the log's tail."""
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        code = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
+def run_logged(cmd: list[str], cwd: Path, env: dict[str, str], log: Path, every: float = 60.0) -> float:
+    """Run `cmd`, output to `log`, echoing its latest line at most every `every` seconds (a 20-minute
+    training is not silent); wall seconds, or exit with the log's tail."""
+    start = shown = time.perf_counter()
+    with open(log, "w") as f, subprocess.Popen(cmd, cwd=cwd, env={**env, "PYTHONUNBUFFERED": "1"}, text=True,
+                                               errors="replace", stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # universal newlines: tqdm's \r updates arrive as lines too
+            f.write(line)
+            if line.strip() and time.perf_counter() - shown >= every:
+                print(f"  {log.parent.name}/{log.name} | {line.strip()[:150]}", flush=True)
+                shown = time.perf_counter()
+    code = proc.returncode
     if code:
         raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}); {log}:\n" + "\n".join(log.read_text().splitlines()[-25:]))
     return round(time.perf_counter() - start, 1)
 
 
-def eval_set_paths(data: Path, given: list[str]) -> dict[str, Path]:
-    """The held-out sets' files by name: `given` NAME=PATH assignments, or else every data/eval_*.csv by its stem."""
-    if not given:
-        found = {p.stem: p for p in sorted(data.glob("eval_*.csv"))}
-        if not found:
-            raise SystemExit(f"real_zero_shot: {data} has no eval_*.csv; name the sets with --eval-set NAME=PATH")
-        return found
-    sets: dict[str, Path] = {}
+def named_paths(given: list[str], flag: str) -> dict[str, Path]:
+    """`flag`'s NAME=PATH assignments, each path existing, as absolute paths by name."""
+    named: dict[str, Path] = {}
     for assignment in given:
         name, sep, path = assignment.partition("=")
         if not sep or not name or not path:
-            raise SystemExit(f"real_zero_shot: --eval-set {assignment!r}: expected NAME=PATH")
-        if name in sets:
-            raise SystemExit(f"real_zero_shot: --eval-set {name} given twice")
+            raise SystemExit(f"real_zero_shot: {flag} {assignment!r}: expected NAME=PATH")
+        if name in named:
+            raise SystemExit(f"real_zero_shot: {flag} {name} given twice")
         if not Path(path).exists():
-            raise SystemExit(f"real_zero_shot: --eval-set {name}: {path} not found")
-        sets[name] = Path(path).resolve()
-    return sets
+            raise SystemExit(f"real_zero_shot: {flag} {name}: {path} not found")
+        named[name] = Path(path).resolve()
+    return named
 
 
-def load_sets(paths: dict[str, Path]) -> dict[str, LabelledSet]:
-    """Each set read (not its images) before any training, so a bad one costs no training time."""
+def eval_set_paths(data: Path, given: list[str]) -> dict[str, Path]:
+    """The held-out sets' files by name: `given` NAME=PATH assignments, or else every data/eval_*.csv by its stem."""
+    if given:
+        return named_paths(given, "--eval-set")
+    found = {p.stem: p for p in sorted(data.glob("eval_*.csv"))}
+    if not found:
+        raise SystemExit(f"real_zero_shot: {data} has no eval_*.csv; name the sets with --eval-set NAME=PATH")
+    return found
+
+
+def load_sets(paths: dict[str, Path], classnames: dict[str, Path] | None = None) -> dict[str, LabelledSet]:
+    """Each set read (not its images) before any training, so a bad one costs no training time;
+    `classnames`: a class-list file by set name, as evaluate.datasets' `classnames`."""
+    classnames = classnames or {}
+    unknown = sorted(set(classnames) - set(paths))
+    if unknown:
+        raise SystemExit(f"real_zero_shot: --classnames {unknown[0]}: no held-out set of that name (sets: {', '.join(paths)})")
     try:
-        return {name: LabelledSet.load(path, name=name) for name, path in paths.items()}
+        return {name: LabelledSet.load(path, classnames.get(name), name=name) for name, path in paths.items()}
     except DatasetError as e:
         raise SystemExit(f"real_zero_shot: {e}") from None
 
@@ -359,6 +378,8 @@ def main() -> None:
                     "data.csv settings; a recipe of another data.source (coco, webdataset, folder) trains on its own data")
     ap.add_argument("--eval-set", dest="eval_sets", action="append", default=[], metavar="NAME=PATH",
                     help="a held-out labelled set, CSV or ImageFolder (repeatable; default: every DATA/eval_*.csv)")
+    ap.add_argument("--classnames", action="append", default=[], metavar="NAME=FILE",
+                    help="a held-out set's class list, one name per line, as evaluate.datasets' classnames (repeatable)")
     ap.add_argument("--params", type=Path, default=ROOT / "real" / "params.yaml", help="the project side's recipe")
     ap.add_argument("--templates", type=Path, default=ROOT / "templates" / "prompts.yaml")
     ap.add_argument("--template-keys", nargs="+", default=["label", "clip", "label_and_clip"],
@@ -379,7 +400,7 @@ def main() -> None:
     start = time.perf_counter()
     data = (args.data or ROOT.parent / "shared" / "real-emoji").resolve()
     paths = eval_set_paths(data, args.eval_sets)
-    sets = load_sets(paths)
+    sets = load_sets(paths, named_paths(args.classnames, "--classnames"))
     lists = yaml.safe_load(args.templates.read_text())
     unknown = [k for k in args.template_keys if k not in lists]
     if unknown:

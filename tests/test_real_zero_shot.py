@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tarfile
 
@@ -13,7 +14,7 @@ from clipmodel.zeroshot import unit
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_zero_shot import eval_set_paths, load_sets, recipe_data, training_pairs  # noqa: E402
+from benchmarks.real_zero_shot import eval_set_paths, load_sets, recipe_data, run_logged, training_pairs  # noqa: E402
 from conftest_ingest_helpers import add_member, encode, noise  # noqa: E402
 
 TSV = {"image_column": "filepath", "caption_column": "title", "sep": "\t", "quoting": "auto"}
@@ -27,6 +28,19 @@ def png(path):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
     return path
+
+
+def test_a_long_run_shows_its_latest_line_and_a_failure_its_log(tmp_path, capsys):
+    steps = "import time\nfor i in range(3):\n    print(f'step {i}')\n    time.sleep(0.05)\n"
+    run_logged([sys.executable, "-c", steps], tmp_path, dict(os.environ), tmp_path / "a.log", every=0.0)
+    assert (tmp_path / "a.log").read_text() == "step 0\nstep 1\nstep 2\n"
+    assert capsys.readouterr().out.splitlines() == [f"  {tmp_path.name}/a.log | step {i}" for i in range(3)]
+    run_logged([sys.executable, "-c", steps], tmp_path, dict(os.environ), tmp_path / "b.log")  # at most once a minute
+    assert capsys.readouterr().out == ""
+    with pytest.raises(SystemExit, match=r"failed \(3\)") as e:
+        run_logged([sys.executable, "-c", "import sys; print('no such set'); sys.exit(3)"], tmp_path, dict(os.environ),
+                   tmp_path / "c.log")
+    assert str(e.value).endswith("c.log:\nno such set")
 
 
 def test_training_pairs_read_as_ingest_reads_and_leave_out_what_it_refuses(tmp_path):
@@ -116,6 +130,15 @@ def test_a_set_that_cannot_be_scored_stops_the_run_before_any_training(tmp_path)
     assert sets["good"].name == "good" and sets["good"].classnames == ["cat"]
     with pytest.raises(SystemExit, match=r"^real_zero_shot: .*bad.csv: needs columns image \(or filepath\) and label"):
         load_sets({"good": tmp_path / "good.csv", "bad": tmp_path / "bad.csv"})
+    # a class list, as evaluate.datasets' classnames: classes without images count, a label outside it is an error
+    (tmp_path / "classes.txt").write_text("dog\ncat\nbird\n")
+    assert load_sets({"good": tmp_path / "good.csv"}, {"good": tmp_path / "classes.txt"})["good"].classnames == [
+        "dog", "cat", "bird"]
+    with pytest.raises(SystemExit, match="--classnames goood: no held-out set of that name"):
+        load_sets({"good": tmp_path / "good.csv"}, {"goood": tmp_path / "classes.txt"})
+    (tmp_path / "classes.txt").write_text("dog\n")
+    with pytest.raises(SystemExit, match="cat"):
+        load_sets({"good": tmp_path / "good.csv"}, {"good": tmp_path / "classes.txt"})
 
 
 def test_the_judge_scores_both_ways_with_the_same_rows_and_support_settings(tmp_path):
