@@ -177,9 +177,13 @@ def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment(repo: str, experiment: str) -> str:
     """`dvc exp save -n NAME dvc.yaml`, including the uncached outputs (metrics, plots, run.json) that
-    .gitignore would otherwise leave out. Limited to this folder's pipeline: another's (e.g.
+    .gitignore would otherwise leave out, and what DVC wrote that git does not track yet (a new
+    pipeline folder's first run: its dvc.lock and the .gitignore files beside its outputs), without
+    which the experiment could not be applied. Limited to this folder's pipeline: another's (e.g.
     efficiency/dvc.yaml) outputs need not exist."""
     include = [p for p in uncached_outputs(repo) if (Path(repo) / p).exists()]
+    include += filter(None, workspace.git(repo, "ls-files", "-z", "--others", "--exclude-standard", "--", "dvc.lock",
+                                          ":(glob)**/.gitignore").split("\0"))
     cmd = workspace.dvc("exp", "save", "-n", experiment, *itertools.chain.from_iterable(("-I", p) for p in include), "dvc.yaml")
     stream(cmd, repo, workspace.subprocess_env(repo), "exp-save")
     return experiment

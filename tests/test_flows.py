@@ -296,6 +296,10 @@ def test_a_pipeline_in_a_folder_of_the_repo_runs_alone_and_concurrently(prefect_
     assert result["mlflow_run_id"] == json.loads((sub_pipeline / "reports/run.json").read_text())["run_id"]
     assert mlflow_runs()[result["mlflow_run_id"]].data.tags["dvc_experiment"] == "sub-lr"
     exp = dvc_experiments(root)["sub-lr"]
+    # the folder's first run: git tracked no dvc.lock of it yet, and the experiment holds the one it wrote
+    ref = next(r for r in git(root, "for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith("/sub-lr"))
+    assert git(root, "show", f"{ref}:sub/dvc.lock") == (sub_pipeline / "dvc.lock").read_text()
+    assert "sub/dvc.lock" not in git(root, "ls-files")
     assert exp["params"]["sub/params.yaml"]["data"]["train"]["lr"] == 0.002
     assert exp["metrics"]["sub/reports/train.json"]["data"]["final_loss"] == result["metrics"]["train.final_loss"]
 
