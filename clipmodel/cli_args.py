@@ -121,6 +121,8 @@ def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> ar
     add_templates_arg(z)
     add_support_arg(z)
     z.add_argument("--json", metavar="OUT", help="also write the metrics, per-class recall and rejections here")
+    z.add_argument("--name", help="the set's key in the output, as evaluate.datasets names it (default: the "
+                                  "file's stem or the folder's name)")
     return z
 
 
@@ -138,7 +140,7 @@ def zeroshot(args: argparse.Namespace, parser: argparse.ArgumentParser, load_ima
     """
     templates = templates_of(args, parser)
     try:
-        ds = LabelledSet.load(args.dataset, args.classnames)
+        ds = LabelledSet.load(args.dataset, args.classnames, name=args.name)
         result = score(ds, load_image, embed_batch, embed_texts, templates, support=support)
     except DatasetError as e:
         raise SystemExit(f"{parser.prog}: {e}") from None

@@ -142,9 +142,9 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
     assert (workspace / "onnx/support.safetensors").is_file()
     for cli, model in (("clipmodel.cli", "models"), ("clipmodel.runtime_cli", "onnx")):
         proc = run("-m", cli, "zeroshot", "--model", model, str(csv_path), "--templates", str(label),
-                   "--json", f"{model}.json", cwd=workspace)
+                   "--json", f"{model}.json", "--name", "colours", cwd=workspace)  # keyed as evaluate keys it
         assert proc.returncode == 0, proc.stderr
-        got = json.loads((workspace / f"{model}.json").read_text())["set"]
+        got = json.loads((workspace / f"{model}.json").read_text())["colours"]
         for key in ("top1", "top1_single_template", "top1_without_support", "mean_per_class_recall", "n",
                     "rejected"):
             assert got[key] == pytest.approx(zs["colours"][key], abs=1e-9), (cli, key)
