@@ -22,7 +22,6 @@ Raises SystemExit (one line) if a file is missing or the draw leaves a side empt
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_swap_styles import check_data, write_benchmark  # noqa: E402
+from benchmarks.real_swap_styles import check_data, rebuild_parser, write_benchmark  # noqa: E402
 
 SKIN_TONES = {f"1F3F{c}" for c in "BCDEF"}
 
@@ -68,9 +67,7 @@ def resplit(data: Path, fraction: float, salt: int) -> dict[str, pd.DataFrame]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="a folder for the four CSVs (created)")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
+    ap = rebuild_parser(__doc__)
     ap.add_argument("--fraction", type=float, default=0.25, help="of the concepts with a Fluent image, drawn out")
     ap.add_argument("--salt", type=int, default=1)
     args = ap.parse_args()

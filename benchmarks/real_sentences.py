@@ -20,7 +20,6 @@ Raises SystemExit (one line) if a file is missing.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_swap_styles import check_data, write_benchmark  # noqa: E402
+from benchmarks.real_swap_styles import check_data, rebuild_parser, write_benchmark  # noqa: E402
 
 
 def name_and_tags(caption: str) -> tuple[str, list[str]]:
@@ -72,10 +71,7 @@ def sentences(data: Path) -> dict[str, pd.DataFrame]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="a folder for the three CSVs (created)")
-    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
-    args = ap.parse_args()
+    args = rebuild_parser(__doc__).parse_args()
     check_data(args.data, "real_sentences")
     write_benchmark(args.out, args.data, sentences(args.data))
 

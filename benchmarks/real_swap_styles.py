@@ -70,11 +70,16 @@ def write_benchmark(out: Path, data: Path, frames: dict[str, pd.DataFrame]) -> N
         print(f"{out / name}: {len(frame)} rows")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", type=Path, help="a folder for the three CSVs (created)")
+def rebuild_parser(doc: str) -> argparse.ArgumentParser:
+    """The command line every benchmark rebuilt from real-emoji shares: OUT, and --data (the source)."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", type=Path, help="a folder for the CSVs (created)")
     ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "real-emoji")
-    args = ap.parse_args()
+    return ap
+
+
+def main() -> None:
+    args = rebuild_parser(__doc__).parse_args()
     check_data(args.data, "real_swap_styles")
     write_benchmark(args.out, args.data, swap(args.data))
 
