@@ -30,7 +30,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_swap_styles import check_data, rebuild_parser, write_benchmark  # noqa: E402
+from benchmarks.real_swap_styles import check_data, read_table, rebuild_parser, write_benchmark  # noqa: E402
 
 SKIN_TONES = {f"1F3F{c}" for c in "BCDEF"}
 
@@ -48,8 +48,7 @@ def drawn(name: str, fraction: float, salt: int) -> bool:
 
 def resplit(data: Path, fraction: float, salt: int) -> dict[str, pd.DataFrame]:
     """The four CSVs of the new split as DataFrames, image paths relative to `data`."""
-    read = lambda name: pd.read_csv(data / name, dtype=str, keep_default_na=False)  # noqa: E731
-    openmoji, fluent = read("train.csv"), read("eval_cross_style.csv")
+    openmoji, fluent = read_table(data, "train.csv"), read_table(data, "eval_cross_style.csv")
     openmoji["concept"] = openmoji["filepath"].map(concept)
     fluent["concept"] = fluent["image"].map(concept)
     unseen = {c for c in fluent["concept"] if drawn(c, fraction, salt)}
@@ -63,7 +62,7 @@ def resplit(data: Path, fraction: float, salt: int) -> dict[str, pd.DataFrame]:
     return {"train.csv": openmoji.loc[~openmoji["concept"].isin(unseen), ["filepath", "caption"]],
             "eval_cross_style.csv": fluent.loc[~fluent["concept"].isin(unseen), ["image", "label"]],
             "eval_unseen.csv": eval_unseen,
-            "eval_unseen_original.csv": read("eval_unseen.csv")}
+            "eval_unseen_original.csv": read_table(data, "eval_unseen.csv")}
 
 
 def main() -> None:

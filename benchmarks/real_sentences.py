@@ -14,7 +14,7 @@ the same capability, so this rewrites each training caption as a sentence and `r
 Paths are relative to OUT, which gets a link `images` to the data's images.
 
     python benchmarks/real_sentences.py OUT [--data ../shared/real-emoji]
-    python benchmarks/real_zero_shot.py --data OUT --template-keys label --out reports/benchmarks/real_sentences_e30_s0.json
+    python benchmarks/real_zero_shot.py --data OUT --epochs 30 --out reports/benchmarks/real_sentences_e30_s0.json
 
 Raises SystemExit (one line) if a file is missing.
 """
@@ -28,7 +28,7 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_swap_styles import check_data, rebuild_parser, write_benchmark  # noqa: E402
+from benchmarks.real_swap_styles import check_data, read_table, rebuild_parser, write_benchmark  # noqa: E402
 
 
 def name_and_tags(caption: str) -> tuple[str, list[str]]:
@@ -63,11 +63,10 @@ def sentence(name: str, tags: list[str], key: str) -> str:
 
 def sentences(data: Path) -> dict[str, pd.DataFrame]:
     """The three CSVs with train.csv's captions rewritten, image paths relative to `data`."""
-    read = lambda name: pd.read_csv(data / name, dtype=str, keep_default_na=False)  # noqa: E731
-    train = read("train.csv")
+    train = read_table(data, "train.csv")
     train["caption"] = [sentence(*name_and_tags(c), Path(p).stem) for p, c in zip(train["filepath"], train["caption"])]
-    return {"train.csv": train, "eval_cross_style.csv": read("eval_cross_style.csv"),
-            "eval_unseen.csv": read("eval_unseen.csv")}
+    return {"train.csv": train, "eval_cross_style.csv": read_table(data, "eval_cross_style.csv"),
+            "eval_unseen.csv": read_table(data, "eval_unseen.csv")}
 
 
 def main() -> None:

@@ -37,8 +37,7 @@ def swap(data: Path) -> dict[str, pd.DataFrame]:
 
     Both artists' files are named by the emoji's code points, so a Fluent image and OpenMoji's of the
     same concept share a file stem (skin-tone variants have their own code points, and no Fluent twin)."""
-    read = lambda name: pd.read_csv(data / name, dtype=str, keep_default_na=False)  # noqa: E731
-    openmoji, fluent, unseen = read("train.csv"), read("eval_cross_style.csv"), read("eval_unseen.csv")
+    openmoji, fluent, unseen = (read_table(data, n) for n in ("train.csv", "eval_cross_style.csv", "eval_unseen.csv"))
     openmoji.index = [Path(p).stem for p in openmoji["filepath"]]
     fluent.index = [Path(p).stem for p in fluent["image"]]
     missing = fluent.index.difference(openmoji.index)
@@ -48,6 +47,11 @@ def swap(data: Path) -> dict[str, pd.DataFrame]:
     return {"train.csv": pd.DataFrame({"filepath": fluent["image"], "caption": twins["caption"]}),
             "eval_cross_style.csv": pd.DataFrame({"image": twins["filepath"], "label": fluent["label"]}),
             "eval_unseen.csv": unseen}
+
+
+def read_table(data: Path, name: str) -> pd.DataFrame:
+    """One of real-emoji's CSVs, every field a string (labels such as `NA` stay text)."""
+    return pd.read_csv(data / name, dtype=str, keep_default_na=False)
 
 
 def check_data(data: Path, prog: str) -> None:
