@@ -13,7 +13,11 @@ the same capability, so this rewrites each training caption as a sentence and `r
 
 Paths are relative to OUT, which gets a link `images` to the data's images.
 
-    python benchmarks/real_sentences.py OUT [--data ../shared/real-emoji]
+`--span-views K` adds a lever: up to K short spans of each sentence (1 to 4 consecutive words, drawn by
+a hash of the sentence) as extra rows of its image, so that the model also trains on text as short as
+a label (docs/real-data.md: it did not pay).
+
+    python benchmarks/real_sentences.py OUT [--data ../shared/real-emoji] [--span-views K]
     python benchmarks/real_zero_shot.py --data OUT --epochs 30 --out reports/benchmarks/real_sentences_e30_s0.json
 
 Raises SystemExit (one line) if a file is missing.
@@ -22,8 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import zlib
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,18 +67,39 @@ def sentence(name: str, tags: list[str], key: str) -> str:
             f"a flat illustration of a {name}, {listed(tags, 'and')}"][form - 1]
 
 
-def sentences(data: Path) -> dict[str, pd.DataFrame]:
-    """The three CSVs with train.csv's captions rewritten, image paths relative to `data`."""
+def spans(caption: str, k: int, longest: int = 4) -> list[str]:
+    """Up to `k` distinct runs of 1 to `longest` consecutive words of `caption` (punctuation at a
+    word's ends dropped), none equal to the caption; the draw is seeded by the caption's text."""
+    words = [w for w in (w.strip(".,:;!?()") for w in caption.split()) if w]
+    rng = np.random.default_rng(zlib.crc32(caption.encode()))
+    out: list[str] = []
+    for _ in range(k if words else 0):
+        n = int(rng.integers(1, min(longest, len(words)) + 1))
+        start = int(rng.integers(0, len(words) - n + 1))
+        span = " ".join(words[start:start + n])
+        if span != caption and span not in out:
+            out.append(span)
+    return out
+
+
+def sentences(data: Path, span_views: int = 0) -> dict[str, pd.DataFrame]:
+    """The three CSVs with train.csv's captions rewritten, image paths relative to `data`; with
+    `span_views`, each image's sentence is followed by rows of its `spans`."""
     train = read_table(data, "train.csv")
     train["caption"] = [sentence(*name_and_tags(c), Path(p).stem) for p, c in zip(train["filepath"], train["caption"])]
+    if span_views:
+        train = pd.DataFrame([(p, v) for p, c in zip(train["filepath"], train["caption"]) for v in [c, *spans(c, span_views)]],
+                             columns=["filepath", "caption"])
     return {"train.csv": train, "eval_cross_style.csv": read_table(data, "eval_cross_style.csv"),
             "eval_unseen.csv": read_table(data, "eval_unseen.csv")}
 
 
 def main() -> None:
-    args = rebuild_parser(__doc__).parse_args()
+    ap = rebuild_parser(__doc__)
+    ap.add_argument("--span-views", type=int, default=0, metavar="K", help="K short spans of each sentence as extra rows")
+    args = ap.parse_args()
     check_data(args.data, "real_sentences")
-    write_benchmark(args.out, args.data, sentences(args.data))
+    write_benchmark(args.out, args.data, sentences(args.data, args.span_views))
 
 
 if __name__ == "__main__":
