@@ -9,7 +9,9 @@ reports/supervised.json, which the evaluate stage puts beside zero-shot and the 
     python -m pipeline.supervised [--data data] [--report reports/supervised.json] [--log reports/supervised_log.csv]
 
 Reads the corpus in --data; writes the report and the loss log (the defaults; dvc.yaml names them).
-The resumable checkpoint stays in checkpoints/supervised.pt, outside DVC.
+The resumable checkpoint stays in checkpoints/supervised.pt, outside DVC. Other data has no shape
+labels: the report then says `skipped` and the log holds its header alone, since DVC fails a stage
+that leaves a declared output unwritten.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import nn
 
 from clipmodel import synthetic
 from clipmodel.data import CorpusBatches, Corpus, to_tensor
-from clipmodel.io import write_json
+from clipmodel.io import atomic_path, write_json
 from clipmodel.model import vision_tower
 from pipeline import tracking
 from pipeline.params import load_params
@@ -76,11 +78,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the stage; on other than synthetic data, write the report with no metrics and a `skipped` reason."""
+    """Run the stage; on other than synthetic data, write the report with no metrics and a `skipped`
+    reason, and an empty loss log."""
     args = parse_args(argv)
     p = load_params()
     if p.data.source != "synthetic":
+        with atomic_path(args.log) as tmp:
+            tmp.write_text("step,loss\n")
         write_json(args.report, {"metrics": {}, "skipped": "needs the synthetic data's shape labels"})
+        print(f"supervised: skipped, data.source {p.data.source} has no shape labels")
         return
     device, corpus = prepare(p, args.data)
     labels = shape_labels(corpus)

@@ -9,6 +9,7 @@ import yaml
 
 from clipmodel import synthetic
 from conftest import TINY, dvc, git, git_copy, merge
+from conftest_ingest_helpers import good_images
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +88,23 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
         values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
         assert len(values) == 2
         assert str(client.get_model_version_by_alias(name, "champion").version) == str(values.index(max(values)) + 1)
+
+
+def test_full_pipeline_on_a_csv_source(tmp_path):
+    """README's "your own data": data.source csv in the root params.yaml, then `dvc repro`. The
+    supervised baseline has no shape labels there; it must still write every output dvc.yaml
+    declares, or DVC stops the pipeline at it."""
+    repo = git_copy(tmp_path, merge(TINY, {"data": {"source": "csv", "csv": {
+        "path": "photos/captions.csv", "image_column": "filepath", "caption_column": "caption", "sep": ","}}}))
+    names = good_images(repo / "photos", 96)
+    (repo / "photos/captions.csv").write_text("filepath,caption\n" + "".join(
+        f"{n},a {['red', 'blue', 'green'][i % 3]} thing number {i}\n" for i, n in enumerate(names)))
+    out = dvc(repo, "repro").stdout
+    assert "Running stage 'export'" in out and "supervised: skipped" in out
+    assert json.loads((repo / "reports/supervised.json").read_text())["skipped"]
+    assert (repo / "reports/supervised_log.csv").read_text() == "step,loss\n"
+    metrics = flat(json.loads((repo / "reports/metrics.json").read_text()))
+    assert "retrieval.image_to_text.r1" in metrics and "supervised.shape.top1" not in metrics
+    assert (repo / "models/onnx/image_encoder.onnx").stat().st_size > 0
+    json.loads(dvc(repo, "plots", "show", "--json").stdout)  # an empty log is still a plot DVC reads
+    assert "Running stage" not in dvc(repo, "repro").stdout
