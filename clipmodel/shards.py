@@ -47,11 +47,18 @@ def shard_paths(pattern: str) -> list[str]:
     """The .tar files a shard spec names, sorted: a glob, a brace range as WebDataset and open_clip write
     them (`train-{000000..000099}.tar`), or both (`{a,b}/*.tar`).
 
-    Raises: FileNotFoundError when nothing matches; IsADirectoryError when a match is a folder (the
-    spec must name the files in it, e.g. `folder/*.tar`)."""
-    paths = sorted({path for part in braceexpand(pattern) for path in glob.glob(part)})
+    Raises: FileNotFoundError when nothing matches, or when one name of a brace range (or one of its
+    globs) matches nothing: a range one past the last shard would otherwise train on the rest and
+    never say so (WebDataset fails on the missing file too); IsADirectoryError when a match is a
+    folder (the spec must name the files in it, e.g. `folder/*.tar`)."""
+    parts = {part: glob.glob(part) for part in braceexpand(pattern)}
+    paths = sorted({path for matches in parts.values() for path in matches})
     if not paths:
         raise FileNotFoundError(f"no shards match {pattern!r}")
+    missing = [part for part, matches in parts.items() if not matches]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of the {len(parts)} names in {pattern!r} match no file, "
+                                f"first {missing[0]!r}")
     folders = [p for p in paths if os.path.isdir(p)]
     if folders:
         raise IsADirectoryError(f"{folders[0]} is a folder: name the shards in it, e.g. "
@@ -72,14 +79,36 @@ def write_sample(tar: tarfile.TarFile, key: str, files: dict[str, bytes]) -> Non
         tar.addfile(info, io.BytesIO(data))
 
 
+def cut_short(shard: str | Path) -> str | None:
+    """Why an uncompressed shard file looks truncated, or None. tarfile reads a tar cut inside a
+    member header as a clean end, so the samples after the cut would vanish unreported; a whole tar
+    is a run of 512-byte blocks ending in zero blocks (the end-of-archive marker). Compressed shards
+    and pipes are left to their decoder, which fails on a cut stream."""
+    path = Path(shard)
+    if not path.is_file():
+        return None
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if f.read(6).startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ")):
+            return None
+        if size % 512:
+            return f"{size} bytes is not a whole number of 512-byte tar blocks"
+        f.seek(max(0, size - 512))
+        if any(f.read(512)):
+            return "no end-of-archive block"
+    return None
+
+
 def read_samples(shard: str | Path) -> Iterator[Sample | BadSample]:
     """Stream a shard member by member (never extracted, never seeking: pipes and gzip work too).
 
     Yields each sample, and a BadSample (not raised: the stream goes on) for a link or a path
     escaping the shard (`unsafe_path`), a file name starting with a dot (`bad_key`), a key seen
     earlier in the shard or a second member of one extension (`duplicate_key`), and, ending the
-    shard, a read error (`corrupt_shard`). Samples before a corrupt block are still yielded."""
+    shard, a read error or a truncated file (`cut_short`) as one `corrupt_shard` naming the sample
+    being read, which is not also yielded: its members may be cut. Samples before it are yielded."""
     key, files, seen = None, {}, set()
+    cut = cut_short(shard)
     try:
         with tarfile.open(shard, mode="r|*") as tar:
             for member in tar:
@@ -111,8 +140,11 @@ def read_samples(shard: str | Path) -> Iterator[Sample | BadSample]:
                     continue
                 files[ext.lower()] = tar.extractfile(member).read()
     except (tarfile.TarError, OSError, EOFError) as e:
-        yield BadSample("corrupt_shard", f"rest of the shard unread: {type(e).__name__}: {e}", f"{shard}:{key or '-'}")
-    if key is not None:
+        cut = f"{type(e).__name__}: {e}"
+    if cut:
+        got = f"this sample (read of it: {', '.join(sorted(files)) or 'nothing'}) and " if key is not None else ""
+        yield BadSample("corrupt_shard", f"{got}the rest of the shard unread: {cut}", f"{shard}:{key or '-'}")
+    elif key is not None:
         yield Sample(key, files)
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 import numpy as np
 import pandas as pd
 
@@ -76,7 +77,9 @@ def top_confusions(path: Path, s: Scored) -> Path:
     ax.set_yticks(range(len(pairs)), [f"{p['true'][:40]} -> {p['predicted'][:40]}" for p in pairs], fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("images")
-    ax.set_title(f"zero-shot {s.name}: most frequent confusions ({len(s.classes)} classes)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    repeats = "" if any(p["count"] > 1 for p in pairs) else "; no pair repeats, so these are ties"
+    ax.set_title(f"zero-shot {s.name}: most frequent confusions ({len(s.classes)} classes{repeats})")
     return save(fig, path)
 
 

@@ -188,3 +188,21 @@ def test_every_pipelines_held_out_sets_are_deps_of_its_evaluate_stage():
             assert spec["path"] in stage["deps"], (dvc_file, name)
             checked += 1
     assert checked >= 2  # the real pipeline's two sets
+
+
+@pytest.mark.parametrize("counts, says_ties", [([3, 1], False), ([1, 1], True)])
+def test_top_confusions_plot_counts_whole_images_and_says_when_no_pair_repeats(tmp_path, monkeypatch, counts, says_ties):
+    """With one image per class (a labelled set of many classes) every confusion happens once, and the
+    "most frequent" bars are ties: the title says so, and the axis counts whole images."""
+    import matplotlib.image
+    from pipeline import plots
+
+    pairs = [{"true": f"class {i}", "predicted": f"class {i + 1}", "count": c} for i, c in enumerate(counts)]
+    scored = plots.Scored("set", [f"class {i}" for i in range(50)], np.zeros(4, np.int64), np.zeros((4, 1), np.int64),
+                          {"most_confused": pairs}, lambda rows: np.zeros((len(rows), 8, 8, 3), np.uint8))
+    axes = []
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (axes.append(fig.axes[0]), save(fig, path))[1])
+    assert matplotlib.image.imread(plots.top_confusions(tmp_path / "confusions.png", scored)).size
+    assert ("no pair repeats" in axes[0].get_title()) == says_ties and "50 classes" in axes[0].get_title()
+    assert all(float(t).is_integer() for t in axes[0].get_xticks())

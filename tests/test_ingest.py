@@ -247,6 +247,33 @@ def test_webdataset_shards_as_a_brace_range_a_glob_or_both(tmp_path):
         keys(str(tmp_path / "d"))
     with pytest.raises(SourceError, match=r"data.webdataset.shards: no shards match '.*train-\{000007..000009\}.tar'"):
         keys(str(tmp_path / "train-{000007..000009}.tar"))
+    # one past the last shard (a typo in a range) is an error, not three quarters of the data in silence
+    with pytest.raises(SourceError, match=r"data.webdataset.shards: 1 of the 5 names in .* match no file, first '.*train-000004.tar'"):
+        keys(str(tmp_path / "train-{000000..000004}.tar"))
+
+
+@pytest.mark.parametrize("cut", ["in_header", "in_member"])
+def test_a_truncated_shard_is_one_rejection_naming_where_it_was_cut(tmp_path, cut):
+    """tarfile reads a shard cut inside a member header as its end: the samples after the cut would
+    vanish with no word. Either cut is one `corrupt_shard` naming the sample it fell in, which is not
+    also counted as `missing_caption` or `missing_image`; the samples before it are kept."""
+    whole = tmp_path / "whole.tar"
+    with tarfile.open(whole, "w") as tar:
+        for n in range(4):
+            _add(tar, f"k{n}.png", encode(noise(n)))
+            _add(tar, f"k{n}.txt", f"image {n}".encode())
+    data = whole.read_bytes()
+    with tarfile.open(whole) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    txt = members["k2.txt"]  # the cut falls in k2: its image read, its caption not
+    end = txt.offset + 100 if cut == "in_header" else txt.offset_data + 3
+    (tmp_path / "cut.tar").write_bytes(data[:end])
+    recs = list(read_webdataset(params(source="webdataset", webdataset={"shards": str(tmp_path / "cut.tar")}).webdataset))
+    assert [r.key for r in recs if isinstance(r, Record)] == ["cut.tar/k0", "cut.tar/k1"]
+    bad = [r for r in recs if isinstance(r, Rejection)]
+    assert [(b.reason, b.source) for b in bad] == [("corrupt_shard", f"{tmp_path / 'cut.tar'}:k2")]
+    assert "this sample (read of it: png" in bad[0].detail and "the rest of the shard unread" in bad[0].detail
+    assert list(read_webdataset(params(source="webdataset", webdataset={"shards": str(whole)}).webdataset))[-1].key == "whole.tar/k3"
 
 
 def test_folder(tmp_path):
