@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.per_class, per_class)
     figures = plots.evaluation_plots(args.plots, plotted)
     if text_feats is not None:
-        figures.append(plots.test_similarity(args.plots / "similarity.png", corpus, test, feats["test"], text_feats, rows,
-                                             enc.tokenizer))
+        figures.append(plots.test_similarity(args.plots / "similarity.png", corpus, test, feats["test"], text_feats, rows))
     with tracking.pipeline_run(args.run):
         tracking.mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
                                      if isinstance(v, (int, float))})

@@ -11,9 +11,8 @@ reports/ingest.json.
 With data.output_format: webdataset, the train split goes to data/images/train-NNNNNN.tar instead
 (WebDataset shards of NNNNNNNNN.png + .json, the format in clipmodel/stream.py, streamed by
 StreamingBatches), and only val and test go to the .npy shards, which stay small; a train row's
-shard and row then number its tar and its place in it. Anything that reads train pixels through
-clipmodel.data.Corpus (CorpusBatches, the supervised baseline, evaluate's linear probe) needs
-the npy format.
+shard and row then number its tar and its place in it. clipmodel.data.Corpus reads a train row
+from its tar too, so CorpusBatches, the supervised baseline and evaluate's linear probe take either.
 
 Images are decoded once, in worker processes. Everything else (dedup, splits, shard order) happens
 in source order in this process, so the outputs do not depend on data.workers. Each output is

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 
 from clipmodel.io import atomic_path
-from clipmodel.tokenizer import decode
 
 
 def save(fig: plt.Figure, path: Path) -> Path:
@@ -105,9 +104,10 @@ def similarity_heatmap(path: Path, sims: np.ndarray, captions: list[str]) -> Pat
     (so a good model lights up the diagonal)."""
     n = len(captions)
     fig, ax = plt.subplots(figsize=(n * 0.45 + 4, n * 0.45 + 1))
-    ax.imshow(sims, cmap="viridis")
+    shown = ax.imshow(sims, cmap="viridis")
+    fig.colorbar(shown, ax=ax, label="cosine similarity", shrink=0.8)
     ax.set_yticks(range(n), [f"image {i}" for i in range(n)], fontsize=7)
-    ax.set_xticks(range(n), captions, rotation=90, fontsize=7)
+    ax.set_xticks(range(n), [c if len(c) <= 40 else c[:39] + "…" for c in captions], rotation=90, fontsize=7)
     ax.set_title("cosine similarity: test images x their captions")
     return save(fig, path)
 
@@ -146,13 +146,14 @@ def evaluation_plots(out: Path, scored: list[Scored], sample: int = 12) -> list[
 
 
 def test_similarity(path: Path, corpus, test: np.ndarray, image_feats: np.ndarray, text_feats: np.ndarray,
-                    caption_rows: np.ndarray, tok, sample: int = 12) -> Path:
-    """Cosine similarities of the first test images with their first captions."""
+                    caption_rows: np.ndarray, sample: int = 12) -> Path:
+    """Cosine similarities of the first test images with their first captions, labelled with the
+    captions as the manifest holds them (not the tokens decoded, which are lower-cased and cut)."""
     n = min(sample, len(test))
     first = corpus.caption_start[test[:n]]
     row_of = {int(r): i for i, r in enumerate(caption_rows)}
     sims = image_feats[:n] @ text_feats[[row_of[int(c)] for c in first]].T
-    return similarity_heatmap(path, sims, [decode(tok, corpus.tokens[c]) for c in first])
+    return similarity_heatmap(path, sims, [str(corpus.manifest.captions.iat[int(i)][0]) for i in test[:n]])
 
 
 def efficiency_curves(path: Path, curves: dict[str, tuple[list[int], list[float]]], target: float) -> Path:

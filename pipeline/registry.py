@@ -10,6 +10,7 @@ commit, the data fingerprint and its metrics, so the registry alone says where a
 """
 from __future__ import annotations
 
+import logging
 import math
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -61,12 +62,22 @@ def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings:
     `pixels` and `tokens` are the encoders' input examples and `embeddings` their outputs by model name
     (any dtype the graphs take); the pyfunc makes its own example."""
     versions = {}
-    for name, file, example in ((IMAGE_MODEL, "image_encoder.onnx", pixels), (TEXT_MODEL, "text_encoder.onnx", tokens)):
-        info = tracking.mlflow.onnx.log_model(
-            onnx.load(str(onnx_dir / file)), name=name.removeprefix("clip-").replace("-", "_"),
-            registered_model_name=name, input_example=example,
-            signature=infer_signature(example, embeddings[name]), save_as_external_data=False)
-        versions[name] = str(info.registered_model_version)
+    # mlflow checks each input example by loading the graph with the CUDA-first provider list the MLmodel
+    # keeps for GPU consumers; on a CPU-only onnxruntime it warns twice that CUDA is missing, which says
+    # nothing about the export. Its errors still show.
+    onnx_logger = logging.getLogger("mlflow.onnx")
+    level = onnx_logger.level
+    onnx_logger.setLevel(logging.ERROR)
+    try:
+        for name, file, example in ((IMAGE_MODEL, "image_encoder.onnx", pixels),
+                                    (TEXT_MODEL, "text_encoder.onnx", tokens)):
+            info = tracking.mlflow.onnx.log_model(
+                onnx.load(str(onnx_dir / file)), name=name.removeprefix("clip-").replace("-", "_"),
+                registered_model_name=name, input_example=example,
+                signature=infer_signature(example, embeddings[name]), save_as_external_data=False)
+            versions[name] = str(info.registered_model_version)
+    finally:
+        onnx_logger.setLevel(level)
     versions[PYFUNC_MODEL] = str(serving.log_model(onnx_dir, PYFUNC_MODEL, PYFUNC_MODEL).registered_model_version)
     return promote(versions, metric, value, tags)
 

@@ -206,3 +206,24 @@ def test_top_confusions_plot_counts_whole_images_and_says_when_no_pair_repeats(t
     assert matplotlib.image.imread(plots.top_confusions(tmp_path / "confusions.png", scored)).size
     assert ("no pair repeats" in axes[0].get_title()) == says_ties and "50 classes" in axes[0].get_title()
     assert all(float(t).is_integer() for t in axes[0].get_xticks())
+
+
+def test_similarity_plot_labels_columns_with_the_captions_as_written_and_has_a_colour_bar(tmp_path, monkeypatch):
+    """Column labels are the manifest's captions (case kept, long ones cut with an ellipsis), not
+    the tokens decoded; the colour bar says what the colours measure."""
+    import pandas as pd
+    from types import SimpleNamespace
+    from pipeline import plots
+
+    captions = [["A Grinning Face (cheerful)"], ["x" * 60, "second caption"], ["Red Circle"]]
+    corpus = SimpleNamespace(manifest=pd.DataFrame({"captions": captions}), caption_start=np.array([0, 1, 3]))
+    test = np.array([2, 1])
+    feats = np.eye(4, dtype=np.float32)
+    figures = []
+    save = plots.save
+    monkeypatch.setattr(plots, "save", lambda fig, path: (figures.append(fig), save(fig, path))[1])
+    plots.test_similarity(tmp_path / "similarity.png", corpus, test, feats[:2], feats, np.array([3, 1, 2, 0]))
+    heat, bar = figures[0].axes
+    assert [t.get_text() for t in heat.get_xticklabels()] == ["Red Circle", "x" * 39 + "…"]
+    assert bar.get_ylabel() == "cosine similarity"
+    assert (tmp_path / "similarity.png").stat().st_size

@@ -110,3 +110,25 @@ def test_promotions_into_one_store_take_turns(store, tmp_path):
     promoting.join(timeout=30)
     assert not promoting.is_alive()
     assert client.get_model_version_by_alias(registry.IMAGE_MODEL, "champion").version == versions[registry.IMAGE_MODEL]
+
+
+def test_export_logs_no_missing_cuda_warning_yet_keeps_cuda_first_for_gpu_consumers(onnx_dir, store):
+    """mlflow's input-example check loads each graph with the CUDA-first providers the MLmodel declares;
+    on a CPU-only onnxruntime that warned twice per export, about nothing the export did."""
+    import logging
+
+    pixels, tokens, outputs = store
+    seen: list[str] = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    onnx_logger = logging.getLogger("mlflow.onnx")
+    onnx_logger.addHandler(handler)
+    try:
+        with mlflow.start_run():
+            registry.register(onnx_dir, pixels, tokens, outputs, "zero_shot.shape.top1", 0.5, {})
+        assert not [m for m in seen if "unavailable" in m], seen
+        assert onnx_logger.level == logging.NOTSET  # restored
+    finally:
+        onnx_logger.removeHandler(handler)
+    flavor = mlflow.models.Model.load(f"models:/{registry.IMAGE_MODEL}/1").flavors["onnx"]
+    assert flavor["providers"][0] == "CUDAExecutionProvider"
