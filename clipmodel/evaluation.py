@@ -91,11 +91,12 @@ class LabelledSet:
 
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file, stripped: a label file (commas and colons stay inside a label).
+    A leading byte-order mark (as Windows editors save UTF-8) is not part of the first name.
 
     Raises: DatasetError when the file cannot be read or is not UTF-8.
     """
     try:
-        return [s.strip() for s in Path(path).read_text(encoding="utf-8").splitlines() if s.strip()]
+        return [s.strip() for s in Path(path).read_text(encoding="utf-8-sig").splitlines() if s.strip()]
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read: {e}") from None
 

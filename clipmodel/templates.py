@@ -10,12 +10,13 @@ DEFAULT_TEMPLATES = ("{}",)
 
 
 def load_templates(path: str | Path) -> list[str]:
-    """One template per line with a `{}` for the class name; blank lines and `#` comments skipped.
+    """One template per line with a `{}` for the class name; blank lines and `#` comments skipped; a
+    leading byte-order mark is not part of the first template.
 
     Raises: ValueError when the file holds no template or a malformed one (see `is_template`);
     OSError when it cannot be read; UnicodeDecodeError when it is not UTF-8.
     """
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    lines = Path(path).read_text(encoding="utf-8-sig").splitlines()
     templates = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
     bad = [t for t in templates if not is_template(t)]
     if bad or not templates:

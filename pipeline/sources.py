@@ -60,7 +60,8 @@ def split_of(key: str, val_fraction: float, test_fraction: float) -> str:
 
 
 def clean_caption(raw: str | bytes) -> str:
-    """The caption stripped of surrounding whitespace; the tokenizer does any other normalisation.
+    """The caption stripped of surrounding whitespace and of a leading byte-order mark (a sidecar .txt
+    saved by a Windows editor); the tokenizer does any other normalisation.
 
     Raises: BadSample (bad_caption, caption_not_utf8, empty_caption) for a caption that is not usable text."""
     if not isinstance(raw, (str, bytes)):
@@ -68,7 +69,7 @@ def clean_caption(raw: str | bytes) -> str:
     try:
         if isinstance(raw, str):
             raw = raw.encode("utf-8", "surrogateescape")  # back to the file's bytes, see read_csv
-        text = raw.decode("utf-8").strip()
+        text = raw.decode("utf-8-sig").strip()
     except UnicodeError:  # undecodable bytes, or a lone surrogate (a truncated emoji in JSON)
         raise BadSample("caption_not_utf8", repr(raw[:60])) from None
     if not text:

@@ -65,7 +65,7 @@ def test_image_folder_counts_every_file_and_names_what_it_cannot_score(tmp_path)
 def test_classnames_from_file_with_commas_and_filepath_column(tmp_path):
     (tmp_path / "a.png").write_bytes(b"")
     (tmp_path / "set.csv").write_text('filepath,label\na.png,"family: man, girl"\n')
-    (tmp_path / "classes.txt").write_text("family: man, girl\nother\n")
+    (tmp_path / "classes.txt").write_text("\ufefffamily: man, girl\r\nother\r\n", encoding="utf-8")  # as Notepad saves
     ds = LabelledSet.load(tmp_path / "set.csv", tmp_path / "classes.txt")
     assert ds.classnames == ["family: man, girl", "other"] and ds.targets().tolist() == [0]
 

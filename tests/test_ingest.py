@@ -283,7 +283,7 @@ def test_folder(tmp_path):
     (root / "a.png").write_bytes(encode(noise(1)))
     (root / "a.txt").write_text("an apple\n")
     (root / "nested/b.jpg").write_bytes(encode(noise(2), "JPEG"))
-    (root / "nested/b.txt").write_text("a banana")
+    (root / "nested/b.txt").write_bytes("\ufeffa banana".encode())  # a byte-order mark, as Notepad saves
     (root / "c.png").write_bytes(encode(noise(3)))  # no sidecar
     (root / "orphan.txt").write_text("no image")
     (root / "notes.md").write_text("ignored")

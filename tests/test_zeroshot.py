@@ -42,6 +42,8 @@ def test_templates_file_validation(tmp_path):
     good = tmp_path / "t.txt"
     good.write_text("# comment\na photo of a {}.\n\nthere is a {}\n")
     assert load_templates(str(good)) == ["a photo of a {}.", "there is a {}"]
+    good.write_text("\ufeffa photo of a {}.\r\n", encoding="utf-8")  # a byte-order mark, as Windows editors save
+    assert load_templates(str(good)) == ["a photo of a {}."]
     bad = tmp_path / "bad.txt"
     bad.write_text("no slot here\n")
     with pytest.raises(ValueError, match="bad.txt"):
