@@ -6,8 +6,9 @@ with the paper's zero-shot (`scores`) and, when the recipe's evaluate.support_we
 with support-set zero-shot (`scores_support`, clipmodel.support: each side's own embeddings of the
 training rows join its class vectors, at the recipe's weight and temperature).
 Both train on the recipe's own data (data.<source> of --params, paths relative to the params file,
-as the stages read them; real/params.yaml's is ../shared/real-emoji/train.csv, OpenMoji artwork with
-CLDR names + tags), and the held-out sets are by default ../shared/real-emoji's eval_cross_style.csv
+as the stages read them; real/params.yaml's ../../shared/real-emoji/train.csv is the repo's
+../shared/real-emoji/train.csv, OpenMoji artwork with CLDR names + tags), and the held-out sets are by
+default ../shared/real-emoji's (from the repo root) eval_cross_style.csv
 (the same concepts as Fluent Emoji) and eval_unseen.csv (concepts never trained on). `--data DIR`
 takes DIR/eval_*.csv instead, and for a CSV recipe DIR/train.csv; `--train` (a CSV recipe's) and
 `--eval-set NAME=PATH` (a labelled CSV or an ImageFolder, repeatable; `--classnames NAME=FILE` gives

@@ -159,9 +159,12 @@ def main(argv: list[str] | None = None) -> None:
         v for k, v in sizes.items() if k.endswith("fp32"))
     smaller = size_ratio <= 0.5
     published = drop is not None and drop <= ex.int8_max_drop and (bool(quicker) or smaller)
+    rule = " and ".join(r for r, ok in ((f"faster ({', '.join(quicker)})", quicker), ("at most half the size", smaller))
+                        if ok) or "neither"
     report["int8"] = {"scheme": "static QDQ (Conv, MatMul, Gemm; int8 per-channel weights, uint8 activations "
                                 "calibrated on train images and captions)",
-                      "top1": int8_top1, "max_top1_drop": drop, "published": published, "bytes": sizes, **ms,
+                      "top1": int8_top1, "max_top1_drop": drop, "published": published, "rule_met": rule,
+                      "size_ratio": size_ratio, "bytes": sizes, **ms,
                       "batch1_vs_batch32_max_abs_diff": batch_dependence(rt8, images, tokens[:32])}
     if not published:
         shutil.rmtree(int8_dir)
@@ -191,8 +194,6 @@ def main(argv: list[str] | None = None) -> None:
     write_json(args.report, report)
     times = ", ".join(f"{k.removesuffix('_ms').replace('_batch', ' batch ')} {m['int8']:.1f} ms against {m['fp32']:.1f}"
                       for k, m in ms.items())
-    rule = " and ".join(r for r, ok in ((f"faster ({', '.join(quicker)})", quicker), ("at most half the size", smaller))
-                        if ok) or "neither"
     why = (f"int8 against fp32: top-1 drop at most {drop:.4f} (negative: int8 scored higher), {times}, "
            f"{size_ratio:.2f}x the bytes; rule met: {rule}" if drop is not None
            else "no zero-shot task or held-out set to check it on")

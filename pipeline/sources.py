@@ -99,9 +99,12 @@ def escaped(text: str) -> str:
 
 
 def _inside(root: Path, path: Path) -> Path:
-    """`path`, refused when it (or a symlink on the way) leads out of the already-resolved `root`."""
+    """`path`, refused when it (or a symlink on the way) leads out of the already-resolved `root`: a
+    data root holds its data. The detail says how to keep a linked tree (its root may be a link)."""
     if not path.resolve().is_relative_to(root):
-        raise BadSample("unsafe_path", f"{path} -> {path.resolve()}")
+        raise BadSample("unsafe_path", f"{path} -> {path.resolve()}: outside the data root {root}; point the "
+                                       "source at the folder the files are in (a linked root is followed), "
+                                       "or copy or hard-link them in")
     return path
 
 
@@ -212,7 +215,7 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
             if not isinstance(ann, dict) or not _scalar_id(ann.get("image_id")) or "caption" not in ann:
                 raise BadSample("bad_record", "an annotation needs a scalar image_id and a caption")
             if ann["image_id"] not in images:
-                raise BadSample("missing_image", f"image_id {ann['image_id']}")
+                raise BadSample("missing_image", f"image_id {ann['image_id']!r}{_id_type_hint(ann['image_id'], images)}")
             text = clean_caption(ann["caption"])
             if text in captions[ann["image_id"]]:
                 raise BadSample("duplicate_row", text)
@@ -234,6 +237,16 @@ def read_coco(p: CocoSource) -> Iterator[Item]:
 
 def _scalar_id(value: object) -> bool:
     return isinstance(value, (int, str)) and not isinstance(value, bool)
+
+
+def _id_type_hint(image_id: int | str, images: dict[int | str, dict]) -> str:
+    """Where the id names an image only when read as the other type (`9` against `"9"`), say so: ids
+    are compared as the JSON gives them, so the two rows would otherwise seem to contradict each other."""
+    other = str(image_id) if isinstance(image_id, int) else int(image_id) if image_id.lstrip("-").isdigit() else None
+    if other is None or other not in images:
+        return ""
+    kind = {int: "a number", str: "a string"}
+    return f" (an image has id {other!r}, {kind[type(other)]}; this one is {kind[type(image_id)]}: ids must match in type)"
 
 
 def read_webdataset(p: WebDatasetSource) -> Iterator[Item]:

@@ -175,6 +175,10 @@ def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_dat
     assert "by zero_shot.colours.top1" in out
     report = json.loads((tmp_path / "reports/export.json").read_text())
     assert report["onnx_top1"]["colours"] == report["torch_top1"]["colours"]
+    int8, sizes = report["int8"], report["int8"]["bytes"]  # the rule that published int8 (or not) is on file
+    assert int8["size_ratio"] == pytest.approx(sum(v for k, v in sizes.items() if k.endswith("int8"))
+                                               / sum(v for k, v in sizes.items() if k.endswith("fp32")))
+    assert f"rule met: {int8['rule_met']}" in out and (not int8["published"] or int8["rule_met"] != "neither")
     assert "zero_shot.colours.top1" in json.dumps(report["registry"]) or report["registry"]
 
 

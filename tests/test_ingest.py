@@ -187,6 +187,7 @@ def test_coco(tmp_path):
             {"id": 3, "image_id": 0, "caption": "a cat on a mat"}, {"id": 4, "image_id": 1, "caption": " "},
             {"id": 5, "image_id": 0, "caption": "a cat"}, {"id": 6, "image_id": 77, "caption": "lost"},
             {"id": 7, "image_id": 3, "caption": "missing file"}, {"id": 8, "image_id": 9, "caption": "escape"},
+            {"id": 9, "image_id": "2", "caption": "an id as a string"},
         ],
     }
     path = tmp_path / "captions.json"
@@ -197,8 +198,12 @@ def test_coco(tmp_path):
         {"0.jpg": ("a cat", "a cat on a mat"), "1.jpg": ("a dog",), "3.jpg": ("missing file",)}
     report = run(data, tmp_path)
     assert report["accepted"] == 2
-    assert report["reasons"] == {"empty_caption": 1, "duplicate_row": 1, "missing_image": 1, "missing_caption": 2,
+    assert report["reasons"] == {"empty_caption": 1, "duplicate_row": 1, "missing_image": 2, "missing_caption": 2,
                                  "missing_file": 1, "unsafe_path": 1, "duplicate_image_id": 1}
+    details = {r.source.rsplit(":", 1)[1]: r.detail for r in recs if isinstance(r, Rejection)}
+    assert details["annotations[5]"] == "image_id 77"
+    assert details["annotations[8]"] == "image_id '2' (an image has id 2, a number; this one is a string: ids must match in type)"
+    assert "outside the data root" in details["image 9"] and "hard-link" in details["image 9"]
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert manifest.captions.map(list).tolist() == [["a cat", "a cat on a mat"], ["a dog"]]
 
