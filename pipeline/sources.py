@@ -242,8 +242,11 @@ def _scalar_id(value: object) -> bool:
 def _id_type_hint(image_id: int | str, images: dict[int | str, dict]) -> str:
     """Where the id names an image only when read as the other type (`9` against `"9"`), say so: ids
     are compared as the JSON gives them, so the two rows would otherwise seem to contradict each other."""
-    other = str(image_id) if isinstance(image_id, int) else int(image_id) if image_id.lstrip("-").isdigit() else None
-    if other is None or other not in images:
+    try:
+        other = str(image_id) if isinstance(image_id, int) else int(image_id)
+    except ValueError:  # a string id that is no number
+        return ""
+    if other not in images:
         return ""
     kind = {int: "a number", str: "a string"}
     return f" (an image has id {other!r}, {kind[type(other)]}; this one is {kind[type(image_id)]}: ids must match in type)"
