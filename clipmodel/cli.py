@@ -24,7 +24,6 @@ from clipmodel.encoder import Encoder
 from clipmodel.images import ImageError, load_image
 from clipmodel.io import atomic_path
 from clipmodel.tokenizer import decode, load_tokenizer
-from clipmodel.zeroshot import classify
 
 
 def model_folder(folder: str | Path) -> Path:
@@ -33,6 +32,8 @@ def model_folder(folder: str | Path) -> Path:
     Raises: SystemExit (a one-line message, status 1) when it does not.
     """
     folder = Path(folder)
+    if not folder.is_dir():
+        raise SystemExit(f"clipmodel: model folder {folder} not found")
     if not (folder / "config.json").exists():
         raise SystemExit(f"clipmodel: {folder} has no config.json: not a model folder")
     return folder
@@ -129,11 +130,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser, enc: Encoder)
             np.save(tmp, emb.astype(np.float32))
         print(f"wrote {args.out}: {tuple(emb.shape)}")
         return
-    labels = cli_args.labels_of(args, parser)
-    classes = enc.class_embeddings(labels, cli_args.templates_of(args, parser))
-    top, probs = classify(enc.images(args.images), classes, enc.logit_scale, args.top)
-    for path, idx, pr in zip(args.images, top.tolist(), probs.tolist()):
-        cli_args.print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])
+    cli_args.classify(args, parser, enc.load_image, lambda batch: enc.pixels(np.stack(batch)), enc.class_embeddings,
+                      enc.logit_scale)
 
 
 if __name__ == "__main__":

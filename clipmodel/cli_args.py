@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from clipmodel.evaluation import DatasetError, LabelledSet, read_lines, score
+from clipmodel.images import ImageError
 from clipmodel.io import write_json
 from clipmodel.support import SUPPORT_FILE, Support
 from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
+from clipmodel.zeroshot import classify as zeroshot_classify
 
 
 def add_label_args(parser: argparse.ArgumentParser) -> None:
@@ -108,6 +110,39 @@ def print_top(image: object, top: list[tuple[str, float]]) -> None:
     print(image)
     for label, prob in top:
         print(f"  {prob:.4f}  {label}")
+
+
+def classify(args: argparse.Namespace, parser: argparse.ArgumentParser, load_image: Callable[[Path], Any],
+             embed_batch: Callable[[list[Any]], np.ndarray],
+             class_embeddings: Callable[[list[str], list[str]], np.ndarray], logit_scale: float,
+             batch_size: int = 256) -> None:
+    """`classify` for either CLI: print each readable image's top labels (`print_top`), `batch_size`
+    images in memory at a time. An image that cannot be decoded does not stop the others: it is a
+    `skipped REASON: PATH` line on stderr, and the command then exits 1, as `ls` does for a missing name.
+
+    `load_image` maps a path to what `embed_batch` takes a list of; `class_embeddings(labels, templates)`
+    gives the class vectors (support set included) and `logit_scale` the softmax's scale.
+
+    Raises: SystemExit, status 2 for bad labels or templates, 1 after the rest when an image was skipped.
+    """
+    labels = labels_of(args, parser)
+    classes = class_embeddings(labels, templates_of(args, parser))
+    skipped = 0
+    for start in range(0, len(args.images), batch_size):
+        kept, pixels = [], []
+        for path in args.images[start:start + batch_size]:
+            try:
+                pixels.append(load_image(path))
+                kept.append(path)
+            except ImageError as e:
+                print(f"{parser.prog}: skipped {e.naming(path)}", file=sys.stderr)
+                skipped += 1
+        if kept:
+            top, probs = zeroshot_classify(embed_batch(pixels), classes, logit_scale, args.top)
+            for path, idx, pr in zip(kept, top.tolist(), probs.tolist()):
+                print_top(path, [(labels[i], p) for i, p in zip(idx, pr)])
+    if skipped:
+        raise SystemExit(f"{parser.prog}: {skipped} of {len(args.images)} images could not be read (skipped above)")
 
 
 def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> argparse.ArgumentParser:

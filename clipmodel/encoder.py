@@ -16,7 +16,7 @@ from clipmodel.model import CLIP, CLIPEnsemble
 from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
-from clipmodel.zeroshot import class_vectors
+from clipmodel.zeroshot import as_list, class_vectors
 
 
 class Encoder:
@@ -38,6 +38,8 @@ class Encoder:
         when the weights do not fit the config; ValueError for a malformed support file.
         """
         folder = Path(folder)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model folder {folder} not found")
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} has no config.json: not a model folder written by the train stage")
         model, config = load_model(folder)
@@ -76,7 +78,7 @@ class Encoder:
     def texts(self, texts: list[str]) -> np.ndarray:
         """float32 [N, D], L2-normalised, for raw strings tokenized as in training (over-long texts cut,
         EOT kept last)."""
-        return self.tokens(encode(self.tokenizer, list(texts))[0])
+        return self.tokens(encode(self.tokenizer, as_list(texts, "texts"))[0])
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:
         """float32 [C, D] class vectors: each label's prompt embeddings averaged
@@ -86,11 +88,13 @@ class Encoder:
         return self.support.apply(classes) if self.support else classes
 
     def images(self, sources: list[str | Path | bytes]) -> np.ndarray:
-        """float32 [N, D], L2-normalised, for image files or encoded bytes.
+        """float32 [N, D], L2-normalised, for image files or encoded bytes ([0, D] for none).
 
-        Raises: ImageError naming the first that cannot be decoded.
+        Raises: ImageError naming the first that cannot be decoded; TypeError for one path not in a list.
         """
-        return self.pixels(np.stack([self._load_named(s) for s in sources]))
+        loaded = [self._load_named(s) for s in as_list(sources, "images")]
+        size = self.model.cfg.image_size
+        return self.pixels(np.stack(loaded) if loaded else np.empty((0, size, size, 3), np.uint8))
 
     def _load_named(self, source: str | Path | bytes) -> np.ndarray:
         try:

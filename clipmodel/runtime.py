@@ -25,7 +25,7 @@ from clipmodel.io import atomic_path
 from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
-from clipmodel.zeroshot import class_vectors, classify
+from clipmodel.zeroshot import as_list, class_vectors, classify
 
 ImageSource = str | Path | bytes | Image.Image
 
@@ -145,8 +145,9 @@ class ClipRuntime:
     def encode_images(self, images: Sequence[ImageSource], batch_size: int = 32) -> np.ndarray:
         """float32 [N, D] unit embeddings of paths, encoded bytes or PIL images.
 
-        Raises: ImageError naming the first unreadable image.
+        Raises: ImageError naming the first unreadable image; TypeError for one image not in a list.
         """
+        images = as_list(images, "images")
         out = np.empty((len(images), self.pre.embed_dim), np.float32)
         for start in range(0, len(images), batch_size):
             batch = [self._rgb_or_raise(image) for image in images[start:start + batch_size]]
@@ -161,7 +162,8 @@ class ClipRuntime:
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
         """float32 [N, D] unit embeddings; over-long texts are truncated as in training (EOT kept last)."""
-        tokens, _ = encode(self.tokenizer, list(texts))
+        texts = as_list(texts, "texts")
+        tokens, _ = encode(self.tokenizer, texts)
         out = np.empty((len(texts), self.pre.embed_dim), np.float32)
         for start in range(0, len(texts), batch_size):
             out[start:start + batch_size] = self.embed_tokens(tokens[start:start + batch_size])
@@ -177,8 +179,10 @@ class ClipRuntime:
                  templates: Sequence[str] = DEFAULT_TEMPLATES, k: int = 5) -> list[list[tuple[str, float]]]:
         """Per image, the min(k, C) most probable labels with their probabilities (softmax over all labels).
 
-        Raises: ValueError when `labels` is empty; ImageError naming the first unreadable image.
+        Raises: ValueError when `labels` is empty; ImageError naming the first unreadable image; TypeError
+        for one image or label not in a list.
         """
+        labels = as_list(labels, "labels")
         if not labels:
             raise ValueError("no labels to classify into")
         index, probs = classify(self.encode_images(images), self.class_embeddings(labels, templates),
@@ -205,7 +209,7 @@ class ClipRuntime:
         """
         root = Path(image_dir)
         if not root.is_dir():
-            raise FileNotFoundError(f"image folder {root} not found")
+            raise FileNotFoundError(f"image folder {root} {'is a file, not a folder' if root.exists() else 'not found'}")
         files = _image_files(root)
         stats = {rel: os.stat(root / rel) for rel in files}
         cache = _cache_file(root, self.fingerprint(), cache_dir)

@@ -24,13 +24,11 @@ from clipmodel.runtime import ClipRuntime
 def classify(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     """`clip-onnx classify`: print each image's top labels and probabilities.
 
-    Raises: SystemExit (status 2) for bad labels or templates; ImageError for an unreadable image.
+    Raises: SystemExit, status 2 for bad labels or templates, 1 after the rest for an unreadable image.
     """
-    labels = cli_args.labels_of(args, parser)
-    templates = cli_args.templates_of(args, parser)
     rt.support = cli_args.support_of(args, parser, rt.support, args.model)
-    for image, top in zip(args.images, rt.classify(args.images, labels, templates, args.top)):
-        cli_args.print_top(image, top)
+    cli_args.classify(args, parser, rt.pre.rgb, lambda batch: rt.embed_pixels(np.stack(batch)), rt.class_embeddings,
+                      rt.pre.logit_scale)
 
 
 def zeroshot(rt: ClipRuntime, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:

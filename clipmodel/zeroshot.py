@@ -7,9 +7,22 @@ templates cost nothing at inference: one text vector per class, exactly as in th
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
+
+
+def as_list(items: Iterable, what: str) -> list:
+    """`items` as a list, refusing one bare item: a string, path or bytes is iterable itself, so
+    `images("photo.png")` would read each character as a path, and a label as its letters.
+
+    Raises: TypeError naming `what` (images, texts, labels, templates) and the item given alone.
+    """
+    if isinstance(items, (str, bytes, os.PathLike)) or not isinstance(items, Iterable):
+        shown = repr(items)[:60] if isinstance(items, (str, bytes, os.PathLike)) else type(items).__name__
+        raise TypeError(f"{what}: a list is needed, got one item ({shown}); pass [item]")
+    return list(items)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -22,7 +35,11 @@ def class_vectors(embed_texts: Callable[[list[str]], np.ndarray], classnames: Se
     """float32 [C, D] unit vectors: each prompt normalised, averaged per class, renormalised (the
     paper's prompt ensembling, Radford et al. 2021 sec. 3.1.4), a few classes per text batch.
 
-    `embed_texts` maps n strings to [n, D]; `batch_prompts` caps the prompts per call (memory)."""
+    `embed_texts` maps n strings to [n, D]; `batch_prompts` caps the prompts per call (memory).
+
+    Raises: TypeError when `classnames` or `templates` is one string rather than a list (`as_list`).
+    """
+    classnames, templates = as_list(classnames, "labels"), as_list(templates, "templates")
     per_batch = max(1, batch_prompts // len(templates))
     out = []
     for start in range(0, len(classnames), per_batch):

@@ -3,7 +3,7 @@
 The model's one artifact is the exported folder (models/onnx: both encoders, tokenizer.json,
 preprocess.json, and whatever else export writes there), opened with the torch-free
 `clipmodel.runtime.ClipRuntime`, which does its own image and text preprocessing. Only the runtime's
-public API is used: `load`, `encode_images`, `encode_texts`, `classify`.
+public API is used: `load`, `encode_images`, `encode_texts`, `classify`, `support`.
 
 Input: a pandas DataFrame (over HTTP: JSON `dataframe_split` or `dataframe_records`) with an `image`
 column (base64 of an image file's bytes: PNG, JPEG, ...) and/or a `text` column.
@@ -12,7 +12,9 @@ column (base64 of an image file's bytes: PNG, JPEG, ...) and/or a `text` column.
   column `embedding`: float32 values, L2-normalised, embed_dim of them (JSON: a list of floats).
 - `labels` param (a list of class names): zero-shot; every row holds an image. Output columns
   `labels` (the min(k, C) most probable names, best first) and `probabilities` (softmax over all
-  labels, same order). Params `templates` (prompts with one `{}`; empty: the runtime's default) and `k`.
+  labels, same order). Params `templates` (prompts with one `{}`; empty: the runtime's default), `k`,
+  and `support_weight` (the support set's weight, as the CLIs' --support-weight; 0: the paper's
+  zero-shot; unset: the weight export saved).
 
 Bad input raises `MlflowException` (INVALID_PARAMETER_VALUE: HTTP 400 from the scoring server) naming
 the row (0-based, in request order) and the problem.
@@ -26,7 +28,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import io
+import math
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -49,7 +53,7 @@ MODEL_CODE = Path(__file__).with_name("serving_model.py")  # what log_model logs
 # Written by hand: infer_signature gives an empty list's default the type datetime. An empty `labels`
 # means "embed", an empty `templates` means the runtime's default prompts.
 PARAMS = ParamSchema([ParamSpec("labels", "string", [], (-1,)), ParamSpec("templates", "string", [], (-1,)),
-                      ParamSpec("k", "long", 5)])
+                      ParamSpec("k", "long", 5), ParamSpec("support_weight", "double", None)])
 T = TypeVar("T")
 REQUIREMENTS = ("mlflow", "onnxruntime", "tokenizers", "pillow", "numpy", "pandas", "psutil")
 
@@ -157,6 +161,7 @@ def _zero_shot(runtime: ClipRuntime, images: list[object], texts: list[object], 
         if _present(text):
             raise bad_input(f"row {row}: zero-shot classifies images; leave 'text' empty (labels go in params)")
     blobs = [decode_image(row, image) for row, image in enumerate(images)]
+    runtime = _reweighted(runtime, params.get("support_weight"))
 
     def classify(batch: list[bytes]) -> list[list[tuple[str, float]]]:
         return (runtime.classify(batch, labels, templates, k) if templates else
@@ -165,6 +170,21 @@ def _zero_shot(runtime: ClipRuntime, images: list[object], texts: list[object], 
     ranked = _encode_or_name_row(classify, list(range(len(blobs))), blobs) if blobs else []
     return pd.DataFrame({"labels": [[name for name, _ in top] for top in ranked],
                          "probabilities": [[p for _, p in top] for top in ranked]})
+
+
+def _reweighted(runtime: ClipRuntime, weight: float | None) -> ClipRuntime:
+    """`runtime`, or a shallow copy (the same sessions) whose support set has `weight`: the served
+    runtime itself is never changed, since requests may run at the same time."""
+    if weight is None:
+        return runtime
+    if not math.isfinite(weight) or weight < 0:
+        raise bad_input(f"params 'support_weight' must be a finite number >= 0, got {weight}")
+    if weight > 0 and runtime.support is None:
+        raise bad_input("params 'support_weight': this model has no support set (support.safetensors); "
+                        "0 or unset classifies without one")
+    reweighted = copy.copy(runtime)
+    reweighted.support = runtime.support.with_weight(weight) if weight > 0 else None
+    return reweighted
 
 
 class ClipModel(mlflow.pyfunc.PythonModel):

@@ -328,6 +328,14 @@ def test_cli_errors_name_the_problem(node, model_dir, images, tmp_path):
     proc = run_cli(node, "classify", "--model", str(plain), "--labels", "a", "b", "--support-weight", "1", "--", image)
     assert proc.returncode == 2 and f"has no {SUPPORT_FILE}" in proc.stderr
     assert len(cli_json(node, "classify", "--model", str(plain), "--labels", "a", "b", "--", image)) == 1
+    unweighted = tmp_path / "unweighted"  # listed at weight 0 (the synthetic recipe's): not fetched unless reweighted
+    shutil.copytree(model_dir, unweighted, ignore=shutil.ignore_patterns(SUPPORT_FILE))
+    (unweighted / "preprocess.json").write_text(json.dumps({**pre, "support": {**pre["support"], "weight": 0.0}}))
+    assert len(cli_json(node, "classify", "--model", str(unweighted), "--labels", "a", "b", "--", image)) == 1
+    proc = run_cli(node, "classify", "--model", str(unweighted), "--labels", "a", "b", "--support-weight", "1", "--", image)
+    assert proc.returncode == 1 and f"missing {SUPPORT_FILE}" in proc.stderr
+    proc = run_cli(node, "classify", "--model", str(model_dir), "--labels", "a, b", "--", image)
+    assert proc.returncode == 0 and 'one label, "a, b": labels are separate arguments' in proc.stderr
     (plain / "preprocess.json").write_text(json.dumps(pre))  # listed but missing: named
     proc = run_cli(node, "classify", "--model", str(plain), "--labels", "a", "--", image)
     assert proc.returncode == 1 and SUPPORT_FILE in proc.stderr

@@ -171,6 +171,13 @@ def test_cli_classify_and_search(onnx_dir, tmp_path):
     probs = [float(line.split()[0]) for line in lines[1:3]]
     assert probs[0] >= probs[1] and lines[1].split(maxsplit=1)[1] in ("red circle", "blue square", "green star")
 
+    missing = tmp_path / "x.png"  # an unreadable image is named and skipped; the rest are still classified
+    proc = clip_onnx("classify", "--model", str(onnx_dir), str(missing), str(paths[0]), "--labels", "a,b",
+                     env_home=tmp_path)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[0] == str(paths[0]) and "Traceback" not in proc.stderr
+    assert proc.stderr.splitlines() == [f"clip-onnx classify: skipped missing_file: {missing}",
+                                        "clip-onnx classify: 1 of 2 images could not be read (skipped above)"]
+
     proc = clip_onnx("search", "--model", str(onnx_dir), "--images", str(tmp_path / "images"), "a red circle",
                      "--top", "2", env_home=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -209,7 +216,6 @@ def test_cli_errors_are_one_line(onnx_dir, tmp_path):
         (("classify", "--model", str(tmp_path / "nope"), "x.png", "--labels", "a"), "model folder"),
         (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "empty"), "q"), "no readable images"),
         (("search", "--model", str(onnx_dir), "--images", str(tmp_path / "missing"), "q"), "not found"),
-        (("classify", "--model", str(onnx_dir), str(tmp_path / "x.png"), "--labels", "a"), "missing_file"),
     ]
     for args, message in cases:
         proc = clip_onnx(*args, env_home=tmp_path)
@@ -251,3 +257,22 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(onnx_dir, tmp_path):
     proc = clip_onnx("classify", "--model", str(onnx_dir), str(paths[0]), "--labels", "a", "--support-weight", "-1",
                      env_home=tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("usage: clip-onnx classify"), proc.stderr
+
+
+def test_one_path_or_label_where_a_list_is_needed_is_refused_by_both_encoders(rt, onnx_dir, tmp_path):
+    """A bare string is iterable: images("photo.png") read "/" as a path ("Is a directory: '/'") and
+    classify(..., "cat") classified into the labels c, a, t. Both encoders refuse it, naming the item;
+    an empty list is [0, D]."""
+    from clipmodel.encoder import Encoder
+
+    path = odd_images(tmp_path)[0]
+    enc = Encoder.load(onnx_dir.parent / "models")
+    for call in (lambda: rt.encode_images(str(path)), lambda: rt.classify([path], "cat"),
+                 lambda: rt.encode_texts("a cat"), lambda: enc.images(path), lambda: enc.texts("a cat"),
+                 lambda: enc.class_embeddings("cat"), lambda: rt.class_embeddings(["cat"], "a {}")):
+        with pytest.raises(TypeError, match=r"a list is needed, got one item \(.*; pass \[item\]"):
+            call()
+    assert rt.encode_images([]).shape == enc.images([]).shape == (0, 16)
+    assert np.allclose(enc.images([path]), rt.encode_images([path]), atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        rt.search("a cat", path)

@@ -24,8 +24,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipmodel.encoder import Encoder
 from clipmodel.export import export_onnx
 from clipmodel.runtime import ClipRuntime
+from clipmodel.support import SUPPORT_FILE, Support
 from pipeline import registry, serving, tracking
 from test_export import build_model_folder
 
@@ -93,8 +95,12 @@ def served(tmp_path_factory) -> Iterator[tuple[str, ClipRuntime]]:
     """The server's base URL and the same exported model in process."""
     root = tmp_path_factory.mktemp("serving")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    onnx_dir = export_onnx(build_model_folder(root / "models", "vit"), root / "onnx")
+    models = build_model_folder(root / "models", "vit")
+    enc = Encoder.load(models)  # a support set, as evaluate writes one: the request's support_weight has work to do
+    Support(enc.images(IMAGES), enc.texts(LABELS[:3]), np.arange(3), 1.0, 0.05).save(models / SUPPORT_FILE)
+    onnx_dir = export_onnx(models, root / "onnx")
     rt = ClipRuntime.load(onnx_dir)
+    assert rt.support is not None
     pixels = np.zeros((2, rt.pre.image_size, rt.pre.image_size, 3), np.uint8)
     # The image encoder's example in whatever its graph takes: normalised float32 [N, 3, S, S] or uint8 pixels.
     example = pixels if rt.image.get_inputs()[0].type == "tensor(uint8)" else rt.pre.normalise(pixels)
@@ -170,6 +176,26 @@ def test_zero_shot_equals_the_runtimes(served):
     assert all(abs(sum(row["probabilities"]) - 1) < 1e-4 for row in answer["predictions"])  # k > C: all labels
 
 
+def test_support_weight_per_request_as_the_clis(served):
+    """support_weight 0 is the paper's zero-shot and 3 triples the support term, as --support-weight; the
+    served model keeps its own weight for the next request."""
+    url, rt = served
+    body = {"dataframe_split": {"columns": ["image"], "data": [[b64(image)] for image in IMAGES]}}
+    found = rt.support
+    for weight, support in ((0, None), (3.0, found.with_weight(3.0)), (None, found)):
+        params = {"labels": LABELS, "k": 4, **({} if weight is None else {"support_weight": weight})}
+        status, answer = post(url, {**body, "params": params})
+        assert status == 200, answer
+        rt.support = support
+        try:
+            want = rt.classify(IMAGES, LABELS, k=4)
+        finally:
+            rt.support = found
+        for row, top in zip(answer["predictions"], want):
+            assert row["labels"] == [name for name, _ in top], weight
+            assert np.allclose(row["probabilities"], [p for _, p in top], atol=1e-4), weight
+
+
 @pytest.mark.parametrize(("body", "message"), [
     ({"dataframe_split": {"columns": ["image"], "data": [[b64(IMAGES[0])], ["not base64 at all!"]]}},
      "row 1: 'image' is not valid base64"),
@@ -183,6 +209,8 @@ def test_zero_shot_equals_the_runtimes(served):
     ({"dataframe_records": [{"text": "a"}], "params": {"labels": LABELS}}, "row 0: zero-shot"),
     ({"dataframe_records": [{"image": b64(IMAGES[0])}], "params": {"labels": LABELS, "templates": ["no slot"]}},
      "params 'templates'"),
+    ({"dataframe_records": [{"image": b64(IMAGES[0])}], "params": {"labels": LABELS, "support_weight": -1}},
+     "params 'support_weight' must be a finite number >= 0"),
 ])
 def test_bad_input_is_a_client_error_naming_the_problem(served, body, message):
     status, answer = post(served[0], body)

@@ -86,9 +86,13 @@ def test_cli_embed_writes_normalised_npy_and_names_bad_files(model_dir, tmp_path
     buf = io.BytesIO()
     Image.effect_noise((64, 64), 50).convert("RGB").save(buf, "PNG")
     truncated.write_bytes(buf.getvalue()[:-200])
-    out = run_cli("classify", "--model", str(model_dir), str(truncated), "--labels", "red,blue")
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert out.stderr.strip().splitlines()[-1].endswith(f"corrupt_image: {truncated}: OSError: image file is truncated")
+    good = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (220, 30, 30)).save(good)
+    out = run_cli("classify", "--model", str(model_dir), str(truncated), str(good), "--labels", "red,blue")
+    assert out.returncode == 1 and "Traceback" not in out.stderr  # the readable image is still classified
+    assert out.stdout.splitlines()[0] == str(good) and len(out.stdout.splitlines()) == 3
+    assert out.stderr.splitlines() == [f"clipmodel classify: skipped corrupt_image: {truncated}: OSError: image file is truncated",
+                                       "clipmodel classify: 1 of 2 images could not be read (skipped above)"]
 
 
 @pytest.mark.parametrize("text, ok", [("a photo of a {}.", True), ("{}", True), ("a {x} of {}", False),
@@ -112,3 +116,7 @@ def test_cli_usage_errors_are_argparse_lines_with_exit_2(model_dir, tmp_path):
         out = run_cli(*args)
         assert out.returncode == 2 and message in out.stderr.splitlines()[-1] and "Traceback" not in out.stderr, args
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "bad.txt"]  # no stray temporary
+    for folder, message in ((tmp_path / "nope", f"model folder {tmp_path / 'nope'} not found"),
+                            (tmp_path, f"{tmp_path} has no config.json: not a model folder")):
+        out = run_cli("classify", "--model", str(folder), str(image), "--labels", "a")
+        assert out.returncode == 1 and out.stderr.strip() == f"clipmodel: {message}", out.stderr

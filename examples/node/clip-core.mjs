@@ -200,15 +200,18 @@ export class ClipModel {
    * ort: onnxruntime-node or onnxruntime-web; readFile(name) -> Promise<Uint8Array> of a file of the
    * exported folder; sessionOptions go to both InferenceSession.create calls. The folder's support set,
    * where preprocess.json lists one, joins every class vector (`model.support = null`: plain zero-shot).
+   * At weight 0 it changes nothing, so it is read only with `reweight` (a caller that will set its
+   * own weight): a browser would otherwise fetch it (29 MB for the default model) for nothing.
    */
-  static async load(ort, readFile, sessionOptions = {}) {
+  static async load(ort, readFile, sessionOptions = {}, reweight = false) {
     const decoder = new TextDecoder();
     const readJson = async (name) => JSON.parse(decoder.decode(await readFile(name)));
     const [pre, tokenizerJson] = await Promise.all([readJson(FILES.preprocess), readJson(FILES.tokenizer)]);
     // One after the other: two sessions initialising at once double the peak memory.
     const image = await ort.InferenceSession.create(await readFile(FILES.image), sessionOptions);
     const text = await ort.InferenceSession.create(await readFile(FILES.text), sessionOptions);
-    const support = pre.support ? SupportSet.fromBytes(await readFile(pre.support.file), pre.embed_dim) : null;
+    const support = pre.support && (pre.support.weight > 0 || reweight)
+      ? SupportSet.fromBytes(await readFile(pre.support.file), pre.embed_dim) : null;
     return new ClipModel(ort, image, text, new CaptionTokenizer(tokenizerJson, pre), pre, support);
   }
 

@@ -70,7 +70,7 @@ async function loadModel(options) {
     if (!fs.existsSync(file)) throw new Error(`${dir} is not an exported model folder (missing ${name})`);
     return new Uint8Array(fs.readFileSync(file));
   };
-  return ClipModel.load(ort, readFile, sessionOptions);
+  return ClipModel.load(ort, readFile, sessionOptions, options["support-weight"] !== undefined);
 }
 
 const toList = (embedding) => Array.from(embedding);
@@ -93,6 +93,10 @@ async function classify({ options, positionals }) {
   const labels = options.labels ?? [];
   const images = [...(options.images ?? []), ...positionals];
   if (!labels.length) throw new UsageError("classify needs --labels");
+  if (labels.length === 1 && labels[0].includes(",")) {
+    // clipmodel's CLIs split --labels at commas; here each label is its own argument (names may hold commas).
+    console.error(`clip.mjs: one label, "${labels[0]}": labels are separate arguments (--labels cat dog)`);
+  }
   if (!images.length) throw new UsageError("classify needs images");
   const model = await loadModel(options);
   const templates = options.templates ?? model.templates;
