@@ -328,10 +328,15 @@ def train_project(work: Path, judge: Judge, epochs: int, params: dict) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}", "MLFLOW_DISABLE_TELEMETRY": "true"}
     seconds = {stage: run_logged([sys.executable, "-m", f"pipeline.{stage}"], work, env, work / f"{stage}.log")
                for stage in ("ingest", "tokenize", "train")}
-    print(f"project: {seconds}", flush=True)
     precision = resolve_precision(params["train"]["precision"], resolve_device(params["train"]["device"]))
     steps = json.loads((work / "reports" / "train.json").read_text())["steps"]
-    return {"epochs": epochs, "batch": params["train"]["batch_size"], "steps": steps, "precision": precision,
+    # Ingest merges pixel-identical images (their captions joined), so the project may take fewer steps
+    # per epoch than open_clip, which trains on every (image, caption) row as it is.
+    ingest = json.loads((work / "reports" / "ingest.json").read_text())
+    images = {"images": ingest["accepted"], "duplicates_merged": ingest["duplicates"], "rows_merged": ingest["rows_merged"]}
+    print(f"project: {steps} steps over {images['images']} images ({images['duplicates_merged']} pixel-identical "
+          f"images merged into others, {images['rows_merged']} rows adding captions); stage seconds {seconds}", flush=True)
+    return {"epochs": epochs, "batch": params["train"]["batch_size"], "steps": steps, **images, "precision": precision,
             "train_seconds": seconds["train"], "stage_seconds": seconds, **score_project(work / "models", judge)}
 
 

@@ -251,7 +251,8 @@ def test_the_project_side_trains_in_its_scratch_copy_with_the_recipes_held_out_p
 
     for i in range(48):
         noise(i).save(tmp_path / f"{i}.png")
-    (tmp_path / "train.csv").write_text("filepath,caption\n" + "".join(f"{i}.png,thing {i % 6} (tag {i})\n" for i in range(48)))
+    noise(0).save(tmp_path / "48.png")  # pixel-identical to 0.png: ingest merges it, and the result says so
+    (tmp_path / "train.csv").write_text("filepath,caption\n" + "".join(f"{i}.png,thing {i % 6} (tag {i})\n" for i in range(49)))
     (tmp_path / "set.csv").write_text("image,label\n" + "".join(f"{i}.png,thing {i % 6}\n" for i in range(6)))
     params = yaml.safe_load((ROOT / "real" / "params.yaml").read_text())
     params = merge(params, {k: TINY[k] for k in ("model", "tokenize")} | {
@@ -264,4 +265,5 @@ def test_the_project_side_trains_in_its_scratch_copy_with_the_recipes_held_out_p
     judge = Judge({"set": LabelledSet.load(tmp_path / "set.csv", name="set")}, {"label": ["{}"]}, rows, 1.0, 0.01)
     result = train_project(tmp_path / "work", judge, 1, params)
     assert result["epochs"] == 1 and result["steps"] == 3 and result["scores"]["set"]["label"]["n"] == 6
+    assert (result["images"], result["duplicates_merged"], result["rows_merged"]) == (48, 1, 0)
     assert "scores_support" in result and params["train"]["epochs"] == 30  # the caller's recipe is left as it was
