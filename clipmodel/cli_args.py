@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -17,7 +16,7 @@ import numpy as np
 from clipmodel.evaluation import DatasetError, LabelledSet, read_lines, score
 from clipmodel.images import ImageError
 from clipmodel.io import write_json
-from clipmodel.support import SUPPORT_FILE, Support
+from clipmodel.support import SUPPORT_FILE, Support, reweighted
 from clipmodel.templates import DEFAULT_TEMPLATES, load_templates
 from clipmodel.zeroshot import classify as zeroshot_classify
 
@@ -52,22 +51,16 @@ def quiet_broken_pipe() -> Iterator[None]:
 
 def support_of(args: argparse.Namespace, parser: argparse.ArgumentParser, found: Support | None,
                folder: str | Path) -> Support | None:
-    """The support bank to score with: the model folder's (`found`), at --support-weight when given.
+    """The support bank to score with: the model folder's (`found`), at --support-weight when given
+    (`clipmodel.support.reweighted`).
 
     Raises: SystemExit (status 2, usage error) for a negative weight, or a positive one when the
     folder has no support file.
     """
-    weight = args.support_weight
-    if weight is None:
-        return found
-    if not math.isfinite(weight) or weight < 0:
-        parser.error(f"--support-weight must be a finite number >= 0, not {weight}")
-    if weight == 0:
-        return None
-    if found is None:
-        parser.error(f"--support-weight: {folder} has no {SUPPORT_FILE} (the evaluate stage writes it beside "
-                     "the model; export copies it into the ONNX folder)")
-    return found.with_weight(weight)
+    try:
+        return reweighted(found, args.support_weight, "--support-weight", folder)
+    except ValueError as e:
+        parser.error(str(e))
 
 
 def add_templates_arg(parser: argparse.ArgumentParser) -> None:

@@ -16,6 +16,7 @@ was (docs/real-data.md, "Support-set zero-shot").
 """
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, replace
 from functools import cached_property
@@ -128,3 +129,22 @@ class Support:
             return None
         return support
 
+
+def reweighted(found: Support | None, weight: float | None, subject: str, folder: str | Path) -> Support | None:
+    """The support set to score with: `found` (a model folder's) as saved when `weight` is None, none at 0
+    (the paper's zero-shot), else `found` at `weight`. The one rule of the CLIs' --support-weight and
+    serving's `support_weight` param, named `subject` in the messages.
+
+    Raises: ValueError for a weight that is not a finite number >= 0, or a positive one when `folder`
+    has no support set.
+    """
+    if weight is None:
+        return found
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{subject} must be a finite number >= 0, not {weight}")
+    if weight == 0:
+        return None
+    if found is None:
+        raise ValueError(f"{subject}: {folder} has no {SUPPORT_FILE} (the evaluate stage writes it beside the "
+                         "model; export copies it into the ONNX folder)")
+    return found.with_weight(weight)

@@ -30,7 +30,6 @@ import base64
 import binascii
 import copy
 import io
-import math
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -46,6 +45,7 @@ from PIL import Image
 
 from clipmodel.images import ImageError
 from clipmodel.runtime import ClipRuntime
+from clipmodel.support import reweighted
 
 IMAGE, TEXT = "image", "text"
 ARTIFACT = "onnx"  # the key of the exported folder in context.artifacts
@@ -173,18 +173,17 @@ def _zero_shot(runtime: ClipRuntime, images: list[object], texts: list[object], 
 
 
 def _reweighted(runtime: ClipRuntime, weight: float | None) -> ClipRuntime:
-    """`runtime`, or a shallow copy (the same sessions) whose support set has `weight`: the served
-    runtime itself is never changed, since requests may run at the same time."""
+    """`runtime`, or a shallow copy (the same sessions) whose support set has `weight`
+    (`clipmodel.support.reweighted`): the served runtime itself is never changed, since requests may
+    run at the same time."""
     if weight is None:
         return runtime
-    if not math.isfinite(weight) or weight < 0:
-        raise bad_input(f"params 'support_weight' must be a finite number >= 0, got {weight}")
-    if weight > 0 and runtime.support is None:
-        raise bad_input("params 'support_weight': this model has no support set (support.safetensors); "
-                        "0 or unset classifies without one")
-    reweighted = copy.copy(runtime)
-    reweighted.support = runtime.support.with_weight(weight) if weight > 0 else None
-    return reweighted
+    copied = copy.copy(runtime)
+    try:
+        copied.support = reweighted(runtime.support, weight, "params 'support_weight'", "this model")
+    except ValueError as e:
+        raise bad_input(str(e)) from None
+    return copied
 
 
 class ClipModel(mlflow.pyfunc.PythonModel):
