@@ -8,7 +8,8 @@ ResampledShards: readers draw different shards, though not disjoint sets); witho
 shards[reader::readers], disjoint. Memory held per reader: the tar member being read, a shuffle buffer
 of at most `shuffle_buffer` decoded samples (S*S*3 bytes each: 12 KiB at 64 px) and one batch.
 Images are decoded before the buffer, so every buffered sample is known good and a stream of
-nothing but bad samples stops with an error. Captions are tokenized on the fly.
+nothing but bad samples stops with an error. Captions are tokenized on the fly, each sample's
+caption views (clipmodel.caption_views) among them, as the tokenize stage adds them for the npy route.
 
 A reader's randomness is seeded by (seed, start_step, rank, worker), so a resumed run draws a fresh
 stream instead of replaying the first steps: streaming resume is statistically, not bit-, identical
@@ -29,6 +30,7 @@ import torch
 from PIL import Image
 
 from clipmodel import distributed
+from clipmodel.caption_views import with_views
 from clipmodel.data import ColorAugment, image_fields
 from clipmodel.shards import BadSample, caption_ids, read_samples, shard_paths
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
@@ -71,7 +73,9 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     A batch: images float32 [B, 3, S, S] (cropped, normalised; S = image_size pixels), tokens int64
     [B, L] (L <= context, trimmed), caption_ids int64 [B] (63-bit hash of the token row), image_index
     int64 [B] (manifest rows); with `raw_pixels`, uint8 pixels and crop boxes instead of images, as
-    CorpusBatches.batch gives them. `shuffle_buffer` counts samples, not bytes.
+    CorpusBatches.batch gives them. `shuffle_buffer` counts samples, not bytes. `caption_views` K > 0:
+    each caption's K views (split at the regex `caption_view_sep`) join the sample's captions, as
+    tokenize.caption_views does for the npy route, and each step draws one of them all uniformly.
 
     Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair or a
     batch_size or shuffle_buffer below 1. len() raises TypeError without `epoch_samples`. Iterating
@@ -83,7 +87,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,
                  image_size: int, seed: int, crop_scale: tuple[float, float],
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), *, color: ColorAugment = ColorAugment(),
-                 ssl_crop_scale: tuple[float, float] | None = None, resample: bool = True,
+                 ssl_crop_scale: tuple[float, float] | None = None, caption_views: int = 0,
+                 caption_view_sep: str = r"[(),;]", resample: bool = True,
                  shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
         self.shards = shard_paths(shards) if isinstance(shards, str) else [str(s) for s in shards]
@@ -99,6 +104,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.tokenizer, self.batch_size, self.image_size, self.seed = str(tokenizer), batch_size, image_size, seed
         self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
         self.ssl_crop_scale = ssl_crop_scale  # a second, self-supervised view of each image (data.image_fields)
+        self.caption_views, self.caption_view_sep = caption_views, caption_view_sep
         self.resample, self.shuffle_buffer, self.start_step = resample, shuffle_buffer, start_step
         self.epoch_samples = epoch_samples
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (data.finish_batch)
@@ -175,7 +181,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 raise BadSample("missing_caption", f"{type(e).__name__}: {e}") from None
             if not isinstance(captions, list) or not captions or not all(isinstance(c, str) and c for c in captions):
                 raise BadSample("missing_caption", f"captions {captions!r:.60}")
-            return Decoded(int(key), self._decode(files["png"]), captions)
+            return Decoded(int(key), self._decode(files["png"]),
+                           with_views(captions, self.caption_views, self.caption_view_sep))
         except BadSample as e:
             self._skip(where, e.reason, e.detail)
             return None

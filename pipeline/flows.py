@@ -64,6 +64,7 @@ from prefect.tasks import exponential_backoff
 
 from pipeline import workspace
 from pipeline.dvcfile import key_metrics, read_metrics, stage_names, uncached_outputs
+from pipeline.params import read_params
 from pipeline.sweeps import Overrides, expand_grid, format_table, load_grid, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +175,16 @@ def apply_overrides(repo: str, overrides: Overrides, experiment: str) -> str:
     return original
 
 
+@task(name="check-params", cache_policy=NO_CACHE)
+def check_params(repo: str) -> None:
+    """Validate the run's params.yaml, overrides applied, before any stage runs: DVC deletes a stage's
+    outputs before running it, so a value the stage would refuse would otherwise cost the workspace
+    the last run's outputs (the stage's own check stays, for `dvc repro`).
+
+    Raises: ParamsInvalid, one line naming the file and the first bad key."""
+    read_params(Path(repo) / PARAMS)
+
+
 @task(name="save-experiment", cache_policy=NO_CACHE)
 def save_experiment(repo: str, experiment: str) -> str:
     """`dvc exp save -n NAME dvc.yaml`, including the uncached outputs (metrics, plots, run.json) that
@@ -237,6 +248,7 @@ def clip_pipeline(overrides: dict[str, Any] | None = None, experiment: str | Non
             original = apply_overrides(str(work), overrides, name)
         else:
             workspace.check_fresh_name(work, name)
+        check_params(str(work))
         stages = {}
         for stage in stage_names(work):
             stages[stage] = stage_task(stage, str(work), env)
@@ -322,8 +334,8 @@ def clip_sweep(grid: dict[str, Any] | list[dict[str, Any]] | str, concurrency: i
 
 def build_deployment(name: str, cron: str, sweep: str | None = None,
                      overrides: Overrides | None = None, repo: str = str(ROOT),
-                     timezone: str | None = None, **params: Any):
-    """The RunnerDeployment that `serve` runs on `cron` (in `timezone`, default UTC): the sweep
+                     timezone: str = "UTC", **params: Any):
+    """The RunnerDeployment that `serve` runs on `cron` (in `timezone`, an IANA name): the sweep
     of file `sweep` (re-read at each run), or the pipeline with `overrides`."""
     schedule = Cron(cron, timezone=timezone)
     if sweep:
@@ -355,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     sweep_p.add_argument("--prefix", help="experiment name prefix (default: the flow run's name)")
     serve_p = sub.add_parser("serve", parents=[common], help="serve on a cron schedule (blocks)")
     serve_p.add_argument("--cron", required=True, help='e.g. "0 3 * * *"')
-    serve_p.add_argument("--timezone", help="of the cron schedule, e.g. Europe/Berlin (default UTC)")
+    serve_p.add_argument("--timezone", default="UTC", help="of the cron schedule, e.g. Europe/Berlin (default UTC)")
     serve_p.add_argument("--sweep", metavar="FILE", help="serve the sweep of FILE instead")
     serve_p.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE")
     serve_p.add_argument("--concurrency", "-j", type=int, default=1)

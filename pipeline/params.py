@@ -302,6 +302,11 @@ class ParamsError(SystemExit):
     """Raised (as a clean exit with status 2) when params.yaml does not validate."""
 
 
+class ParamsInvalid(ValueError):
+    """params.yaml cannot be read or does not validate; the message is one line naming the file and,
+    for a validation error, the first bad key (`params.yaml: <key>: <msg>`)."""
+
+
 def _format(err: ValidationError, path: Path) -> str:
     first = err.errors()[0]
     key = ".".join(str(p) for p in first["loc"]) or "<root>"
@@ -310,28 +315,35 @@ def _format(err: ValidationError, path: Path) -> str:
     return f"{path}: {key}: {msg}{more}"
 
 
-def _fail(message: str) -> ParamsError:
-    print(message, file=sys.stderr)
-    return ParamsError(2)
+def read_params(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml, validated; an empty file is all defaults. For callers that go on after a bad file
+    (the Prefect flows check a run's params before DVC deletes any output); stages use load_params.
 
-
-def load_params(path: str | Path = PARAMS_FILE) -> Params:
-    """params.yaml, validated; an empty file is all defaults.
-
-    Raises: ParamsError (a SystemExit with status 2, after one line on stderr naming the file, and for
-    a validation error the first bad key: `params.yaml: <key>: <msg>`) when the file is missing,
-    unreadable, not YAML, or does not validate.
+    Raises: ParamsInvalid when the file is missing, unreadable, not YAML, or does not validate.
     """
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:
-        raise _fail(f"{path}: not found") from None
+        raise ParamsInvalid(f"{path}: not found") from None
     except (OSError, UnicodeDecodeError) as e:  # a directory, no permission, not UTF-8
-        raise _fail(f"{path}: cannot read: {e}") from None
+        raise ParamsInvalid(f"{path}: cannot read: {e}") from None
     except yaml.YAMLError as e:
-        raise _fail(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
+        raise ParamsInvalid(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise _fail(_format(e, path)) from None
+        raise ParamsInvalid(_format(e, path)) from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """params.yaml, validated (read_params), for a stage: a bad file ends the process cleanly.
+
+    Raises: ParamsError (a SystemExit with status 2, after read_params' one line on stderr) when the
+    file is missing, unreadable, not YAML, or does not validate.
+    """
+    try:
+        return read_params(path)
+    except ParamsInvalid as e:
+        print(e, file=sys.stderr)
+        raise ParamsError(2) from None

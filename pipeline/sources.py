@@ -73,7 +73,7 @@ def clean_caption(raw: str | bytes) -> str:
     except UnicodeError:  # undecodable bytes, or a lone surrogate (a truncated emoji in JSON)
         raise BadSample("caption_not_utf8", repr(raw[:60])) from None
     if not text:
-        raise BadSample("empty_caption")
+        raise BadSample("empty_caption", f"{len(raw)} bytes of whitespace" if raw else "no text")
     return text
 
 

@@ -8,54 +8,25 @@ Reads the manifest; writes (the defaults; dvc.yaml names them) data/tokenizer.js
 caption) and reports/tokenize.json.
 
 With tokenize.caption_views = K > 0 every train caption also yields K variants built from its parts
-(`caption_views`): the head alone, then the head with random subsets of the other parts. They are
-extra caption rows of the same image, so the loader's per-step draw of one row per image picks them.
+(clipmodel.caption_views): the head alone, then the head with random subsets of the other parts. They
+are extra caption rows of the same image, so the loader's per-step draw of one row per image picks
+them (the streaming loader of data.output_format: webdataset builds the same views itself).
 """
 from __future__ import annotations
 
 import argparse
-import re
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from clipmodel.caption_views import with_views
 from clipmodel.io import atomic_path, write_json
 from clipmodel.tokenizer import PAD_ID, encode, train_tokenizer
 from pipeline.params import load_params
 
 BATCH = 8192
-
-
-def caption_views(caption: str, k: int, sep: str | re.Pattern[str]) -> list[str]:
-    """Up to `k` shorter variants of `caption` from its parts, split on the regex `sep`.
-
-    The first non-empty part is the head (for `grinning face (happy, smile)` with sep `[(),;]`:
-    `grinning face`). The variants are the head alone, then the head followed by a random non-empty
-    subset of the other parts, in their original order, joined with ", ". A caption with one part
-    has no variants. Deterministic: the draw is seeded by the caption's own text.
-    """
-    parts = [p.strip() for p in re.split(sep, caption)]
-    parts = [p for p in parts if p]
-    if k < 1 or len(parts) < 2:
-        return []
-    head, rest = parts[0], parts[1:]
-    rng = np.random.default_rng(zlib.crc32(caption.encode()))
-    views = [head]
-    for _ in range(k - 1):
-        keep = np.flatnonzero(rng.random(len(rest)) < 0.5)
-        if len(keep) == 0:
-            keep = rng.integers(len(rest), size=1)
-        views.append(", ".join([head, *(rest[i] for i in keep)]))
-    return views
-
-
-def with_views(captions: list[str], k: int, sep: str) -> list[str]:
-    """The captions followed by the `caption_views` of each (an image's caption rows stay contiguous)."""
-    pattern = re.compile(sep)
-    return [*captions, *(v for c in captions for v in caption_views(c, k, pattern))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

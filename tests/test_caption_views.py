@@ -1,5 +1,5 @@
-"""tokenize.caption_views: extra train captions built from a caption's parts."""
-from pipeline.tokenize import caption_views, with_views
+"""clipmodel.caption_views (tokenize.caption_views): extra train captions built from a caption's parts."""
+from clipmodel.caption_views import caption_views, with_views
 
 SEP = r"[(),;]"
 

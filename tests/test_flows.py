@@ -23,6 +23,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from conftest import ROOT, TINY, git, git_copy, merge
 from pipeline import flows, sweeps
+from pipeline.params import ParamsInvalid
 from pipeline.workspace import hydra_value, subprocess_env
 
 SMALL = merge(TINY, {"data": {"synthetic": {"num_images": 300}},
@@ -157,9 +158,8 @@ def test_params_error_is_not_retried(prefect_api, tmp_path):
                       return_state=True)
     assert state.is_failed()
     assert calls.read_text() == "1"
-    with pytest.raises(flows.StageFailed, match=r"params\.yaml: train\.lr") as err:
+    with pytest.raises(ParamsInvalid, match=r"params\.yaml: train\.lr"):
         state.result()
-    assert err.value.bad_params and err.value.returncode == 2
 
 
 def test_serve_deployment_has_the_cron_schedule(prefect_api, tmp_path):
@@ -172,7 +172,7 @@ def test_serve_deployment_has_the_cron_schedule(prefect_api, tmp_path):
         with get_client(sync_client=True) as client:
             found = client.read_deployment_by_name(f"{flow_name}/{name}")
         assert found.id == deployment_id
-        assert [s.schedule.cron for s in found.schedules] == ["0 3 * * *"]
+        assert [(s.schedule.cron, s.schedule.timezone) for s in found.schedules] == [("0 3 * * *", "UTC")]
         assert all(s.active for s in found.schedules)
         assert found.parameters["repo"] == str(ROOT)
         if "sweep" in kwargs:
@@ -317,6 +317,12 @@ def test_a_pipeline_in_a_folder_of_the_repo_runs_alone_and_concurrently(prefect_
 @pytest.mark.slow
 def test_bad_params_fail_the_flow_without_retries(prefect_api, train_repo):
     params_before = (train_repo / "params.yaml").read_text()
+    manifest = train_repo / "data" / "manifest.parquet"  # ingest's output: an earlier test's, or a stand-in
+    stand_in = not manifest.exists()
+    if stand_in:
+        manifest.parent.mkdir(exist_ok=True)
+        manifest.write_bytes(b"ingest's output")
+    before = manifest.read_bytes()
     state = flows.clip_pipeline(overrides={"train.lr": -1.0}, experiment="bad-lr", repo=str(train_repo),
                                 retries=3, retry_delay_seconds=0, return_state=True)
     assert state.is_failed()
@@ -324,8 +330,14 @@ def test_bad_params_fail_the_flow_without_retries(prefect_api, train_repo):
     runs = {t.name: t for t in task_runs(state.state_details.flow_run_id)}
     failed = [t for t in runs.values() if t.state.is_failed()]
     assert len(failed) == 1 and failed[0].run_count == 1, [(t.name, t.run_count, t.state.name) for t in runs.values()]
-    assert not any(name.startswith("save-experiment") for name in runs)
+    # refused before any stage ran: DVC deletes a stage's outputs before running it
+    assert failed[0].name.startswith("check-params") and not any(n.startswith(("ingest", "save-experiment")) for n in runs)
+    assert manifest.read_bytes() == before
+    if stand_in:
+        manifest.unlink()
     assert "bad-lr" not in dvc_experiments(train_repo)
+    with pytest.raises(ParamsInvalid, match=r"params\.yaml: train\.lr: Input should be greater than 0"):
+        state.result()
 
     # in a sweep, the bad point fails, the others still run, and the sweep fails naming it
     state = flows.clip_sweep(grid=[{"train.lr": -1.0}, {"train.lr": 0.0005}], repo=str(train_repo),

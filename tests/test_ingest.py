@@ -47,6 +47,7 @@ def test_acceptance_csv_of_20_good_and_12_bad_rows(tmp_path):
     # each row carries its own reason: rows alternate good/bad after the header, so bad row k is line 2k + 3
     by_line = {s.rsplit(":line ", 1)[1]: r for s, r in zip(rejected.source, rejected.reason)}
     assert by_line == {str(2 * k + 3): reason for k, (*_, reason) in enumerate(BAD_ROWS)}
+    assert rejected.detail[rejected.reason == "empty_caption"].tolist() == ["3 bytes of whitespace"]
 
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert list(manifest.columns) == ["id", "source", "captions", "split", "shard", "row", "labels"]

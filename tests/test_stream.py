@@ -17,7 +17,8 @@ from PIL import Image
 
 from clipmodel.data import Corpus, to_tensor
 from clipmodel.stream import SkippedSample, StreamingBatches, shuffle
-from clipmodel.tokenizer import SOT_ID, encode, load_tokenizer, train_tokenizer
+from clipmodel.caption_views import with_views
+from clipmodel.tokenizer import SOT_ID, decode, encode, load_tokenizer, train_tokenizer
 from conftest import ROOT, TINY, merge, run_stage, write_params
 from clipmodel.shards import sample_key
 from pipeline.ingest import encode_png, run
@@ -233,6 +234,19 @@ def test_equal_normalised_captions_share_an_id(wds, tmp_path):
     b = batches(stream(wds, [shard], resample=False, batch_size=4), 1)[0]
     ids = dict(zip(b["image_index"].tolist(), b["caption_ids"].tolist()))
     assert ids[0] == ids[1] == ids[3] != ids[2]
+
+
+def test_caption_views_are_drawn_as_the_npy_route_draws_them(wds, tmp_path):
+    """tokenize.caption_views adds views as caption rows for the npy route; the stream adds the same ones."""
+    caption = "red circle (round, shape, warm)"
+    shard = write_shard(tmp_path / "v.tar", [(f"{i:09d}", good(i, [caption])) for i in range(64)])
+    tok = load_tokenizer(wds / "tokenizer.json")
+    drawn = Counter(decode(tok, row) for b in batches(stream(wds, [shard], resample=False, batch_size=64,
+                                                             caption_views=4)) for row in b["tokens"].tolist())
+    assert set(drawn) == {decode(tok, encode(tok, [c])[0][0]) for c in with_views([caption], 4, r"[(),;]")}
+    assert len(drawn) > 2 and drawn[decode(tok, encode(tok, ["red circle"])[0][0])] > 0  # the bare name among them
+    plain = batches(stream(wds, [shard], resample=False, batch_size=64), 1)[0]["tokens"]
+    assert len({tuple(row) for row in plain.tolist()}) == 1  # views off: the caption as written
 
 
 def test_shuffle_holds_at_most_its_buffer():

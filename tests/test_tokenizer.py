@@ -79,16 +79,3 @@ def test_a_word_has_the_same_tokens_wherever_it_stands():
     assert word_ids("red circle") == word_ids("red") + circle
     assert word_ids("(circle, circle)") == word_ids("(") + circle + word_ids(",") + circle + word_ids(")")
     assert decode(TOK, encode(TOK, ["A large (red) circle,two"])[0][0]) == "a large ( red ) circle , two"
-
-
-def test_caption_views_are_the_head_then_head_with_subsets_and_deterministic():
-    from pipeline.tokenize import caption_views, with_views
-    caption = "grinning face (cheerful, cheery, happy, laugh, nice)"
-    views = caption_views(caption, 4, r"[(),;]")
-    assert views[0] == "grinning face" and len(views) == 4
-    for v in views[1:]:
-        head, *tags = v.split(", ")
-        assert head == "grinning face" and tags and set(tags) <= {"cheerful", "cheery", "happy", "laugh", "nice"}
-    assert views == caption_views(caption, 4, r"[(),;]")
-    assert caption_views("passport control", 4, r"[(),;]") == []  # one part: nothing to vary
-    assert with_views(["a (b)", "c"], 1, r"[(),;]") == ["a (b)", "c", "a"]
