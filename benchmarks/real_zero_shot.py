@@ -4,7 +4,10 @@ Both sides train from scratch on the same captioned images for the same epochs a
 held-out labelled set with clipmodel.evaluation.score, once per template list of the templates YAML:
 with the paper's zero-shot (`scores`) and, when the recipe's evaluate.support_weight is positive,
 with support-set zero-shot (`scores_support`, clipmodel.support: each side's own embeddings of the
-training rows join its class vectors, at the recipe's weight and temperature).
+training rows join its class vectors, at the recipe's weight and temperature). The bank is every
+training row, for both sides alike; the evaluate stage's is the train split's images, at most
+evaluate.support_images of them, so the project side equals the recipe's DVC metrics where the
+recipe splits off no val or test images and has fewer images than that cap (real/params.yaml).
 Both train on the recipe's own data (data.<source> of --params, paths relative to the params file,
 as the stages read them; real/params.yaml's ../../shared/real-emoji/train.csv is the repo's
 ../shared/real-emoji/train.csv, OpenMoji artwork with CLDR names + tags), and the held-out sets are by

@@ -29,7 +29,13 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """train.precision with 'auto' resolved: bf16 autocast where bf16 matmuls run natively (CUDA with
     bf16, CPUs with AMX or AVX512-BF16: 1.4x the fp32 step on this CPU, same accuracy) and fp32
-    elsewhere, where emulated bf16 is slower than fp32. Returns 'fp32', 'bf16' or 'fp16'."""
+    elsewhere, where emulated bf16 is slower than fp32. Returns 'fp32', 'bf16' or 'fp16'.
+
+    Raises: SystemExit (one line) for fp16 off CUDA: its gradients need the loss scaling that the loop
+    does on CUDA only, and without it they underflow."""
+    if name == "fp16" and device.type != "cuda":
+        raise SystemExit(f"train.precision: fp16 needs a CUDA device (loss scaling); "
+                         f"on {device.type} use bf16 or fp32")
     if name != "auto":
         return name
     if device.type == "cuda":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, EvaluateParams, Params, load_params
 from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
-from pipeline.objectives import clip_objective
+from pipeline.objectives import clip_objective, clip_split
 from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 OBJECTIVES = ("contrastive", "bow", "decoder", "encoder_decoder")
@@ -122,6 +123,17 @@ def probes(p: Params, corpus: Corpus, tok, device: torch.device) -> list[Probe]:
     return out
 
 
+def probe_digest(tests: list[Probe]) -> str:
+    """16 hex digits of a SHA-256 of what the probes measure: their images, targets, class texts, templates
+    and prompt tokens (so a changed template file or held-out set is measured afresh, never resumed)."""
+    h = hashlib.sha256()
+    for t in tests:
+        h.update(json.dumps([t.name, t.texts, t.templates]).encode())
+        for x in (t.images, t.targets, t.prompts):
+            h.update(x.cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def zero_shot_top1(objective: str, model: nn.Module, probe: Probe, tok) -> float:
     """CLIP ensembles prompts in embedding space (as in evaluate); the baselines average each
@@ -176,7 +188,8 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     tests = probes(p, corpus, tok, device)
 
     data_fp = tracking.data_fingerprint([data_dir / "manifest.parquet", data_dir / "tokens.npy"])
-    fingerprint = run_fingerprint(p, data_fp, f"efficiency-{objective}", e)
+    # the curve's points are measured while training: a resumed run must also measure what they measured
+    fingerprint = run_fingerprint(p, f"{data_fp} {probe_digest(tests)}", f"efficiency-{objective}", e)
     checkpoint, curve_file = CHECKPOINTS / f"{objective}.pt", CHECKPOINTS / f"{objective}_curve.json"
     state = load_checkpoint(checkpoint, fingerprint) if p.train.resume else None
     curve = []  # points past the checkpoint being resumed are measured again
@@ -212,8 +225,11 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                                      **{f"zero_shot.{k}.top1": v for k, v in top1.items()}}, step=step * bs)
         print(f"efficiency {objective}: {step * bs} images seen, zero-shot top-1 {point['top1']:.3f} {top1}")
 
+    # Contrastive couples the batch: its halves let train.accum_steps accumulate exactly (GradCache), as in
+    # train; the other objectives' losses are per-sample means, which plain accumulation keeps exact.
+    halves = dict(zip(("features", "loss_from_features"), clip_split(model, p))) if objective == "contrastive" else {}
     obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
-                    checkpoint=checkpoint, log_csv=log_csv)
+                    checkpoint=checkpoint, log_csv=log_csv, **halves)
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=tracking.log_metrics)

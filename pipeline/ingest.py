@@ -213,9 +213,12 @@ class Manifest:
         return {"id": self.ids[index], "captions": self.captions[index], "labels": json.loads(self.labels[index]),
                 "source": self.sources[index]}
 
-    def write(self, path: Path) -> None:
+    def write(self, path: Path, pixels_sha256: str) -> None:
         """The manifest as Parquet (MANIFEST_SCHEMA), shard and row numbered within each store: the npy
-        shards, and the tar shards for the train split when `tar_train`."""
+        shards, and the tar shards for the train split when `tar_train`. `pixels_sha256`, the digest of
+        every stored image in manifest order, goes into the file's metadata, so that the manifest, which
+        training fingerprints to decide whether a checkpoint may be resumed, changes with the pixels
+        (data.background, edited image files, the decoding code), not only with the captions."""
         in_tar = (np.array(self.splits) == "train") & self.tar_train
         position = np.empty(len(self.ids), dtype=np.int64)
         for store in (in_tar, ~in_tar):  # a running count within each store: npy shards, tar shards
@@ -223,7 +226,7 @@ class Manifest:
         pq.write_table(pa.table({
             "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
             "shard": position // self.per_shard, "row": position % self.per_shard, "labels": self.labels,
-        }, schema=MANIFEST_SCHEMA), path)
+        }, schema=MANIFEST_SCHEMA.with_metadata({"pixels_sha256": pixels_sha256})), path)
 
 
 def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_path: Path) -> dict:
@@ -239,6 +242,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
     rejected: list[Rejection] = []
     duplicates = 0  # items whose pixels equal an earlier image's: their captions join it
     merged = 0      # further rows of an image already read, adding captions to it
+    stored = hashlib.sha256()  # every stored image's pixels, in manifest order
 
     work = partial(decode, size=data.image_size, background=data.background, max_pixels=data.max_pixels, png=tar)
     total = data.synthetic.num_images if data.source == "synthetic" else None
@@ -266,6 +270,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
                 else:
                     split = split_of(item.key, data.val_fraction, data.test_fraction)
                     by_key[item.key] = by_digest[digest] = manifest.add(item, split)
+                    stored.update(pixels.tobytes())
                     if tar and split == "train":
                         tars.add(by_key[item.key], png)
                     else:
@@ -278,7 +283,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
         first = f"; first: {rejected[0].source}: {rejected[0].reason}: {rejected[0].detail}" if rejected else ""
         raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
                           f"{dict(reasons.most_common())}{first})")
-    manifest.write(manifest_path)
+    manifest.write(manifest_path, stored.hexdigest())
     pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
                  columns=["source", "reason", "detail"]).to_csv(
         rejected_path, index=False)

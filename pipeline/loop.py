@@ -339,9 +339,12 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                 if main:
                     obj.on_step(done)
                 continue
-            if skipped(state, tp, step, obj.checkpoint, log) or not main:
+            bad = skipped(state, tp, step, obj.checkpoint, log)
+            if not main:
                 continue
-            obj.on_step(done)
+            obj.on_step(done)  # after a skipped step too, as on the device path above
+            if bad:
+                continue
             if log_now:
                 row = step_metrics(obj, state, tp, loss, speed(done))
                 for sink in sinks:

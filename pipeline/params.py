@@ -81,7 +81,7 @@ class DataParams(Section):
     seed: int = 0
     image_size: int = Field(64, ge=8, le=1024)
     background: tuple[int, int, int] = (255, 255, 255)
-    max_pixels: int = Field(89_478_485, ge=1)
+    max_pixels: int = Field(89_478_485, ge=1, le=89_478_485)  # at most PIL's own limit, which it enforces itself
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     workers: int = Field(2, ge=1)

@@ -2,8 +2,9 @@
 
 The same image encoder, trained from scratch with cross-entropy on the shape label of the
 single-object training scenes, for the same number of images seen as CLIP's training run, with
-the same loop, optimiser and schedule. Only the crops are its own (params `supervised`): a shape
-label survives a crop, a caption that names size and place does not. Its test top-1 on the shape task goes to
+the same loop, optimiser, schedule and colour augmentation. Only the crops are its own (params
+`supervised`): a shape label survives a crop, a caption that names size and place does not. One
+image tower, whatever model.ensemble says (the baseline is one encoder, as in the paper). Its test top-1 on the shape task goes to
 reports/supervised.json, which the evaluate stage puts beside zero-shot and the linear probe.
 
     python -m pipeline.supervised [--data data] [--report reports/supervised.json] [--log reports/supervised_log.csv]
@@ -31,7 +32,7 @@ from clipmodel.model import vision_tower
 from pipeline import tracking
 from pipeline.params import load_params
 from pipeline.loop import Objective, fit, load_checkpoint
-from pipeline.run import model_config, prepare, run_fingerprint
+from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 
 class Classifier(nn.Module):
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     single = np.flatnonzero(labels >= 0)
     train, val, test = (np.intersect1d(corpus.split(s), single) for s in ("train", "val", "test"))
     data = CorpusBatches(corpus, train, p.train.batch_size, p.train.seed, p.supervised.crop_scale,
-                              p.supervised.crop_ratio)
+                         p.supervised.crop_ratio, color_augment(p.train))
     steps = p.train.epochs * (len(corpus.split("train")) // p.train.batch_size)  # CLIP's steps: same images seen
     y = torch.from_numpy(labels).to(device)
 

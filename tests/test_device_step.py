@@ -129,3 +129,10 @@ def test_checkpoints_resume_across_optimiser_implementations(tmp_path):
     assert again.opt.param_groups[0]["fused"]
     train_step(objective(again.model), again.model, again, batch(2), tp, CPU, "fp32")
     assert again.bad_steps() == (0, 0)
+
+
+def test_fp16_off_cuda_is_refused_for_want_of_loss_scaling():
+    from pipeline.device import resolve_precision
+    with pytest.raises(SystemExit, match="train.precision: fp16 needs a CUDA device"):
+        resolve_precision("fp16", torch.device("cpu"))
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"

@@ -121,6 +121,32 @@ def test_output_does_not_depend_on_the_number_of_workers(tmp_path):
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
 
+def test_the_manifest_changes_with_the_pixels_not_only_the_captions(tmp_path):
+    """Training resumes a checkpoint only for the same manifest: a change of background (or of the image
+    files) must change the manifest, which holds the stored pixels' digest in its metadata."""
+    import hashlib
+    import pyarrow.parquet as pq
+    from PIL import Image
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        rgba = np.zeros((SIZE, SIZE, 4), np.uint8)
+        rgba[: 4 + i, :, :] = (200, 10 * i, 0, 255)  # opaque stripe on a transparent square
+        Image.fromarray(rgba, "RGBA").save(src / f"{i}.png")
+        (src / f"{i}.txt").write_text(f"stripe {i}")
+    digests = {}
+    for name, colour in (("white", (255, 255, 255)), ("black", (0, 0, 0))):
+        run(params(source="folder", folder={"path": str(src)}, background=colour), tmp_path / name)
+        table = pq.read_table(tmp_path / name / "data/manifest.parquet")
+        shards = sorted((tmp_path / name / "data/images").glob("shard-*.npy"))
+        stored = np.concatenate([np.load(f) for f in shards])
+        digests[name] = table.schema.metadata[b"pixels_sha256"].decode()
+        assert digests[name] == hashlib.sha256(stored.tobytes()).hexdigest()
+    assert digests["white"] != digests["black"]
+    manifests = [pd.read_parquet(tmp_path / n / "data/manifest.parquet") for n in digests]
+    pd.testing.assert_frame_equal(*manifests)  # same rows: only the digest tells the two apart
+
+
 def test_ingest_replaces_only_its_own_outputs(tmp_path):
     (tmp_path / "data/images").mkdir(parents=True)
     (tmp_path / "data/images/shard-00042.npy").write_bytes(b"stale")

@@ -73,7 +73,8 @@ def test_unreadable_params_file_is_one_line(tmp_path, capsys, make):
     (lambda r: r["train"].update(precision="fp8"), "train.precision"),
     (lambda r: r["train"].update(ssl_crop_scale=[0.0, 1.0]), "train"),
     (lambda r: r["train"].update(ssl_temperature=0), "train.ssl_temperature"),
-    (lambda r: r["data"]["csv"].update(sep="\\t"), "data.csv.sep"),  # '\t' in single quotes: two characters
+    (lambda r: r["data"]["csv"].update(sep="\\t"), "data.csv.sep"),
+    (lambda r: r["data"].update(max_pixels=100_000_000), "data.max_pixels"),  # PIL would refuse past its own limit  # '\t' in single quotes: two characters
 ])
 def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
     path = _write(tmp_path, mutate)
