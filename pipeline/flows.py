@@ -64,7 +64,7 @@ from prefect.tasks import exponential_backoff
 
 from pipeline import workspace
 from pipeline.dvcfile import key_metrics, read_metrics, stage_names, uncached_outputs
-from pipeline.params import read_params
+from pipeline.params import ParamsInvalid, read_params
 from pipeline.sweeps import Overrides, expand_grid, format_table, load_grid, parse_sets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(table))
     except Exception as e:  # the run logs hold the traceback; the terminal gets one line
         print(f"{args.command} failed: {e}", file=sys.stderr)
-        return 2 if isinstance(e, StageFailed) and e.bad_params else 1
+        return 2 if isinstance(e, ParamsInvalid) or isinstance(e, StageFailed) and e.bad_params else 1
     return 0
 
 

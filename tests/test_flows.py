@@ -315,7 +315,7 @@ def test_a_pipeline_in_a_folder_of_the_repo_runs_alone_and_concurrently(prefect_
 
 
 @pytest.mark.slow
-def test_bad_params_fail_the_flow_without_retries(prefect_api, train_repo):
+def test_bad_params_fail_the_flow_without_retries(prefect_api, train_repo, capsys):
     params_before = (train_repo / "params.yaml").read_text()
     manifest = train_repo / "data" / "manifest.parquet"  # ingest's output: an earlier test's, or a stand-in
     stand_in = not manifest.exists()
@@ -338,6 +338,8 @@ def test_bad_params_fail_the_flow_without_retries(prefect_api, train_repo):
     assert "bad-lr" not in dvc_experiments(train_repo)
     with pytest.raises(ParamsInvalid, match=r"params\.yaml: train\.lr: Input should be greater than 0"):
         state.result()
+    assert flows.main(["run", "--pipeline", str(train_repo), "--set", "train.lr=-1", "--retries", "0"]) == 2
+    assert "params.yaml: train.lr: Input should be greater than 0" in capsys.readouterr().err
 
     # in a sweep, the bad point fails, the others still run, and the sweep fails naming it
     state = flows.clip_sweep(grid=[{"train.lr": -1.0}, {"train.lr": 0.0005}], repo=str(train_repo),
