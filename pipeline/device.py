@@ -34,7 +34,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     Raises: SystemExit (one line) for fp16 off CUDA: its gradients need the loss scaling that the loop
     does on CUDA only, and without it they underflow."""
     if name == "fp16" and device.type != "cuda":
-        raise SystemExit(f"train.precision: fp16 needs a CUDA device (loss scaling); "
+        raise SystemExit("train.precision: fp16 needs a CUDA device (loss scaling); "
                          f"on {device.type} use bf16 or fp32")
     if name != "auto":
         return name
