@@ -158,8 +158,9 @@ def test_params_error_is_not_retried(prefect_api, tmp_path):
                       return_state=True)
     assert state.is_failed()
     assert calls.read_text() == "1"
-    with pytest.raises(ParamsInvalid, match=r"params\.yaml: train\.lr"):
+    with pytest.raises(flows.StageFailed, match=r"params\.yaml: train\.lr") as err:
         state.result()
+    assert err.value.bad_params and err.value.returncode == 2
 
 
 def test_serve_deployment_has_the_cron_schedule(prefect_api, tmp_path):
