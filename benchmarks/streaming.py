@@ -4,8 +4,8 @@ A child process runs the real ingest stage code (`data.output_format: webdataset
 the train split) on a pool of --pool synthetic scenes, copies its shards with the same writer
 until there are --images samples, each with a key of its own (rendering 200k scenes would take
 most of the time on two cores), and trains a tokenizer on the captions. This process then streams
---samples through StreamingBatches with resampling and DataLoader workers, twice: over the pool's
-shards only, then over all of them, sampling the memory of its whole process tree (itself and the
+--samples through StreamingBatches (training's shard order, "epochs") and DataLoader workers,
+twice: over the pool's shards only, then over all of them, sampling the memory of its whole process tree (itself and the
 workers) as it goes: RSS summed (shared pages counted once per process: an upper bound) and PSS
 summed (shared pages split between processes). The claim: the same peak for ten times the data,
 flat over time. The shards live in a temporary folder, deleted at the end; the numbers go to
@@ -102,7 +102,7 @@ def prepare(data: DataParams, root: Path, copies: int) -> None:
 
 
 def stream(shards: list[Path], samples: int, tokenizer: Path, args: argparse.Namespace) -> dict:
-    """Streams args.samples of a dataset of `samples` with resampling; throughput and the tree's memory."""
+    """Streams args.samples of a dataset of `samples` as training does; throughput and the tree's memory."""
     ds = StreamingBatches([str(p) for p in shards], tokenizer, args.batch_size, args.size, seed=0,
                           crop_scale=(0.8, 1.0), shuffle_buffer=args.shuffle_buffer, epoch_samples=samples)
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)

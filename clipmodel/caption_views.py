@@ -22,9 +22,11 @@ def caption_views(caption: str, k: int, sep: str | re.Pattern[str]) -> list[str]
     subset of the other parts, in their original order, joined with ", ". A caption with one part
     has no variants. Deterministic: the draw is seeded by the caption's own text.
     """
+    if k < 1:
+        return []
     parts = [p.strip() for p in re.split(sep, caption)]
     parts = [p for p in parts if p]
-    if k < 1 or len(parts) < 2:
+    if len(parts) < 2:
         return []
     head, rest = parts[0], parts[1:]
     rng = np.random.default_rng(zlib.crc32(caption.encode()))
@@ -39,5 +41,7 @@ def caption_views(caption: str, k: int, sep: str | re.Pattern[str]) -> list[str]
 
 def with_views(captions: list[str], k: int, sep: str | re.Pattern[str]) -> list[str]:
     """The captions followed by the `caption_views` of each (an image's caption rows stay contiguous)."""
+    if k < 1:  # the default: called for every streamed sample, so no split at all
+        return list(captions)
     pattern = re.compile(sep)
     return [*captions, *(v for c in captions for v in caption_views(c, k, pattern))]

@@ -2,10 +2,17 @@
 
 The shards are ingest's train split (`data.output_format: webdataset`; format in clipmodel.shards).
 
-Every (rank, DataLoader worker) pair is one reader with its own shards: with `resample=True`, an
-endless stream of shards drawn with replacement from its own seeded RNG (webdataset's
-ResampledShards: readers draw different shards, though not disjoint sets); without, one pass over
-shards[reader::readers], disjoint. Memory held per reader: the tar member being read, a shuffle buffer
+Every (rank, DataLoader worker) pair is one reader. `shard_order` says which shards it reads:
+- "epochs" (training's): shards[reader::readers], disjoint, endlessly, in a fresh seeded order each
+  pass, so over E passes every sample is seen E times, as the npy route's per-epoch permutation
+  does. Readers step in turn, so a reader's share of shards sets how often its samples come round:
+  when the shards do not divide evenly among the readers it warns (samples of the smaller shares
+  come up to ceil/floor times as often); with fewer shards than readers it resamples instead.
+- "resample": an endless stream of shards drawn with replacement from the reader's own seeded RNG
+  (webdataset's ResampledShards): readers draw different shards, though not disjoint sets, and over
+  E epochs of n shards a shard's count varies by about sqrt(E) around E.
+- "once": one disjoint pass over shards[reader::readers] (every sample exactly once).
+Memory held per reader: the tar member being read, a shuffle buffer
 of at most `shuffle_buffer` decoded samples (S*S*3 bytes each: 12 KiB at 64 px) and one batch.
 Images are decoded before the buffer, so every buffered sample is known good and a stream of
 nothing but bad samples stops with an error. Captions are tokenized on the fly, each sample's
@@ -23,7 +30,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import NamedTuple, TypeVar
+from typing import Literal, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +43,7 @@ from clipmodel.shards import BadSample, caption_ids, read_samples, shard_paths
 from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
 
 T = TypeVar("T")
+ShardOrder = Literal["epochs", "resample", "once"]
 
 
 class SkippedSample(UserWarning):
@@ -76,10 +84,12 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     CorpusBatches.batch gives them. `shuffle_buffer` counts samples, not bytes. `caption_views` K > 0:
     each caption's K views (split at the regex `caption_view_sep`) join the sample's captions, as
     tokenize.caption_views does for the npy route, and each step draws one of them all uniformly.
+    `shard_order`: "epochs", "resample" or "once" (the module docstring); only "once" ends.
 
-    Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair or a
-    batch_size or shuffle_buffer below 1. len() raises TypeError without `epoch_samples`. Iterating
-    raises ValueError without `resample` when there are fewer shards than readers, and RuntimeError
+    Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair, a
+    batch_size or shuffle_buffer below 1 or an unknown shard_order. len() raises TypeError without
+    `epoch_samples`. Iterating raises ValueError with shard_order "once" when there are fewer shards
+    than readers, and RuntimeError
     when as many shards in a row as there are shards held no usable sample (each skip is a
     SkippedSample warning).
     """
@@ -88,7 +98,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                  image_size: int, seed: int, crop_scale: tuple[float, float],
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), *, color: ColorAugment = ColorAugment(),
                  ssl_crop_scale: tuple[float, float] | None = None, caption_views: int = 0,
-                 caption_view_sep: str = r"[(),;]", resample: bool = True,
+                 caption_view_sep: str = r"[(),;]", shard_order: ShardOrder = "epochs",
                  shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
                  rank: int | None = None, world_size: int | None = None):
         self.shards = shard_paths(shards) if isinstance(shards, str) else [str(s) for s in shards]
@@ -101,11 +111,13 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
         if batch_size < 1 or shuffle_buffer < 1:
             raise ValueError(f"batch_size ({batch_size}) and shuffle_buffer ({shuffle_buffer}) must be >= 1")
+        if shard_order not in ShardOrder.__args__:
+            raise ValueError(f"shard_order {shard_order!r} is not one of {ShardOrder.__args__}")
         self.tokenizer, self.batch_size, self.image_size, self.seed = str(tokenizer), batch_size, image_size, seed
         self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
         self.ssl_crop_scale = ssl_crop_scale  # a second, self-supervised view of each image (data.image_fields)
         self.caption_views, self.caption_view_sep = caption_views, caption_view_sep
-        self.resample, self.shuffle_buffer, self.start_step = resample, shuffle_buffer, start_step
+        self.shard_order, self.shuffle_buffer, self.start_step = shard_order, shuffle_buffer, start_step
         self.epoch_samples = epoch_samples
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (data.finish_batch)
         self.skipped: Counter[str] = Counter()  # reason -> count in this process; workers' show as warnings
@@ -127,7 +139,7 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             if len(batch) == self.batch_size:
                 yield self._collate(batch, rng, tok)
                 batch = []
-        if batch:  # only a finite pass ends: its last batch may be short, so every sample is seen once
+        if batch:  # only "once" ends: its last batch may be short, so every sample is seen once
             yield self._collate(batch, rng, tok)
 
     def rank_batches(self, start: int, total: int, workers: int = 0, pin_memory: bool = False,
@@ -139,14 +151,28 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
     def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
-        if self.resample:
+        n, why = len(self.shards), f"(world_size {self.world_size} x DataLoader workers)"
+        order = self.shard_order
+        if order == "epochs" and n < readers:
+            order = "resample"
+            if reader == 0:
+                warnings.warn(f"{n} shards for {readers} readers {why}: drawing shards with replacement, "
+                              "as no reader can have one of its own")
+        elif order == "epochs" and n % readers and reader == 0:
+            warnings.warn(f"{n} shards for {readers} readers {why}: readers hold {-(-n // readers)} or "
+                          f"{n // readers} shards, and the samples of the smaller shares come round more often; "
+                          f"a multiple of {readers} shards (data.shard_images) covers every sample evenly")
+        if order == "resample":
             while True:
-                yield self.shards[int(rng.integers(len(self.shards)))]
-        if len(self.shards) < readers:
-            raise ValueError(f"{len(self.shards)} shards for {readers} readers (world_size {self.world_size} "
-                             f"x DataLoader workers): each reader needs a shard of its own without resampling")
+                yield self.shards[int(rng.integers(n))]
+        if n < readers:
+            raise ValueError(f"{n} shards for {readers} readers {why}: each reader needs a shard of its own "
+                             "for one disjoint pass")
         mine = self.shards[reader::readers]
-        yield from (mine[i] for i in rng.permutation(len(mine)))
+        while True:
+            yield from (mine[i] for i in rng.permutation(len(mine)))
+            if order == "once":
+                return
 
     def _samples(self, shards: Iterable[str]) -> Iterator[Decoded]:
         """The samples of each shard in turn; stops a stream that finds nothing usable in any shard."""

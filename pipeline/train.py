@@ -88,7 +88,7 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
                             color=color_augment(p.train), ssl_crop_scale=ssl,
                             caption_views=p.tokenize.caption_views, caption_view_sep=p.tokenize.caption_view_sep,
-                            resample=True, epoch_samples=len(corpus.split("train")))
+                            epoch_samples=len(corpus.split("train")))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

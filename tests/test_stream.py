@@ -141,12 +141,12 @@ def test_batches_have_the_training_format(wds):
 
 def test_two_ranks_two_workers_see_every_sample_exactly_once(wds):
     rows = train_rows(wds)
-    seen = [i for rank in (0, 1) for b in batches(stream(wds, resample=False, rank=rank, world_size=2), workers=2)
+    seen = [i for rank in (0, 1) for b in batches(stream(wds, shard_order="once", rank=rank, world_size=2), workers=2)
             for i in b["image_index"].tolist()]
     assert len(seen) == len(rows) and sorted(seen) == rows.index.tolist()
     # without resampling every reader needs a shard of its own
     tars = sorted((wds / "data/images").glob("train-*.tar"))
-    few = stream(wds, tars[:3], resample=False, rank=0, world_size=2)
+    few = stream(wds, tars[:3], shard_order="once", rank=0, world_size=2)
     with pytest.raises(ValueError, match="3 shards for 4 readers"):
         batches(few, workers=2)
 
@@ -156,14 +156,36 @@ def test_readers_read_distinct_shards(wds):
     shard_of = train_rows(wds).shard
     by_reader = {}
     for rank in (0, 1):
-        ds = stream(wds, resample=False, rank=rank, world_size=2, batch_size=1000)
+        ds = stream(wds, shard_order="once", rank=rank, world_size=2, batch_size=1000)
         for worker_batch in batches(ds, workers=2):  # one (short) batch per worker: a whole pass
             by_reader[len(by_reader)] = set(shard_of[worker_batch["image_index"].numpy()])
     assert len(by_reader) == 4
     assert sorted(s for shards in by_reader.values() for s in shards) == list(range(len(tars)))
 
 
-def test_resampling_is_deterministic_per_seed_rank_and_start_step(wds):
+def test_epochs_see_every_sample_once_per_pass_where_resampling_does_not(wds):
+    n = len(train_rows(wds))
+    tars = sorted((wds / "data/images").glob("train-*.tar"))
+    assert len(tars) > 2
+
+    def counts(order: str) -> Counter:
+        ds = stream(wds, shard_order=order, shuffle_buffer=1, batch_size=8)  # buffer 1: no mixing across passes
+        drawn = [i for b in batches(ds, -(-3 * n // 8)) for i in b["image_index"].tolist()][:3 * n]
+        return Counter(drawn)
+
+    assert set(counts("epochs").values()) == {3} and len(counts("epochs")) == n
+    assert set(counts("resample").values()) != {3}
+    # readers that cannot share the shards evenly are told so; with too few shards the stream resamples
+    with pytest.warns(UserWarning, match="3 shards for 2 readers .* hold 2 or 1 shards"):
+        batches(stream(wds, tars[:3], rank=0, world_size=2), 1)
+    with pytest.warns(UserWarning, match="1 shards for 2 readers .* with replacement"):
+        one = batches(stream(wds, tars[:1], rank=0, world_size=2, batch_size=64), 2)
+    assert len(one) == 2
+    with pytest.raises(ValueError, match="shard_order 'random'"):
+        stream(wds, shard_order="random")
+
+
+def test_the_stream_is_deterministic_per_seed_rank_and_start_step(wds):
     def indices(**kwargs) -> list[list[int]]:
         return [b["image_index"].tolist() for b in batches(stream(wds, **kwargs), 3)]
 
@@ -175,9 +197,9 @@ def test_resampling_is_deterministic_per_seed_rank_and_start_step(wds):
     assert indices(seed=2) != base
     assert indices(seed=1, start_step=100) != base  # a resumed run draws a fresh stream
     assert indices(seed=1, rank=1, world_size=2) != indices(seed=1, rank=0, world_size=2)
-    # an endless stream: more samples than the dataset holds, drawn with replacement
+    # an endless stream: more samples than the dataset holds
     many = [i for b in batches(stream(wds, seed=1, batch_size=64), 6) for i in b["image_index"].tolist()]
-    assert len(many) > len(train_rows(wds)) and len(set(many)) < len(many)
+    assert len(many) > len(train_rows(wds)) and set(many) == set(train_rows(wds).index)
 
 
 def write_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> Path:
@@ -213,7 +235,7 @@ def test_corrupt_samples_are_skipped_counted_and_named(wds, tmp_path):
     with tarfile.open(whole) as tar:
         cut = tar.getmember("000000010.png").offset_data + 100
     truncated.write_bytes(whole.read_bytes()[:cut])  # the first sample, then a cut inside the second's image
-    ds = stream(wds, [shard, truncated], resample=False, batch_size=2)
+    ds = stream(wds, [shard, truncated], shard_order="once", batch_size=2)
     with pytest.warns(SkippedSample) as caught:
         seen = sorted(i for b in batches(ds) for i in b["image_index"].tolist())
     assert seen == [1, 8, 9]
@@ -231,7 +253,7 @@ def test_equal_normalised_captions_share_an_id(wds, tmp_path):
     shard = write_shard(tmp_path / "s.tar", [
         ("000000000", good(0, ["a red circle"])), ("000000001", good(1, ["A red   circle "])),
         ("000000002", good(2, ["a blue square"])), ("000000003", good(3, ["a red circle"]))])
-    b = batches(stream(wds, [shard], resample=False, batch_size=4), 1)[0]
+    b = batches(stream(wds, [shard], shard_order="once", batch_size=4), 1)[0]
     ids = dict(zip(b["image_index"].tolist(), b["caption_ids"].tolist()))
     assert ids[0] == ids[1] == ids[3] != ids[2]
 
@@ -241,11 +263,11 @@ def test_caption_views_are_drawn_as_the_npy_route_draws_them(wds, tmp_path):
     caption = "red circle (round, shape, warm)"
     shard = write_shard(tmp_path / "v.tar", [(f"{i:09d}", good(i, [caption])) for i in range(64)])
     tok = load_tokenizer(wds / "tokenizer.json")
-    drawn = Counter(decode(tok, row) for b in batches(stream(wds, [shard], resample=False, batch_size=64,
+    drawn = Counter(decode(tok, row) for b in batches(stream(wds, [shard], shard_order="once", batch_size=64,
                                                              caption_views=4)) for row in b["tokens"].tolist())
     assert set(drawn) == {decode(tok, encode(tok, [c])[0][0]) for c in with_views([caption], 4, r"[(),;]")}
     assert len(drawn) > 2 and drawn[decode(tok, encode(tok, ["red circle"])[0][0])] > 0  # the bare name among them
-    plain = batches(stream(wds, [shard], resample=False, batch_size=64), 1)[0]["tokens"]
+    plain = batches(stream(wds, [shard], shard_order="once", batch_size=64), 1)[0]["tokens"]
     assert len({tuple(row) for row in plain.tolist()}) == 1  # views off: the caption as written
 
 
