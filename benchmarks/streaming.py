@@ -5,11 +5,11 @@ the train split) on a pool of --pool synthetic scenes, copies its shards with th
 until there are --images samples, each with a key of its own (rendering 200k scenes would take
 most of the time on two cores), and trains a tokenizer on the captions. This process then streams
 --samples through StreamingBatches (training's shard order, "epochs") and DataLoader workers,
-twice: over the pool's shards only, then over all of them, sampling the memory of its whole process tree (itself and the
-workers) as it goes: RSS summed (shared pages counted once per process: an upper bound) and PSS
-summed (shared pages split between processes). The claim: the same peak for ten times the data,
-flat over time. The shards live in a temporary folder, deleted at the end; the numbers go to
-reports/benchmarks/streaming.json.
+twice: over the pool's shards only, then over all of them, sampling the memory of its whole
+process tree (itself and the workers) as it goes: RSS summed (shared pages counted once per
+process: an upper bound) and PSS summed (shared pages split between processes). The claim: the
+same peak for ten times the data, flat over time. The shards live in a temporary folder, deleted
+at the end; the numbers go to reports/benchmarks/streaming.json.
 
 glibc's allocator raises its mmap threshold after the first freed batch-sized buffer and from then
 on keeps freed batches in a fragmented heap: about 0.5 GB more per DataLoader worker, the same for
