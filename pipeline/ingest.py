@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from clipmodel.images import ImageError, load_rgb, preprocess
 from clipmodel.io import atomic_path, write_json
-from clipmodel.shards import sample_key, write_sample
+from clipmodel.shards import png_table, sample_key, write_sample
 from clipmodel.synthetic import Scene, render
 from pipeline.params import DataParams, load_params
 from pipeline.sources import Item, Record, Rejection, SourceError, escaped, read, split_of
@@ -139,11 +139,14 @@ class ShardWriter:
 
 
 class TarShards:
-    """The train split as WebDataset shards, holding no pixels in memory.
+    """The train split as WebDataset shards in a seeded random order, holding no pixels in memory.
 
-    Captions can still grow after an image is written (a later row of the same key, a pixel
-    duplicate), so images first go to spool tars; `finish` rewrites each with its final metadata,
-    deleting the spool as it goes: at most one shard is on disk twice.
+    A streaming reader shuffles only within its buffer, so shards in source order (often sorted: by
+    category, skin-tone variants side by side) would put look-alike images in one batch; WebDataset's
+    advice is to shuffle when writing shards. Captions can also still grow after an image is written
+    (a later row of the same key, a pixel duplicate). So images first go to spool tars in source
+    order, and `finish` writes the shards from them in a permuted order with the final metadata: the
+    train split is on disk twice until it ends.
     """
 
     def __init__(self, folder: Path, per_shard: int) -> None:
@@ -158,19 +161,30 @@ class TarShards:
         write_sample(self.spool, sample_key(index), {"png": png})
         self.count += 1
 
-    def finish(self, meta: Callable[[int], dict]) -> int:
-        """Writes train-NNNNNN.tar with `meta(index)` beside each image; returns the shard count."""
+    def finish(self, meta: Callable[[int], dict], seed: int) -> np.ndarray:
+        """Writes train-NNNNNN.tar, the spooled samples in the order of a permutation seeded by `seed`,
+        with `meta(index)` beside each image; returns int64 [n], the manifest rows in shard order
+        (position p is row p % per_shard of shard p // per_shard)."""
         self._close_spool()
-        shards = -(-self.count // self.per_shard)
-        for n in range(shards):
-            spool = self._spool_path(n)
-            with tarfile.open(spool) as src, tarfile.open(self.folder / f"train-{n:06d}.tar", "w") as dst:
-                for member in src:
-                    index = int(member.name.partition(".")[0])
-                    write_sample(dst, sample_key(index), {"png": src.extractfile(member).read(),
-                                                          "json": json.dumps(meta(index)).encode()})
+        spools = [self._spool_path(n) for n in range(-(-self.count // self.per_shard))]
+        where: list[tuple[Path, int, int]] = []  # each spooled PNG: spool, byte offset, size
+        rows: list[int] = []
+        for spool in spools:
+            table, names = png_table(spool)
+            where += [(spool, int(offset), int(size)) for offset, size in table]
+            rows += [int(name.partition(".")[0]) for name in names]
+        order = np.random.default_rng(seed).permutation(self.count)
+        for n in range(len(spools)):
+            with tarfile.open(self.folder / f"train-{n:06d}.tar", "w") as dst:
+                for k in order[n * self.per_shard:(n + 1) * self.per_shard]:
+                    spool, offset, size = where[k]
+                    with open(spool, "rb") as f:
+                        f.seek(offset)
+                        png = f.read(size)
+                    write_sample(dst, sample_key(rows[k]), {"png": png, "json": json.dumps(meta(rows[k])).encode()})
+        for spool in spools:
             spool.unlink()
-        return shards
+        return np.array(rows, dtype=np.int64)[order]
 
     def _spool_path(self, n: int) -> Path:
         return self.folder / f".spool-{n:06d}.tar"
@@ -213,16 +227,17 @@ class Manifest:
         return {"id": self.ids[index], "captions": self.captions[index], "labels": json.loads(self.labels[index]),
                 "source": self.sources[index]}
 
-    def write(self, path: Path, pixels_sha256: str) -> None:
+    def write(self, path: Path, pixels_sha256: str, tar_order: np.ndarray) -> None:
         """The manifest as Parquet (MANIFEST_SCHEMA), shard and row numbered within each store: the npy
-        shards, and the tar shards for the train split when `tar_train`. `pixels_sha256`, the digest of
+        shards, in manifest order, and the tar shards for the train split when `tar_train`, in
+        `tar_order` (TarShards.finish: the train rows as the tars hold them). `pixels_sha256`, the digest of
         every stored image in manifest order, goes into the file's metadata, so that the manifest, which
         training fingerprints to decide whether a checkpoint may be resumed, changes with the pixels
         (data.background, edited image files, the decoding code), not only with the captions."""
-        in_tar = (np.array(self.splits) == "train") & self.tar_train
+        in_npy = (np.array(self.splits) != "train") | (not self.tar_train)
         position = np.empty(len(self.ids), dtype=np.int64)
-        for store in (in_tar, ~in_tar):  # a running count within each store: npy shards, tar shards
-            position[store] = np.arange(store.sum())
+        position[in_npy] = np.arange(in_npy.sum())  # a running count within each store
+        position[tar_order] = np.arange(len(tar_order))
         pq.write_table(pa.table({
             "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
             "shard": position // self.per_shard, "row": position % self.per_shard, "labels": self.labels,
@@ -276,14 +291,14 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
                     else:
                         shards.add(pixels)
     shards.close()
-    tar_shards = tars.finish(manifest.meta)
+    tar_order = tars.finish(manifest.meta, data.seed)
 
     reasons = Counter(r.reason for r in rejected)
     if not manifest.ids:
         first = f"; first: {rejected[0].source}: {rejected[0].reason}: {rejected[0].detail}" if rejected else ""
         raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
                           f"{dict(reasons.most_common())}{first})")
-    manifest.write(manifest_path, stored.hexdigest())
+    manifest.write(manifest_path, stored.hexdigest(), tar_order)
     pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
                  columns=["source", "reason", "detail"]).to_csv(
         rejected_path, index=False)
@@ -299,7 +314,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
         "seconds": round(seconds, 2),
         "source": data.source,
         "output_format": data.output_format,
-        "tar_shards": tar_shards,
+        "tar_shards": -(-len(tar_order) // data.shard_images),
     }
 
 

@@ -90,7 +90,11 @@ def test_ingest_writes_train_split_as_tar_shards_and_the_rest_as_npy(wds, tmp_pa
                 lossless = np.load(tmp_path / f"data/images/shard-{ref.shard:05d}.npy")[ref.row]
                 assert np.array_equal(pixels, lossless)
                 keys.append(index)
-    assert keys == train.index.tolist()
+    # every train row once, in a seeded random order (a stream shuffles only within its buffer)
+    assert sorted(keys) == train.index.tolist() and keys != sorted(keys)
+    again = run(params("webdataset"), tmp_path / "again")
+    assert again["tar_shards"] == len(tars)
+    assert pd.read_parquet(tmp_path / "again/data/manifest.parquet").equals(manifest)
 
     # val and test: .npy shards numbered on their own, holding the same pixels as the npy format
     rest = manifest[manifest.split != "train"]
