@@ -12,10 +12,11 @@ same peak for ten times the data, flat over time. The shards live in a temporary
 at the end; the numbers go to reports/benchmarks/streaming.json.
 
 glibc's allocator raises its mmap threshold after the first freed batch-sized buffer and from then
-on keeps freed batches in a fragmented heap: about 0.5 GB more per DataLoader worker, the same for
-any dataset size. A fixed threshold avoids it (recorded in the report):
+on keeps freed batches in a fragmented heap: about 0.4 GB more per DataLoader worker, the same for
+any dataset size. MALLOC_MMAP_THRESHOLD_=131072 avoids it at a cost in speed (docs/performance.md);
+the report records it when set:
 
-    MALLOC_MMAP_THRESHOLD_=131072 python benchmarks/streaming.py [--images 200000] [--pool 20000] [--size 64]
+    python benchmarks/streaming.py [--images 200000] [--pool 20000] [--size 64]
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import psutil
-import torch
 
 from clipmodel.io import write_json
 from clipmodel.stream import StreamingBatches
@@ -105,8 +105,8 @@ def stream(shards: list[Path], samples: int, tokenizer: Path, args: argparse.Nam
     """Streams args.samples of a dataset of `samples` as training does; throughput and the tree's memory."""
     ds = StreamingBatches([str(p) for p in shards], tokenizer, args.batch_size, args.size, seed=0,
                           crop_scale=(0.8, 1.0), shuffle_buffer=args.shuffle_buffer, epoch_samples=samples)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=args.workers)
     steps = -(-args.samples // args.batch_size)
+    loader = ds.rank_batches(0, steps, workers=args.workers)
     with TreeMemory(psutil.Process().pid) as memory:
         baseline_rss, baseline_pss = memory.sample()
         seen: set[int] = set()

@@ -5,9 +5,10 @@ The shards are ingest's train split (`data.output_format: webdataset`; format in
 Every (rank, DataLoader worker) pair is one reader. `shard_order` says which shards it reads:
 - "epochs" (training's): shards[reader::readers], disjoint, endlessly, in a fresh seeded order each
   pass, so over E passes every sample is seen E times, as the npy route's per-epoch permutation
-  does. Readers step in turn, so a reader's share of shards sets how often its samples come round:
-  when the shards do not divide evenly among the readers it warns (samples of the smaller shares
-  come up to ceil/floor times as often); with fewer shards than readers it resamples instead.
+  does. Readers step in turn, so a reader's share of the samples sets how often they come round:
+  even when the shards are of one size (ingest spreads the split evenly) and their number divides
+  by the readers'; `rank_batches` warns otherwise (samples of the smaller shares come up to
+  ceil/floor times as often). With fewer shards than readers each reader resamples instead.
 - "resample": an endless stream of shards drawn with replacement from the reader's own seeded RNG
   (webdataset's ResampledShards): readers draw different shards, though not disjoint sets, and over
   E epochs of n shards a shard's count varies by about sqrt(E) around E.
@@ -146,32 +147,32 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                      raw_pixels: bool = False) -> torch.utils.data.DataLoader:
         """This rank's stream, from its own shards, read by `workers` processes (0: this one). A run
         resumed at step `start` draws a fresh stream seeded by it; the caller stops at `total`.
-        `raw_pixels`: uint8 "pixels" and "crops" instead of images (the caller applies data.finish_batch)."""
+        `raw_pixels`: uint8 "pixels" and "crops" instead of images (the caller applies data.finish_batch).
+        Rank 0 warns (UserWarning) when shard_order "epochs" cannot give every sample one visit per
+        epoch: fewer shards than readers, or a number of shards the readers do not divide."""
         self.start_step, self.raw_pixels = start, raw_pixels
+        n, readers = len(self.shards), self.world_size * max(workers, 1)
+        why = f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader workers {max(workers, 1)})"
+        if self.shard_order == "epochs" and self.rank == 0 and n % readers:
+            warnings.warn(f"{why}: each reader draws shards with replacement, as none can have one of its own; "
+                          "a smaller data.shard_images gives more shards" if n < readers else
+                          f"{why}: readers hold {-(-n // readers)} or {n // readers} shards, and the samples of the "
+                          f"smaller shares come round more often; set data.shard_images so that ceil(train images "
+                          f"/ shard_images) is a multiple of {readers}", stacklevel=2)
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
     def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
-        n, why = len(self.shards), f"(world_size {self.world_size} x DataLoader workers)"
-        order = self.shard_order
-        if order == "epochs" and n < readers:
-            order = "resample"
-            if reader == 0:
-                warnings.warn(f"{n} shards for {readers} readers {why}: drawing shards with replacement, "
-                              "as no reader can have one of its own")
-        elif order == "epochs" and n % readers and reader == 0:
-            warnings.warn(f"{n} shards for {readers} readers {why}: readers hold {-(-n // readers)} or "
-                          f"{n // readers} shards, and the samples of the smaller shares come round more often; "
-                          f"a multiple of {readers} shards (data.shard_images) covers every sample evenly")
-        if order == "resample":
+        n = len(self.shards)
+        if self.shard_order == "resample" or (self.shard_order == "epochs" and n < readers):
             while True:
                 yield self.shards[int(rng.integers(n))]
         if n < readers:
-            raise ValueError(f"{n} shards for {readers} readers {why}: each reader needs a shard of its own "
-                             "for one disjoint pass")
+            raise ValueError(f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader "
+                             "workers): each reader needs a shard of its own for one disjoint pass")
         mine = self.shards[reader::readers]
         while True:
             yield from (mine[i] for i in rng.permutation(len(mine)))
-            if order == "once":
+            if self.shard_order == "once":
                 return
 
     def _samples(self, shards: Iterable[str]) -> Iterator[Decoded]:

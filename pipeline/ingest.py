@@ -143,10 +143,12 @@ class TarShards:
 
     A streaming reader shuffles only within its buffer, so shards in source order (often sorted: by
     category, skin-tone variants side by side) would put look-alike images in one batch; WebDataset's
-    advice is to shuffle when writing shards. Captions can also still grow after an image is written
-    (a later row of the same key, a pixel duplicate). So images first go to spool tars in source
-    order, and `finish` writes the shards from them in a permuted order with the final metadata: the
-    train split is on disk twice until it ends.
+    advice is to shuffle when writing shards. The split is spread evenly over ceil(n / per_shard)
+    shards (sizes within one sample of each other): stream readers step in turn, each over its own
+    shards, so a short last shard would bring its reader's samples round more often. Captions can
+    also still grow after an image is written (a later row of the same key, a pixel duplicate). So
+    images first go to spool tars in source order, and `finish` writes the shards from them in a
+    permuted order with the final metadata: the train split is on disk twice until it ends.
     """
 
     def __init__(self, folder: Path, per_shard: int) -> None:
@@ -161,10 +163,9 @@ class TarShards:
         write_sample(self.spool, sample_key(index), {"png": png})
         self.count += 1
 
-    def finish(self, meta: Callable[[int], dict], seed: int) -> np.ndarray:
+    def finish(self, meta: Callable[[int], dict], seed: int) -> list[np.ndarray]:
         """Writes train-NNNNNN.tar, the spooled samples in the order of a permutation seeded by `seed`,
-        with `meta(index)` beside each image; returns int64 [n], the manifest rows in shard order
-        (position p is row p % per_shard of shard p // per_shard)."""
+        with `meta(index)` beside each image; returns each shard's manifest rows (int64), in order."""
         self._close_spool()
         spools = [self._spool_path(n) for n in range(-(-self.count // self.per_shard))]
         where: list[tuple[Path, int, int]] = []  # each spooled PNG: spool, byte offset, size
@@ -173,10 +174,10 @@ class TarShards:
             table, names = png_table(spool)
             where += [(spool, int(offset), int(size)) for offset, size in table]
             rows += [int(name.partition(".")[0]) for name in names]
-        order = np.random.default_rng(seed).permutation(self.count)
-        for n in range(len(spools)):
+        parts = np.array_split(np.random.default_rng(seed).permutation(self.count), len(spools)) if spools else []
+        for n, part in enumerate(parts):
             with tarfile.open(self.folder / f"train-{n:06d}.tar", "w") as dst:
-                for k in order[n * self.per_shard:(n + 1) * self.per_shard]:
+                for k in part:
                     spool, offset, size = where[k]
                     with open(spool, "rb") as f:
                         f.seek(offset)
@@ -184,7 +185,7 @@ class TarShards:
                     write_sample(dst, sample_key(rows[k]), {"png": png, "json": json.dumps(meta(rows[k])).encode()})
         for spool in spools:
             spool.unlink()
-        return np.array(rows, dtype=np.int64)[order]
+        return [np.array(rows, dtype=np.int64)[part] for part in parts]
 
     def _spool_path(self, n: int) -> Path:
         return self.folder / f".spool-{n:06d}.tar"
@@ -227,20 +228,21 @@ class Manifest:
         return {"id": self.ids[index], "captions": self.captions[index], "labels": json.loads(self.labels[index]),
                 "source": self.sources[index]}
 
-    def write(self, path: Path, pixels_sha256: str, tar_order: np.ndarray) -> None:
+    def write(self, path: Path, pixels_sha256: str, tar_shards: list[np.ndarray]) -> None:
         """The manifest as Parquet (MANIFEST_SCHEMA), shard and row numbered within each store: the npy
-        shards, in manifest order, and the tar shards for the train split when `tar_train`, in
-        `tar_order` (TarShards.finish: the train rows as the tars hold them). `pixels_sha256`, the digest of
+        shards, in manifest order, and the tar shards for the train split when `tar_train`, as
+        `tar_shards` (TarShards.finish: each tar's rows, in order) holds them. `pixels_sha256`, the digest of
         every stored image in manifest order, goes into the file's metadata, so that the manifest, which
         training fingerprints to decide whether a checkpoint may be resumed, changes with the pixels
         (data.background, edited image files, the decoding code), not only with the captions."""
         in_npy = (np.array(self.splits) != "train") | (not self.tar_train)
-        position = np.empty(len(self.ids), dtype=np.int64)
-        position[in_npy] = np.arange(in_npy.sum())  # a running count within each store
-        position[tar_order] = np.arange(len(tar_order))
+        shard, row = np.empty(len(self.ids), dtype=np.int64), np.empty(len(self.ids), dtype=np.int64)
+        shard[in_npy], row[in_npy] = np.divmod(np.arange(in_npy.sum()), self.per_shard)
+        for n, rows in enumerate(tar_shards):
+            shard[rows], row[rows] = n, np.arange(len(rows))
         pq.write_table(pa.table({
             "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
-            "shard": position // self.per_shard, "row": position % self.per_shard, "labels": self.labels,
+            "shard": shard, "row": row, "labels": self.labels,
         }, schema=MANIFEST_SCHEMA.with_metadata({"pixels_sha256": pixels_sha256})), path)
 
 
@@ -291,14 +293,14 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
                     else:
                         shards.add(pixels)
     shards.close()
-    tar_order = tars.finish(manifest.meta, data.seed)
+    tar_shards = tars.finish(manifest.meta, data.seed)
 
     reasons = Counter(r.reason for r in rejected)
     if not manifest.ids:
         first = f"; first: {rejected[0].source}: {rejected[0].reason}: {rejected[0].detail}" if rejected else ""
         raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
                           f"{dict(reasons.most_common())}{first})")
-    manifest.write(manifest_path, stored.hexdigest(), tar_order)
+    manifest.write(manifest_path, stored.hexdigest(), tar_shards)
     pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
                  columns=["source", "reason", "detail"]).to_csv(
         rejected_path, index=False)
@@ -314,7 +316,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
         "seconds": round(seconds, 2),
         "source": data.source,
         "output_format": data.output_format,
-        "tar_shards": -(-len(tar_order) // data.shard_images),
+        "tar_shards": len(tar_shards),
     }
 
 

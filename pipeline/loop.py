@@ -334,8 +334,9 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
             loss = train_step(obj, net, state, batch, tp, device, precision)
             state.step = done = step + 1
             bar.update()
-            log_now, save_now = done % tp.log_every == 0 or done == total, done % tp.checkpoint_every == 0 or done == total
-            if state.deferred and not (log_now or save_now or done % len(data) == 0):  # nothing below reads the device
+            epoch_end, last = done % len(data) == 0, done == total  # a short run saves at epoch ends too
+            log_now, save_now = done % tp.log_every == 0 or last, done % tp.checkpoint_every == 0 or epoch_end or last
+            if state.deferred and not (log_now or save_now):  # nothing below reads the device
                 if main:
                     obj.on_step(done)
                 continue
@@ -349,7 +350,7 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                 row = step_metrics(obj, state, tp, loss, speed(done))
                 for sink in sinks:
                     sink(done, row)
-            if done % len(data) == 0:
+            if epoch_end:
                 validate(obj, done // len(data), done, bar, log)
             if save_now:
                 csv_log.write()

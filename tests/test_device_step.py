@@ -111,6 +111,18 @@ def test_fit_stops_after_max_bad_steps_before_the_next_checkpoint(tmp_path, monk
     assert len(calls) == (6 if deferred else 5)
 
 
+@pytest.mark.parametrize("deferred", [False, True])
+def test_fit_saves_every_checkpoint_every_steps_at_each_epoch_end_and_at_the_end(tmp_path, monkeypatch, deferred):
+    """Epochs of 4 steps, checkpoint_every 6, 10 steps: a short run killed mid-way still resumes."""
+    monkeypatch.setattr(loop, "checks_on_device", lambda device, precision: deferred)
+    saved = []
+    monkeypatch.setattr(TrainState, "save", lambda self, path, fingerprint, run_id: saved.append(self.step))
+    obj = objective(CLIP(CFG))
+    obj.checkpoint, obj.log_csv = tmp_path / "ckpt.pt", tmp_path / "log.csv"
+    fit(obj, Batches(4), TrainParams(checkpoint_every=6, log_every=100, warmup_fraction=0.1), CPU, 10, "fp", None, None)
+    assert saved == [4, 6, 8, 10]
+
+
 def test_checkpoints_resume_across_optimiser_implementations(tmp_path):
     """A GPU run's checkpoint (fused AdamW) resumes in a CPU run (foreach) and back."""
     tp = TrainParams(warmup_fraction=0.5)

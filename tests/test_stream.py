@@ -6,6 +6,7 @@ import io
 import json
 import shutil
 import tarfile
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -71,17 +72,18 @@ def test_ingest_writes_train_split_as_tar_shards_and_the_rest_as_npy(wds, tmp_pa
     assert [t.name for t in tars] == [f"train-{n:06d}.tar" for n in range(-(-len(train) // 32))]
     assert report["tar_shards"] == len(tars) and report["output_format"] == "webdataset"
     assert not list((wds / "data/images").glob(".spool*"))
-    keys = []
+    keys, sizes = [], []
     for n, path in enumerate(tars):
         with tarfile.open(path) as tar:
             names = tar.getnames()
+            sizes.append(len(names) // 2)
             assert names[0::2] == [k + ".png" for k in (s.partition(".")[0] for s in names[0::2])]
             assert [s.partition(".")[0] for s in names[1::2]] == [s.partition(".")[0] for s in names[0::2]]
             assert all(s.endswith(".json") for s in names[1::2])
             for png_name, json_name in zip(names[0::2], names[1::2]):
                 index = int(png_name.partition(".")[0])
                 row = manifest.iloc[index]
-                assert (row.split, row.shard, row.row) == ("train", n, len(keys) % 32)
+                assert (row.split, row.shard, row.row) == ("train", n, len(keys) - sum(sizes[:-1]))
                 meta = json.loads(tar.extractfile(json_name).read())
                 assert meta == {"id": row.id, "captions": list(row.captions), "labels": json.loads(row.labels),
                                 "source": row.source}
@@ -92,6 +94,7 @@ def test_ingest_writes_train_split_as_tar_shards_and_the_rest_as_npy(wds, tmp_pa
                 keys.append(index)
     # every train row once, in a seeded random order (a stream shuffles only within its buffer)
     assert sorted(keys) == train.index.tolist() and keys != sorted(keys)
+    assert max(sizes) - min(sizes) <= 1 and max(sizes) <= 32  # spread evenly: no short last shard
     again = run(params("webdataset"), tmp_path / "again")
     assert again["tar_shards"] == len(tars)
     assert pd.read_parquet(tmp_path / "again/data/manifest.parquet").equals(manifest)
@@ -179,12 +182,17 @@ def test_epochs_see_every_sample_once_per_pass_where_resampling_does_not(wds):
 
     assert set(counts("epochs").values()) == {3} and len(counts("epochs")) == n
     assert set(counts("resample").values()) != {3}
-    # readers that cannot share the shards evenly are told so; with too few shards the stream resamples
-    with pytest.warns(UserWarning, match="3 shards for 2 readers .* hold 2 or 1 shards"):
-        batches(stream(wds, tars[:3], rank=0, world_size=2), 1)
-    with pytest.warns(UserWarning, match="1 shards for 2 readers .* with replacement"):
-        one = batches(stream(wds, tars[:1], rank=0, world_size=2, batch_size=64), 2)
+    # readers that cannot share the shards evenly are told so (by rank 0); with too few shards each resamples
+    with pytest.warns(UserWarning, match=r"3 shards for 4 readers .* workers 2\): each reader draws shards with"):
+        one = [b for b, _ in zip(stream(wds, tars[:3], rank=0, world_size=2, batch_size=64).rank_batches(
+            0, 2, workers=2), range(2))]
     assert len(one) == 2
+    with pytest.warns(UserWarning, match=r"3 shards for 2 readers .* hold 2 or 1 shards.* multiple of 2"):
+        stream(wds, tars[:3], rank=0, world_size=2).rank_batches(0, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        stream(wds, tars[:4], rank=0, world_size=2).rank_batches(0, 1, workers=2)  # 4 shards, 4 readers
+        stream(wds, tars[:3], rank=1, world_size=2).rank_batches(0, 1)  # only rank 0 says it
     with pytest.raises(ValueError, match="shard_order 'random'"):
         stream(wds, shard_order="random")
 
