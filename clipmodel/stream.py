@@ -4,8 +4,8 @@ The shards are ingest's train split (`data.output_format: webdataset`; format in
 
 Every (rank, DataLoader worker) pair is one reader. `shard_order` says which shards it reads:
 - "epochs" (training's): shards[reader::readers], disjoint, endlessly, in a fresh seeded order each
-  pass, so over E passes every sample is seen E times, as the npy route's per-epoch permutation
-  does. Readers step in turn, so a reader's share of the samples sets how often they come round:
+  pass, the shuffle buffer drained at each pass's end, so over E passes every sample is seen E
+  times, as the npy route's per-epoch permutation does. Readers step in turn, so a reader's share of the samples sets how often they come round:
   even when the shards are of one size (ingest spreads the split evenly) and their number divides
   by the readers'; `rank_batches` warns otherwise (samples of the smaller shares come up to
   ceil/floor times as often). With fewer shards than readers each reader resamples instead.
@@ -90,9 +90,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair, a
     batch_size or shuffle_buffer below 1 or an unknown shard_order. len() raises TypeError without
     `epoch_samples`. Iterating raises ValueError with shard_order "once" when there are fewer shards
-    than readers, and RuntimeError
-    when as many shards in a row as there are shards held no usable sample (each skip is a
-    SkippedSample warning).
+    than readers, and RuntimeError when a pass over a reader's shards held no usable sample (each
+    skip is a SkippedSample warning).
     """
 
     def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,
@@ -133,13 +132,19 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng((self.seed, self.start_step, self.rank, worker))
         tok = load_tokenizer(self.tokenizer)  # per worker: nothing heavy crosses the process boundary
-        samples = self._samples(self._shard_order(self.rank * workers + worker, self.world_size * workers, rng))
         batch: list[Decoded] = []
-        for sample in shuffle(samples, self.shuffle_buffer, rng):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch, rng, tok)
-                batch = []
+        for shards in self._passes(self.rank * workers + worker, self.world_size * workers, rng):
+            samples = (sample for shard in shards for sample in self._read(shard))
+            seen = 0
+            for sample in shuffle(samples, self.shuffle_buffer, rng):  # drained at the pass's end
+                seen += 1
+                batch.append(sample)
+                if len(batch) == self.batch_size:
+                    yield self._collate(batch, rng, tok)
+                    batch = []
+            if not seen:
+                raise RuntimeError(f"no usable sample in a pass over {len(shards)} shard(s) ({shards[0]}"
+                                   f"{', ...' if len(shards) > 1 else ''}); see the SkippedSample warnings")
         if batch:  # only "once" ends: its last batch may be short, so every sample is seen once
             yield self._collate(batch, rng, tok)
 
@@ -153,40 +158,33 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         self.start_step, self.raw_pixels = start, raw_pixels
         n, readers = len(self.shards), self.world_size * max(workers, 1)
         why = f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader workers {max(workers, 1)})"
+        images = self.epoch_samples or "train images"
+        size = -(-self.epoch_samples // (readers * -(-n // readers))) if self.epoch_samples else None
+        example = f" (e.g. {size})" if size and -(-self.epoch_samples // size) % readers == 0 else ""
         if self.shard_order == "epochs" and self.rank == 0 and n % readers:
             warnings.warn(f"{why}: each reader draws shards with replacement, as none can have one of its own; "
                           "a smaller data.shard_images gives more shards" if n < readers else
                           f"{why}: readers hold {-(-n // readers)} or {n // readers} shards, and the samples of the "
-                          f"smaller shares come round more often; set data.shard_images so that ceil(train images "
-                          f"/ shard_images) is a multiple of {readers}", stacklevel=2)
+                          f"smaller shares come round more often; set data.shard_images so that ceil({images} / "
+                          f"shard_images) is a multiple of {readers}{example}, or the readers to divide {n}",
+                          stacklevel=2)
         return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
 
-    def _shard_order(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[str]:
+    def _passes(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[list[str]]:
+        """The reader's shards, pass by pass. The shuffle buffer drains at each pass's end, so a pass
+        gives each of its samples once however large the buffer; "resample" passes are len(shards)
+        shards drawn with replacement."""
         n = len(self.shards)
-        if self.shard_order == "resample" or (self.shard_order == "epochs" and n < readers):
-            while True:
-                yield self.shards[int(rng.integers(n))]
-        if n < readers:
+        resample = self.shard_order == "resample" or (self.shard_order == "epochs" and n < readers)
+        if n < readers and not resample:
             raise ValueError(f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader "
                              "workers): each reader needs a shard of its own for one disjoint pass")
         mine = self.shards[reader::readers]
         while True:
-            yield from (mine[i] for i in rng.permutation(len(mine)))
+            yield [self.shards[i] for i in rng.integers(n, size=n)] if resample else \
+                [mine[i] for i in rng.permutation(len(mine))]
             if self.shard_order == "once":
                 return
-
-    def _samples(self, shards: Iterable[str]) -> Iterator[Decoded]:
-        """The samples of each shard in turn; stops a stream that finds nothing usable in any shard."""
-        dry = 0
-        for shard in shards:
-            n = 0
-            for sample in self._read(shard):
-                n += 1
-                yield sample
-            dry = 0 if n else dry + 1
-            if dry >= len(self.shards):
-                raise RuntimeError(f"{dry} shards in a row held no usable sample (last: {shard}); "
-                                   "see the SkippedSample warnings")
 
     def _read(self, shard: str) -> Iterator[Decoded]:
         for item in read_samples(shard):

@@ -176,7 +176,7 @@ def test_epochs_see_every_sample_once_per_pass_where_resampling_does_not(wds):
     assert len(tars) > 2
 
     def counts(order: str) -> Counter:
-        ds = stream(wds, shard_order=order, shuffle_buffer=1, batch_size=8)  # buffer 1: no mixing across passes
+        ds = stream(wds, shard_order=order, shuffle_buffer=10 * n, batch_size=8)  # a buffer larger than the split
         drawn = [i for b in batches(ds, -(-3 * n // 8)) for i in b["image_index"].tolist()][:3 * n]
         return Counter(drawn)
 
@@ -187,8 +187,9 @@ def test_epochs_see_every_sample_once_per_pass_where_resampling_does_not(wds):
         one = [b for b, _ in zip(stream(wds, tars[:3], rank=0, world_size=2, batch_size=64).rank_batches(
             0, 2, workers=2), range(2))]
     assert len(one) == 2
-    with pytest.warns(UserWarning, match=r"3 shards for 2 readers .* hold 2 or 1 shards.* multiple of 2"):
-        stream(wds, tars[:3], rank=0, world_size=2).rank_batches(0, 1)
+    with pytest.warns(UserWarning, match=r"3 shards for 2 readers .* hold 2 or 1 shards.* ceil\(100 / shard_images\) "
+                                         r"is a multiple of 2 \(e.g. 25\), or the readers to divide 3"):
+        stream(wds, tars[:3], rank=0, world_size=2, epoch_samples=100).rank_batches(0, 1)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         stream(wds, tars[:4], rank=0, world_size=2).rank_batches(0, 1, workers=2)  # 4 shards, 4 readers
