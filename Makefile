@@ -19,7 +19,11 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# A .venv copied from another checkout keeps that checkout's paths (its scripts, `activate`), and so
+# would run that checkout's code: refuse it.
 install: $(STAMP)
+	@head -1 $(VENV)/bin/dvc | grep -qxF '#!$(CURDIR)/$(PY)' || { echo "$(VENV) was made in another folder \
+	($$(head -1 $(VENV)/bin/dvc)) and would run its code: rm -rf $(VENV) && make install" >&2; exit 1; }
 	bash examples/install.sh
 
 pipeline: install
