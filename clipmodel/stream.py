@@ -5,10 +5,10 @@ The shards are ingest's train split (`data.output_format: webdataset`; format in
 Every (rank, DataLoader worker) pair is one reader. `shard_order` says which shards it reads:
 - "epochs" (training's): shards[reader::readers], disjoint, endlessly, in a fresh seeded order each
   pass, the shuffle buffer drained at each pass's end, so over E passes every sample is seen E
-  times, as the npy route's per-epoch permutation does. Readers step in turn, so a reader's share of the samples sets how often they come round:
-  even when the shards are of one size (ingest spreads the split evenly) and their number divides
-  by the readers'; `rank_batches` warns otherwise (samples of the smaller shares come up to
-  ceil/floor times as often). With fewer shards than readers each reader resamples instead.
+  times, as the npy route's per-epoch permutation does. Readers step in turn, so the samples of a
+  smaller share come round more often: shares are even when the shards are of one size (ingest
+  spreads the split evenly) and the readers divide their number; `rank_batches` warns when they do
+  not. With fewer shards than readers each reader resamples instead.
 - "resample": an endless stream of shards drawn with replacement from the reader's own seeded RNG
   (webdataset's ResampledShards): readers draw different shards, though not disjoint sets, and over
   E epochs of n shards a shard's count varies by about sqrt(E) around E.
@@ -156,19 +156,24 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         Rank 0 warns (UserWarning) when shard_order "epochs" cannot give every sample one visit per
         epoch: fewer shards than readers, or a number of shards the readers do not divide."""
         self.start_step, self.raw_pixels = start, raw_pixels
-        n, readers = len(self.shards), self.world_size * max(workers, 1)
-        why = f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader workers {max(workers, 1)})"
-        images = self.epoch_samples or "train images"
+        readers = self.world_size * max(workers, 1)
+        if self.shard_order == "epochs" and self.rank == 0 and len(self.shards) % readers:
+            warnings.warn(self._uneven(readers), stacklevel=2)
+        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+
+    def _uneven(self, readers: int) -> str:
+        """Why the readers' shares differ, and the data.shard_images that evens them (epoch_samples known)."""
+        n, images = len(self.shards), self.epoch_samples or "train images"
+        workers = readers // self.world_size
+        why = f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader workers {workers})"
+        if n < readers:
+            return f"{why}: each reader draws shards with replacement, as none can have one of its own; " \
+                   "a smaller data.shard_images gives more shards"
         size = -(-self.epoch_samples // (readers * -(-n // readers))) if self.epoch_samples else None
         example = f" (e.g. {size})" if size and -(-self.epoch_samples // size) % readers == 0 else ""
-        if self.shard_order == "epochs" and self.rank == 0 and n % readers:
-            warnings.warn(f"{why}: each reader draws shards with replacement, as none can have one of its own; "
-                          "a smaller data.shard_images gives more shards" if n < readers else
-                          f"{why}: readers hold {-(-n // readers)} or {n // readers} shards, and the samples of the "
-                          f"smaller shares come round more often; set data.shard_images so that ceil({images} / "
-                          f"shard_images) is a multiple of {readers}{example}, or the readers to divide {n}",
-                          stacklevel=2)
-        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, pin_memory=pin_memory)
+        return (f"{why}: readers hold {-(-n // readers)} or {n // readers} shards, and the samples of the smaller "
+                f"shares come round more often; set data.shard_images so that ceil({images} / shard_images) is a "
+                f"multiple of {readers}{example}, or the readers to divide {n}")
 
     def _passes(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[list[str]]:
         """The reader's shards, pass by pass. The shuffle buffer drains at each pass's end, so a pass
