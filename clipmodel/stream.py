@@ -19,13 +19,19 @@ Images are decoded before the buffer, so every buffered sample is known good and
 nothing but bad samples stops with an error. Captions are tokenized on the fly, each sample's
 caption views (clipmodel.caption_views) among them, as the tokenize stage adds them for the npy route.
 
-A reader's randomness is seeded by (seed, start_step, rank, worker), so a resumed run draws a fresh
-stream instead of replaying the first steps: streaming resume is statistically, not bit-, identical
-to an uninterrupted run (the npy path, CorpusBatches, is bit-identical).
+Resume is exact: a reader's randomness is seeded by (seed, reader, pass) for the shard order and
+the shuffle buffer and by (seed, reader, batch) for a batch's captions and crops, so a run resumed
+at step k skips what each reader gave before k and goes on with batch k as the uninterrupted run
+would, given the same world size and DataLoader workers (with other counts the interrupted epoch's
+samples may come twice or not at all). Whole passes are skipped unread when `shard_sizes` says how
+many samples each shard holds (the manifest does; a sample found corrupt in such a pass shifts the
+resumed stream by one); the pass that step k falls in is read and decoded up to it. The npy path,
+CorpusBatches, is exact on any number of ranks.
 """
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import warnings
 from collections import Counter
@@ -86,12 +92,14 @@ class StreamingBatches(torch.utils.data.IterableDataset):
     each caption's K views (split at the regex `caption_view_sep`) join the sample's captions, as
     tokenize.caption_views does for the npy route, and each step draws one of them all uniformly.
     `shard_order`: "epochs", "resample" or "once" (the module docstring); only "once" ends.
+    `shard_sizes`: the samples in each shard (ingest's manifest counts them), so that a resumed run
+    skips whole passes without reading them; unset, it reads and decodes them to skip.
 
     Raises: FileNotFoundError when no shard matches; ValueError for a bad rank/world_size pair, a
-    batch_size or shuffle_buffer below 1 or an unknown shard_order. len() raises TypeError without
-    `epoch_samples`. Iterating raises ValueError with shard_order "once" when there are fewer shards
-    than readers, and RuntimeError when a pass over a reader's shards held no usable sample (each
-    skip is a SkippedSample warning).
+    batch_size or shuffle_buffer below 1, an unknown shard_order or shard_sizes not one per shard.
+    len() raises TypeError without `epoch_samples`. Iterating raises ValueError with shard_order
+    "once" when there are fewer shards than readers, and RuntimeError when a pass over a reader's
+    shards held no usable sample (each skip is a SkippedSample warning).
     """
 
     def __init__(self, shards: str | Sequence[str | Path], tokenizer: str | Path, batch_size: int,
@@ -100,7 +108,8 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                  ssl_crop_scale: tuple[float, float] | None = None, caption_views: int = 0,
                  caption_view_sep: str = r"[(),;]", shard_order: ShardOrder = "epochs",
                  shuffle_buffer: int = 2048, start_step: int = 0, epoch_samples: int | None = None,
-                 rank: int | None = None, world_size: int | None = None):
+                 shard_sizes: Sequence[int] | None = None, rank: int | None = None,
+                 world_size: int | None = None):
         self.shards = shard_paths(shards) if isinstance(shards, str) else [str(s) for s in shards]
         if not self.shards:
             raise FileNotFoundError("no tar shards given")
@@ -113,12 +122,14 @@ class StreamingBatches(torch.utils.data.IterableDataset):
             raise ValueError(f"batch_size ({batch_size}) and shuffle_buffer ({shuffle_buffer}) must be >= 1")
         if shard_order not in ShardOrder.__args__:
             raise ValueError(f"shard_order {shard_order!r} is not one of {ShardOrder.__args__}")
+        if shard_sizes is not None and len(shard_sizes) != len(self.shards):
+            raise ValueError(f"{len(shard_sizes)} shard_sizes for {len(self.shards)} shards")
         self.tokenizer, self.batch_size, self.image_size, self.seed = str(tokenizer), batch_size, image_size, seed
         self.crop_scale, self.crop_ratio, self.color = crop_scale, crop_ratio, color
         self.ssl_crop_scale = ssl_crop_scale  # a second, self-supervised view of each image (data.image_fields)
         self.caption_views, self.caption_view_sep = caption_views, caption_view_sep
         self.shard_order, self.shuffle_buffer, self.start_step = shard_order, shuffle_buffer, start_step
-        self.epoch_samples = epoch_samples
+        self.epoch_samples, self.shard_sizes = epoch_samples, shard_sizes
         self.raw_pixels = False  # True: uint8 pixels and crop boxes, finished on the device (data.finish_batch)
         self.skipped: Counter[str] = Counter()  # reason -> count in this process; workers' show as warnings
 
@@ -129,29 +140,40 @@ class StreamingBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = np.random.default_rng((self.seed, self.start_step, self.rank, worker))
-        tok = load_tokenizer(self.tokenizer)  # per worker: nothing heavy crosses the process boundary
+        slot, workers = (info.id, info.num_workers) if info else (0, 1)
+        # A DataLoader takes batches from its workers in turn, from worker 0, however far a resumed run
+        # is: the worker in `slot` plays the one whose turn global batch start_step + slot was.
+        worker = (slot + self.start_step) % workers
+        reader, readers = self.rank * workers + worker, self.world_size * workers
+        done = -(-(self.start_step - worker) // workers)  # batches this reader gave before start_step
+        skip, tok = done * self.batch_size, load_tokenizer(self.tokenizer)  # per worker: nothing heavy is pickled
         batch: list[Decoded] = []
-        for shards in self._passes(self.rank * workers + worker, self.world_size * workers, rng):
-            samples = (sample for shard in shards for sample in self._read(shard))
+        for order, rng in self._passes(reader, readers):
+            if self.shard_sizes is not None and 0 < (size := sum(self.shard_sizes[i] for i in order)) <= skip:
+                skip -= size  # a pass given before the resume, skipped unread
+                continue
+            samples = (sample for i in order for sample in self._read(self.shards[i]))
             seen = 0
             for sample in shuffle(samples, self.shuffle_buffer, rng):  # drained at the pass's end
                 seen += 1
+                if skip:
+                    skip -= 1
+                    continue
                 batch.append(sample)
                 if len(batch) == self.batch_size:
-                    yield self._collate(batch, rng, tok)
-                    batch = []
+                    yield self._collate(batch, np.random.default_rng((self.seed, reader, 1, done)), tok)
+                    batch, done = [], done + 1
             if not seen:
-                raise RuntimeError(f"no usable sample in a pass over {len(shards)} shard(s) ({shards[0]}"
-                                   f"{', ...' if len(shards) > 1 else ''}); see the SkippedSample warnings")
+                raise RuntimeError(f"no usable sample in a pass over {len(order)} shard(s) ({self.shards[order[0]]}"
+                                   f"{', ...' if len(order) > 1 else ''}); see the SkippedSample warnings")
         if batch:  # only "once" ends: its last batch may be short, so every sample is seen once
-            yield self._collate(batch, rng, tok)
+            yield self._collate(batch, np.random.default_rng((self.seed, reader, 1, done)), tok)
 
     def rank_batches(self, start: int, total: int, workers: int = 0, pin_memory: bool = False,
                      raw_pixels: bool = False) -> torch.utils.data.DataLoader:
-        """This rank's stream, from its own shards, read by `workers` processes (0: this one). A run
-        resumed at step `start` draws a fresh stream seeded by it; the caller stops at `total`.
+        """This rank's stream, from its own shards, read by `workers` processes (0: this one), from
+        global batch `start` on: a resumed run goes on as the uninterrupted one (module docstring).
+        The caller stops at `total`.
         `raw_pixels`: uint8 "pixels" and "crops" instead of images (the caller applies data.finish_batch).
         Rank 0 warns (UserWarning) when shard_order "epochs" cannot give every sample one visit per
         epoch: fewer shards than readers, or a number of shards the readers do not divide."""
@@ -175,8 +197,9 @@ class StreamingBatches(torch.utils.data.IterableDataset):
                 f"shares come round more often; set data.shard_images so that ceil({images} / shard_images) is a "
                 f"multiple of {readers}{example}, or the readers to divide {n}")
 
-    def _passes(self, reader: int, readers: int, rng: np.random.Generator) -> Iterator[list[str]]:
-        """The reader's shards, pass by pass. The shuffle buffer drains at each pass's end, so a pass
+    def _passes(self, reader: int, readers: int) -> Iterator[tuple[list[int], np.random.Generator]]:
+        """The reader's passes: its shards (indices) in the order read, and the pass's own generator,
+        which the shuffle buffer goes on drawing from. The buffer drains at each pass's end, so a pass
         gives each of its samples once however large the buffer; "resample" passes are len(shards)
         shards drawn with replacement."""
         n = len(self.shards)
@@ -184,10 +207,11 @@ class StreamingBatches(torch.utils.data.IterableDataset):
         if n < readers and not resample:
             raise ValueError(f"{n} shards for {readers} readers (world_size {self.world_size} x DataLoader "
                              "workers): each reader needs a shard of its own for one disjoint pass")
-        mine = self.shards[reader::readers]
-        while True:
-            yield [self.shards[i] for i in rng.integers(n, size=n)] if resample else \
-                [mine[i] for i in rng.permutation(len(mine))]
+        mine = range(reader, n, readers)
+        for p in itertools.count():
+            rng = np.random.default_rng((self.seed, reader, 0, p))
+            order = rng.integers(n, size=n).tolist() if resample else [mine[i] for i in rng.permutation(len(mine))]
+            yield order, rng
             if self.shard_order == "once":
                 return
 

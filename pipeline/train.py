@@ -78,7 +78,7 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
                          "lower train.batch_size (or data.val_fraction / test_fraction)")
     ssl = p.train.ssl_crop_scale if p.train.ssl_weight else None  # the self-supervised view, when trained on
     if p.data.output_format == "npy":
-        return CorpusBatches(corpus, corpus.split("train"), p.train.batch_size, p.train.seed, p.train.crop_scale,
+        return CorpusBatches(corpus, train, p.train.batch_size, p.train.seed, p.train.crop_scale,
                              p.train.crop_ratio, color_augment(p.train), ssl)
     if not corpus.tars:
         raise SystemExit(f"train: data.output_format is webdataset but {data_dir / 'images'} holds no train-*.tar; "
@@ -88,7 +88,8 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
                             color=color_augment(p.train), ssl_crop_scale=ssl,
                             caption_views=p.tokenize.caption_views, caption_view_sep=p.tokenize.caption_view_sep,
-                            epoch_samples=len(corpus.split("train")))
+                            epoch_samples=len(train), shard_sizes=np.bincount(
+                                corpus.manifest.shard.to_numpy()[train], minlength=len(corpus.tars)).tolist())
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

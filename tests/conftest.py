@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import pipeline  # noqa: F401  (first: telemetry off before any test imports Prefect or MLflow)
@@ -50,6 +53,25 @@ def run_stage(workdir: Path, module: str, check: bool = True) -> subprocess.Comp
     if check and proc.returncode != 0:
         raise AssertionError(f"pipeline.{module} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def kill_at_step(workdir: Path, step: int) -> None:
+    """Start the train stage in `workdir` and SIGKILL it once its checkpoint has reached `step`.
+
+    Raises AssertionError when training ends first or no checkpoint reaches `step` within 300 s."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workdir, env=stage_env(workdir),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt, deadline = workdir / "checkpoints" / "train.pt", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if torch.load(ckpt, weights_only=True)["step"] >= step:
+                break
+        except Exception:  # not written yet, or caught between write and rename
+            pass
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    assert not (workdir / "models" / "clip.safetensors").exists()
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from clipmodel.model import CLIP, CLIPConfig, CLIPEnsemble, build_model, vision_tower
-from conftest import ROOT, TINY, merge, run_stage, stage_env, write_params
+from conftest import ROOT, TINY, kill_at_step, merge, run_stage, stage_env, write_params
 from pipeline.device import cpu_has_native_bf16
 from pipeline.loop import Objective, backward
 from pipeline.objectives import clip_objective, clip_split
@@ -211,19 +210,7 @@ def test_stage_resumed_on_two_processes_matches_one_process(workspace, tmp_path_
     one = clone(workspace, tmp_path_factory.mktemp("one"))
     run_stage(one, "train")
 
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = workspace / "checkpoints" / "train.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        try:
-            if torch.load(ckpt, weights_only=True)["step"] >= 4:
-                break
-        except Exception:  # not written yet, or caught between write and rename
-            pass
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
+    kill_at_step(workspace, 4)
 
     write_params(workspace, merge(fp32, {"train": {"nproc": 2}}))
     out = run_stage(workspace, "train")

@@ -4,18 +4,13 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import mlflow
 import pandas as pd
-import torch
 import yaml
 from safetensors.numpy import load_file
 
-from conftest import TINY, merge, run_stage, stage_env, write_params
+from conftest import TINY, kill_at_step, merge, run_stage, write_params
 
 
 def weights(workdir):
@@ -65,21 +60,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     total = int(pd.read_csv(reference / "reports/train_log.csv").step.max())
 
     kill_after = random.Random(0).randint(2, total - 2)  # seeded: a failure must reproduce
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = workspace / "checkpoints" / "train.pt"
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if ckpt.exists():
-            try:
-                if torch.load(ckpt, weights_only=True)["step"] >= kill_after:
-                    break
-            except Exception:  # caught between write and rename: try again
-                pass
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL, "training finished before it could be killed"
-    assert not (workspace / "models" / "clip.safetensors").exists()
+    kill_at_step(workspace, kill_after)
 
     out = run_stage(workspace, "train")
     assert "resuming at step" in out.stdout
