@@ -78,7 +78,11 @@ IMAGE_STEPS = [
 TEXT_STEPS = [
     "encode with tokenizer.json (NFC, lower-case, whitespace runs to one space, strip; letter runs, digit "
     "runs and other non-space runs split apart, each with the byte-level space mark; byte-level BPE); "
-    "the file has no added tokens, so no caption text can produce the pad, SOT or EOT ids",
+    "the file has no added tokens, so no caption text can produce the pad, SOT or EOT ids. The file's own "
+    "truncation, post-processor and padding do steps 2 and 3 (padding to context_length): with Hugging Face "
+    "`tokenizers`, `Tokenizer.from_file(\"tokenizer.json\").encode(caption).ids` is the model's input as it is, "
+    "so do not add SOT and EOT again; a client with its own BPE, or one that turns those settings off, does "
+    "steps 2 and 3 itself",
     "keep the first context_length - 2 BPE ids; then [sot_id] + ids + [eot_id]; EOT is always last",
     "pad with pad_id to one length L <= context_length for the whole batch (the longest caption's is the "
     "fastest; trailing pads change nothing); the graph reads the feature at the last non-pad position",

@@ -46,7 +46,7 @@ from clipmodel.images import load_image
 from pipeline.evaluation_sets import held_out_sets, read_templates, templates_of
 from pipeline.tasks import tasks_for
 from pipeline.params import EfficiencyParams, EvaluateParams, Params, load_params
-from pipeline.loop import Batch, Objective, fit, load_checkpoint, median_samples_per_s
+from pipeline.loop import Batch, Objective, fit, median_samples_per_s, open_checkpoint
 from pipeline.objectives import clip_objective, clip_split
 from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
@@ -191,7 +191,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     # the curve's points are measured while training: a resumed run must also measure what they measured
     fingerprint = run_fingerprint(p, f"{data_fp} {probe_digest(tests)}", f"efficiency-{objective}", e)
     checkpoint, curve_file = CHECKPOINTS / f"{objective}.pt", CHECKPOINTS / f"{objective}_curve.json"
-    state = load_checkpoint(checkpoint, fingerprint) if p.train.resume else None
+    state = open_checkpoint(checkpoint, fingerprint, p.train.resume)
     curve = []  # points past the checkpoint being resumed are measured again
     if state is not None and curve_file.exists():
         curve = [pt for pt in json.loads(curve_file.read_text()) if pt["step"] <= state["step"]]
@@ -199,6 +199,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                               run_name=f"efficiency-{objective}",
                               tags={**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective})
     run_id = tracking.mlflow.active_run().info.run_id
+    log = tracking.step_logger(run_id)
     if state is None:
         tracking.mlflow.log_params({**flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),
                                     **flatten(arch), "objective": objective, "total_steps": total,
@@ -221,8 +222,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                  "wall_s": time.perf_counter() - started, "eval_s": eval_s[0]}
         curve.append(point)
         write_json(curve_file, curve)
-        tracking.mlflow.log_metrics({"zero_shot.mean.top1": point["top1"],
-                                     **{f"zero_shot.{k}.top1": v for k, v in top1.items()}}, step=step * bs)
+        log(step * bs, {"zero_shot.mean.top1": point["top1"], **{f"zero_shot.{k}.top1": v for k, v in top1.items()}})
         print(f"efficiency {objective}: {step * bs} images seen, zero-shot top-1 {point['top1']:.3f} {top1}")
 
     # Contrastive couples the batch: its halves let train.accum_steps accumulate exactly (GradCache), as in
@@ -232,7 +232,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                     checkpoint=checkpoint, log_csv=log_csv, **halves)
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
-    rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=tracking.log_metrics)
+    rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=log)
     wall = curve[-1]["wall_s"]  # to the last point, at the budget's end: the same when a finished run is resumed
     model.eval()
     save_folder(folder, model, objective, arch, p, data_fp, data_dir / "tokenizer.json")
@@ -265,6 +265,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+@tracking.ended_on_error()
 def main(argv: list[str] | None = None) -> None:
     """`python -m pipeline.efficiency train OBJECTIVE`: one objective's run of the study (see `train`)."""
     args = parse_args(argv)

@@ -18,7 +18,9 @@ CPU, where nothing is asynchronous, the step is the plain one (the check at ever
 from __future__ import annotations
 
 import csv
+import fcntl
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -88,10 +90,32 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
-    """The snapshot at `path` if it was written for `fingerprint` (the same params and data), else None
-    (missing, or from another run: training starts over and says so)."""
-    if not path.exists():
+_CLAIMS: list = []  # the open lock files of this process's checkpoints: a claim lasts as long as the process
+
+
+def open_checkpoint(path: Path, fingerprint: str, resume: bool) -> dict | None:
+    """Claim `path` for this process, then return its snapshot when `resume` and it was written for
+    `fingerprint` (the same params and data); None: start fresh (and say why when a snapshot was set aside).
+
+    The claim is an exclusive flock on `path`.lock, which the kernel releases however the process
+    ends. Without it a stage rerun while an earlier one still trains (stopping only the `dvc`
+    process leaves its stage running) would interleave two runs' snapshots.
+    Raises: SystemExit (one line) naming the other process when it holds the claim."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise SystemExit(f"{path} is being written by another training, pid {pid} (a stage goes on when only its "
+                         f"dvc process is stopped): wait for it to end or stop it (kill {pid}), then rerun") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _CLAIMS.append(lock)
+    if not resume or not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["fingerprint"] != fingerprint:

@@ -31,7 +31,7 @@ from clipmodel.io import atomic_path, write_json
 from clipmodel.model import vision_tower
 from pipeline import tracking
 from pipeline.params import load_params
-from pipeline.loop import Objective, fit, load_checkpoint
+from pipeline.loop import Objective, fit, open_checkpoint
 from pipeline.run import color_augment, model_config, prepare, run_fingerprint
 
 
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                     checkpoint=Path("checkpoints/supervised.pt"), log_csv=args.log)
     data_fp = tracking.data_fingerprint([args.data / "manifest.parquet"])
     fingerprint = run_fingerprint(p, data_fp, "supervised", p.supervised)
-    state = load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume else None
+    state = open_checkpoint(obj.checkpoint, fingerprint, p.train.resume)
     fit(obj, data, p.train, device, steps, fingerprint, state, run_id=None)
     model.eval()
     top1 = accuracy(model, corpus, test, labels, device)

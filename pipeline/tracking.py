@@ -10,7 +10,7 @@ import json
 import os
 import socket
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -87,9 +87,32 @@ def pipeline_tags(fingerprint: str) -> dict[str, str]:
     return tags
 
 
-def log_metrics(step: int, metrics: dict[str, float]) -> None:
-    """Metrics at a training step into the active run: `pipeline.loop.fit`'s `log`."""
-    mlflow.log_metrics(metrics, step=step)
+def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
+    """`pipeline.loop.fit`'s `log` for the active run `run_id`: metrics at a step, each key once per
+    step. A resumed run replays the steps after its checkpoint, some of which the run logged before
+    the stop; the replay computes the same values (bit-exact resume), so those points are kept, not
+    logged twice."""
+    client = mlflow.MlflowClient(tracking_uri())
+    last = {k: max(m.step for m in client.get_metric_history(run_id, k)) for k in client.get_run(run_id).data.metrics}
+
+    def log(step: int, metrics: dict[str, float]) -> None:
+        if new := {k: v for k, v in metrics.items() if step > last.get(k, -1)}:
+            mlflow.log_metrics(new, step=step)
+    return log
+
+
+@contextmanager
+def ended_on_error() -> Iterator[None]:
+    """End the active run KILLED on Ctrl-C and FAILED on an error or a failing SystemExit, then re-raise:
+    MLflow's exit hook would mark a run that never finished FINISHED. (SIGKILL and an unhandled
+    SIGTERM leave it RUNNING; `end_orphaned_runs` marks it KILLED at the next start_run.)
+    Works as a decorator too."""
+    try:
+        yield
+    except BaseException as e:
+        if mlflow.active_run() and not (isinstance(e, SystemExit) and e.code in (0, None)):
+            mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
 
 
 @contextmanager

@@ -38,7 +38,7 @@ from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
 from pipeline.dvcfile import flatten
 from pipeline.device import autocast, resolve_precision
-from pipeline.loop import Objective, fit, load_checkpoint, median_samples_per_s
+from pipeline.loop import Objective, fit, median_samples_per_s, open_checkpoint
 from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
@@ -119,6 +119,7 @@ def check_held_out_paths(p: Params) -> None:
                                  "training: the evaluate stage reads it)")
 
 
+@tracking.ended_on_error()
 def main(argv: list[str] | None = None) -> None:
     """Run the stage on this rank; rank 0 alone writes the model folder, the reports and the MLflow run.
     Raises: SystemExit (one line) when `fit` stops (see there)."""
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
                     validate=lambda: validate(model, corpus, p, device), log_csv=args.log,
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()
-    state = distributed.broadcast(load_checkpoint(obj.checkpoint, fingerprint) if p.train.resume and main_rank else None)
+    state = distributed.broadcast(open_checkpoint(obj.checkpoint, fingerprint, p.train.resume) if main_rank else None)
     run_id = None
     if main_rank:
         run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp),
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "total_steps": p.train.epochs * len(data),
                                         "parameters": sum(x.numel() for x in model.parameters())})
     rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id,
-               log=tracking.log_metrics)
+               log=tracking.step_logger(run_id) if main_rank else None)
     processes = distributed.world()
     distributed.finish()
     if not main_rank:

@@ -109,6 +109,7 @@ def test_folder_contents_and_graphs(exported):
     assert "- zero_shot.shape.top1: 0.5000" in card
     assert "- shape: ['a photo of a {}.', 'a {} on a plain background']" in card
     assert "new_long > 8 * S" in card and "Pillow >= 13.0" in card  # the resize is specified, not referenced
+    assert "is the model's input as it is, so do not add SOT and EOT again" in card  # tokenizer.json wraps and pads
     assert f"Pillow {PIL.__version__}" in card
 
 

@@ -47,3 +47,23 @@ def test_runs_of_dead_processes_end_as_killed(tmp_path, monkeypatch):
     assert tracking.end_orphaned_runs(experiment) == [orphan]
     status = {r: client.get_run(r).info.status for r in (orphan, live, elsewhere)}
     assert status == {orphan: "KILLED", live: "RUNNING", elsewhere: "RUNNING"}
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
+    """The steps replayed after a checkpoint, which the run logged before its stop, are not logged again."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first = tracking.start_run("resume", None, {}, tmp_path / "run.json")
+    for step in range(1, 6):
+        mlflow.log_metrics({"loss": float(step)}, step=step)
+    mlflow.log_metrics({"val_r1": 0.5}, step=3)
+    mlflow.end_run("KILLED")
+
+    assert tracking.start_run("resume", first, {}, tmp_path / "run.json") == first
+    log = tracking.step_logger(first)
+    for step in range(3, 8):  # resumed from a checkpoint at step 2
+        log(step, {"loss": 100.0 + step, **({"val_r1": 0.9} if step in (3, 6) else {})})
+    mlflow.end_run()
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    loss = sorted((m.step, m.value) for m in client.get_metric_history(first, "loss"))
+    assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 106.0), (7, 107.0)]
+    assert sorted((m.step, m.value) for m in client.get_metric_history(first, "val_r1")) == [(3, 0.5), (6, 0.9)]

@@ -4,13 +4,18 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import mlflow
 import pandas as pd
 import yaml
 from safetensors.numpy import load_file
 
-from conftest import TINY, kill_at_step, merge, run_stage, write_params
+from conftest import TINY, kill_at_step, merge, run_stage, stage_env, write_params
+from pipeline.loop import open_checkpoint
 
 
 def weights(workdir):
@@ -73,6 +78,32 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     out = run_stage(workspace, "train")
     assert f"resuming at step {total}/{total}" in out.stdout
     assert pd.read_csv(workspace / "reports/train_log.csv").equals(log)
+
+
+def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(workspace):
+    """Two trainings on one checkpoint would interleave their snapshots: the second stops at once,
+    naming the first (still running, e.g. after its dvc process alone was stopped). Ctrl-C ends the
+    MLflow run KILLED, where MLflow's exit hook would record FINISHED."""
+    write_params(workspace, merge(TINY, {"train": {"epochs": 200}}))
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while not (workspace / "checkpoints/train.pt").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        second = run_stage(workspace, "train", check=False)
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"checkpoints/train.pt is being written by another training, pid {first.pid} (a stage goes on when only "
+            f"its dvc process is stopped): wait for it to end or stop it (kill {first.pid}), then rerun")
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) != 0
+    finally:
+        first.kill()
+    run = json.loads((workspace / "reports/run.json").read_text())["run_id"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    assert client.get_run(run).info.status == "KILLED"
+    assert open_checkpoint(workspace / "checkpoints/train.pt", "", resume=False) is None  # the claim went with it
 
 
 def test_nonfinite_losses_stop_training_and_keep_checkpoint(workspace):
