@@ -103,7 +103,8 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     produced it, summed over the ranks whose losses used it."""
     if world() == 1:
         return x
-    return funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD)  # backward: reduce-scatter, summed
+    # waited here, not at first use: a result no loss term reads would stay pending (and be reported at exit)
+    return funcol.wait_tensor(funcol.all_gather_single(x.contiguous(), 0, dist.group.WORLD))
 
 
 def mean(x: torch.Tensor) -> torch.Tensor:
