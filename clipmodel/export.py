@@ -42,12 +42,16 @@ CALIBRATION_IMAGES = 512  # train images (and one caption each) that calibrate i
 # what a client in another language implements (examples/node/preprocess.mjs is one, tested pixel-exact).
 IMAGE_STEPS = [
     "decode the file (PNG, JPEG, ...) to its stored pixels",
-    "apply the EXIF orientation tag (JPEG), as PIL's ImageOps.exif_transpose",
+    "apply the EXIF orientation tag of any format that carries one (JPEG, PNG, WebP, TIFF), as PIL's "
+    "ImageOps.exif_transpose",
     "16-bit greyscale: divide by 257 and round half to even; float greyscale in [0, 1]: multiply by 255 and round",
-    "alpha (RGBA, LA, palette or greyscale with a transparent colour): composite over an opaque `background`, "
-    "per channel out = round((c * a + bg * (255 - a)) / 255) (equal to Pillow's Image.alpha_composite for "
-    "every c, a; no ties occur); then drop alpha",
-    "greyscale and palette images: expand to RGB (R = G = B = grey)",
+    "alpha (RGBA, LA, PA, or a transparent colour: a palette's tRNS alpha per entry, a greyscale or RGB "
+    "pixel equal to the file's transparent value gets alpha 0, every other 255; Pillow's convert('RGBA')): "
+    "composite over an opaque `background`, per channel out = round((c * a + bg * (255 - a)) / 255) (equal "
+    "to Pillow's Image.alpha_composite for every c, a; no ties occur); then drop alpha",
+    "every other mode to RGB as Pillow's convert('RGB') does: greyscale and palette expand (R = G = B = "
+    "grey; a palette entry's colour), bilevel '1' is 0 or 255, CMYK gives R = 255 - min(255, C + K), G and B "
+    "likewise from M and Y; YCbCr and LAB by Pillow's conversions",
     "sizes: S = image_size; short, long = the smaller and larger of W, H; new_long = int(S * long / short) "
     "(truncated); (new_w, new_h) = (S, new_long) if W <= H else (new_long, S); crop offsets "
     "left = round((new_w - S) / 2), top = round((new_h - S) / 2), halves to even",
@@ -57,8 +61,7 @@ IMAGE_STEPS = [
     "`resize` (Pillow's 8-bit antialiased bicubic, Image.resize with BICUBIC): the four box edges are first "
     "rounded to float32; a box of whole pixels exactly the output's size is a plain crop; otherwise two "
     "separable passes, horizontal (W -> out_w; skipped when out_w == W and the box's x edges are exactly 0 "
-    "and out_w) and vertical (the same with H, y), each rounding to uint8 before the other reads it; each pass "
-    "covers every row (column) of its input",
+    "and out_w) and vertical (the same with H, y), each rounding to uint8 before the other reads it",
     "pass order: horizontal first, except with Pillow >= 13.0 when H - out_h > 0 and "
     "H - out_h > 2 * (W - out_w) (vertical first); Pillow 12.2-12.3: vertical first when H > 100 * W and "
     "out_h < H; earlier: always horizontal first (W, H: the whole image's size whatever the box)",
@@ -71,8 +74,7 @@ IMAGE_STEPS = [
     "(when it is not 0), then to 22-bit fixed point: int(w * 2^22 + 0.5) for w >= 0, int(w * 2^22 - 0.5) "
     "for w < 0 (truncating toward zero)",
     "each output channel value = (2^21 + sum of pixel * fixed-point weight) >> 22 (arithmetic shift), "
-    "clipped to 0..255; the horizontal-first order only computes the rows the vertical pass reads "
-    "(no effect on the result)",
+    "clipped to 0..255 (a first pass may compute only the rows or columns the second reads: the same result)",
     "to float32: value / 255, then (x - mean) / std per RGB channel, channels first: float32 [N, 3, S, S]",
 ]
 TEXT_STEPS = [
@@ -118,12 +120,14 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
 
 def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3,
                 metrics: dict[str, float] | None = None,
-                evaluated_templates: dict[str, list[str]] | None = None) -> Path:
+                evaluated_templates: dict[str, list[str]] | None = None,
+                evaluated_sets: dict[str, str] | None = None) -> Path:
     """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json, preprocess.json and MODEL.md into
     `out_dir`; returns it. The folder describes itself: MODEL.md and preprocess.json (also stamped into
-    each graph's metadata_props) give every step from a file to an embedding. `metrics` (name -> value)
-    and `evaluated_templates` (task or set -> the templates its metrics were measured with) go into the
-    card; the clients' default templates stay DEFAULT_TEMPLATES, the bare class name.
+    each graph's metadata_props) give every step from a file to an embedding. `metrics` (name -> value),
+    `evaluated_templates` (task or set -> the templates its metrics were measured with) and
+    `evaluated_sets` (held-out set -> what it is: its file, images and classes) go into the card; the
+    clients' default templates stay DEFAULT_TEMPLATES, the bare class name.
 
     Image graph: `pixels` float32 [N, 3, S, S] (normalised, S = image_size pixels) -> `embedding`
     float32 [N, embed_dim]; text graph: `tokens` int64 [N, context_length] -> `embedding`; both
@@ -167,7 +171,7 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
         (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
         if support:
             shutil.copy(folder / SUPPORT_FILE, tmp / SUPPORT_FILE)
-        (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}))
+        (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}, evaluated_sets or {}))
         for name in (IMAGE_ONNX, TEXT_ONNX):
             stamp_metadata(tmp / name, preprocess)
     return out_dir
@@ -202,25 +206,28 @@ def _numbered(items: list[str]) -> str:
 
 def _support_steps(support: dict | None) -> str:
     if not support:
-        return "This folder has no support set: the class vectors are the text embeddings alone.\n"
+        return "This folder has no support set: a class vector is its text embedding t alone, so score = cosine.\n"
     return f"""
 With `{support["file"]}` (safetensors: `images` float32 [M, D], `captions` float32 [K, D], `caption_image`
 int64 [K]; the training images and captions, embedded and L2-normalised), each class vector t also gets
 weight ({support["weight"]}) x s added, unnormalised, where s is the L2-normalised sum over captions k of
-softmax_k(t . captions[k] / temperature ({support["temperature"]})) x images[caption_image[k]]; weight 0
-is plain zero-shot (clipmodel/support.py, after SuS-X, Udandarao et al. 2023). Cosine(image, class)
-above is then image . (t + weight s) for the unit image embedding.
+softmax_k(t . captions[k] / temperature ({support["temperature"]})) x images[caption_image[k]] (the project's
+clipmodel/support.py, after SuS-X, Udandarao et al. 2023). The score is then image . (t + weight s) for the
+unit image embedding: not a cosine, since t + weight s is not renormalised. Weight 0 is plain zero-shot
+(score = cosine); the Metrics below were measured at weight {support["weight"]}.
 """
 
 
-def model_card(pre: dict, config: dict, metrics: dict[str, float]) -> str:
+def model_card(pre: dict, config: dict, metrics: dict[str, float], sets: dict[str, str]) -> str:
     """MODEL.md: what a client in any language needs to reproduce `ClipRuntime`'s embeddings, as markdown;
-    `metrics` (name -> value) are listed as measured by the pipeline's evaluate stage."""
+    `metrics` (name -> value) are listed as measured by the pipeline's evaluate stage, `sets` (held-out
+    set name -> what it is: file, images, classes) beside them."""
+    support_file = f"\n- `{pre['support']['file']}`: the support set (see Zero-shot classification)." if pre["support"] else ""
     return f"""# CLIP encoders (ONNX)
 
-Trained from scratch by this project's pipeline (`dvc repro`); data fingerprint `{config.get("data_fingerprint", "unknown")}`.
-Data provenance and licence: those of the training set that fingerprint names (see the pipeline's reports/ingest.json);
-the weights carry no other licence terms.
+Trained from scratch by this project's pipeline; data fingerprint `{config.get("data_fingerprint", "unknown")}`.
+Data provenance and licence: those of the training set that fingerprint names; the weights carry no other
+licence terms.
 
 ## Files
 - `image_encoder.onnx`: input `pixels` float32 [N, 3, {pre["image_size"]}, {pre["image_size"]}] (see Image steps),
@@ -228,7 +235,7 @@ the weights carry no other licence terms.
 - `text_encoder.onnx`: input `tokens` int64 [N, L], 1 <= L <= {pre["context_length"]} (see Text steps), output `embedding`
   float32 [N, {pre["embed_dim"]}], L2-normalised.
 - `tokenizer.json`: HF `tokenizers` byte-level BPE; `preprocess.json`: every constant below, machine-readable
-  (the same keys are in each graph's metadata_props).
+  (the same keys are in each graph's metadata_props).{support_file}
 
 ## Image steps
 image_size {pre["image_size"]}, background RGB {pre["background"]}, mean {pre["mean"]}, std {pre["std"]},
@@ -244,15 +251,21 @@ context_length {pre["context_length"]}, pad_id {pre["pad_id"]}, sot_id {pre["sot
 ## Zero-shot classification
 For each class, format every template in `templates` ({pre["templates"]}) with the class name, embed the
 prompts, average them and L2-normalise the mean (prompt ensembling, Radford et al. 2021 sec. 3.1.4).
-Probabilities: softmax over classes of logit_scale ({pre["logit_scale"]:.4f}) x cosine(image, class).
+The image goes to the class of highest score; probabilities: softmax over classes of logit_scale
+({pre["logit_scale"]:.4f}) x score(image, class), the cosine of the image and class vectors unless a
+support set (below) is used.
 {_support_steps(pre["support"])}
 ## Metrics
-Top-1 (zero-shot, linear probe, supervised baseline) and retrieval R@1, as the pipeline measured them (fractions):
+As the pipeline's evaluate stage measured them (fractions): `zero_shot.<task or set>.top1` with the
+support set when this folder has one, `top1_without_support` with the text vectors alone:
 {chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
 
-Each task or set was scored with its own templates (`evaluated_templates`); pass the same list
-(`--templates FILE`, one per line, or the clients' `templates` option) to reproduce its figure or to
-classify images like that task's:
+The held-out sets (images never trained on):
+{chr(10).join(f"- {k}: {v}" for k, v in sets.items()) or "None."}
+
+Each task or set was scored with its own templates (`evaluated_templates`); pass the same list (the
+project's `clip-onnx` CLI takes `--templates FILE`, one per line; its Node and web clients a
+`templates` option) to reproduce its figure or to classify images like that task's:
 {chr(10).join(f"- {k}: {v}" for k, v in pre["evaluated_templates"].items()) or "None were passed to the export."}
 """
 
@@ -358,8 +371,7 @@ Both encoders here are statically quantised (onnxruntime QDQ): int8 weights per 
 activations with scales calibrated once (min/max) on {len(images)} training images and {len(tokens)} captions.
 Left in float: products of two activations (attention) and the image encoder's first layer. Scales are
 fixed, so an embedding never depends on the other items of its batch. Inputs, outputs and preprocessing
-are those above; the metrics above were measured with the float32 encoders (the export stage's
-reports/export.json gives the int8 top-1 beside them).
+are those above; the metrics above were measured with the float32 encoders.
 """)
     return sizes
 

@@ -180,6 +180,15 @@ def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_dat
                                                / sum(v for k, v in sizes.items() if k.endswith("fp32")))
     assert f"rule met: {int8['rule_met']}" in out and (not int8["published"] or int8["rule_met"] != "neither")
     assert "zero_shot.colours.top1" in json.dumps(report["registry"]) or report["registry"]
+    # the card says what each held-out figure was measured on, with and without the support set
+    card = (tmp_path / "models/onnx/MODEL.md").read_text()
+    assert f"- colours: `{csv_path}`, 9 images, 3 classes (its sorted distinct labels)" in card
+    assert "- zero_shot.colours.top1: " in card
+    assert ("- zero_shot.colours.top1_without_support: " in card) == ("top1_without_support" in
+                                                                      metrics_json["zero_shot"]["colours"])
+    if int8["published"]:  # the int8 folder gives its own top-1
+        top1 = int8["top1"]["colours"]
+        assert f"- colours: {top1:.4f} (float32 " in (tmp_path / "models/onnx/int8/MODEL.md").read_text()
 
 
 def test_every_pipelines_held_out_sets_are_deps_of_its_evaluate_stage():
