@@ -18,6 +18,7 @@ CPU, where nothing is asynchronous, the step is the plain one (the check at ever
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import math
 import os
@@ -97,15 +98,18 @@ def open_checkpoint(path: Path, fingerprint: str, resume: bool) -> dict | None:
     """Claim `path` for this process, then return its snapshot when `resume` and it was written for
     `fingerprint` (the same params and data); None: start fresh (and say why when a snapshot was set aside).
 
-    The claim is an exclusive flock on `path`.lock, which the kernel releases however the process
-    ends. Without it a stage rerun while an earlier one still trains (stopping only the `dvc`
-    process leaves its stage running) would interleave two runs' snapshots.
+    The claim is an exclusive POSIX record lock (lockf) on `path`.lock, which the kernel releases
+    however the process ends; unlike flock it is not inherited by forked DataLoader workers, which
+    outlive a killed trainer by a moment. Without it a stage rerun while an earlier one still trains
+    (stopping only the `dvc` process leaves its stage running) would interleave two runs' snapshots.
     Raises: SystemExit (one line) naming the other process when it holds the claim."""
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = open(path.with_name(path.name + ".lock"), "a+")
     try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # not "held by another process"
+            raise
         lock.seek(0)
         pid = lock.read().strip() or "unknown"
         lock.close()

@@ -1,13 +1,16 @@
-"""The parts of pipeline.loop.fit: the schedule, the state a checkpoint holds, and one step."""
+"""The parts of pipeline.loop.fit: the schedule, the state a checkpoint holds, its claim, and one step."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from clipmodel.model import CLIP, CLIPConfig
-from pipeline.loop import Objective, TrainState, train_step, warmup_cosine
+from conftest import ROOT
+from pipeline.loop import Objective, TrainState, open_checkpoint, train_step, warmup_cosine
 from pipeline.params import TrainParams
 
 CFG = CLIPConfig(embed_dim=16, image_size=32, vision="resnet", vision_width=8, vision_layers=(1, 1, 1, 1),
@@ -89,3 +92,22 @@ def test_a_non_finite_loss_skips_the_update_but_not_the_schedule():
     loss = train_step(objective(model), model, state, batch(), tp, CPU, "fp32")
     assert loss.ndim == 0 and torch.isfinite(loss) and state.bad_steps() == (0, 0)
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_a_checkpoint_claim_ends_with_its_process_not_with_its_forked_workers(tmp_path):
+    """A second trainer of one checkpoint stops at once, naming the first; once the first dies the claim
+    is free, even while a process it forked (a DataLoader worker) lives on for a moment."""
+    ckpt = tmp_path / "train.pt"
+    code = (f"import os, time; from pathlib import Path; from pipeline.loop import open_checkpoint\n"
+            f"open_checkpoint(Path({str(ckpt)!r}), '', resume=False)\n"
+            "if os.fork() == 0:\n    time.sleep(20); os._exit(0)\n"
+            "print('claimed', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "claimed"
+        with pytest.raises(SystemExit, match=f"being written by another training, pid {holder.pid} "):
+            open_checkpoint(ckpt, "", resume=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert open_checkpoint(ckpt, "", resume=False) is None  # its forked child is still asleep

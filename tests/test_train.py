@@ -84,7 +84,7 @@ def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(
     """Two trainings on one checkpoint would interleave their snapshots: the second stops at once,
     naming the first (still running, e.g. after its dvc process alone was stopped). Ctrl-C ends the
     MLflow run KILLED, where MLflow's exit hook would record FINISHED."""
-    write_params(workspace, merge(TINY, {"train": {"epochs": 200}}))
+    write_params(workspace, merge(TINY, {"train": {"epochs": 10_000}}))  # still training when stopped
     first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
