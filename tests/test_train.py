@@ -85,8 +85,11 @@ def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(
     naming the first (still running, e.g. after its dvc process alone was stopped). Ctrl-C ends the
     MLflow run KILLED, where MLflow's exit hook would record FINISHED."""
     write_params(workspace, merge(TINY, {"train": {"epochs": 10_000}}))  # still training when stopped
+    # SIGINT at its default: a shell that starts a command in the background without job control (a CI
+    # runner's `cmd &`) ignores it, the children inherit that, and Python then installs no Ctrl-C handler
     first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (workspace / "checkpoints/train.pt").exists() and first.poll() is None and time.time() < deadline:
