@@ -114,7 +114,8 @@ def open_checkpoint(path: Path, fingerprint: str, resume: bool) -> dict | None:
         pid = lock.read().strip() or "unknown"
         lock.close()
         raise SystemExit(f"{path} is being written by another training, pid {pid} (a stage goes on when only its "
-                         f"dvc process is stopped): wait for it to end or stop it (kill {pid}), then rerun") from None
+                         f"dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {pid}), "
+                         "then rerun") from None
     lock.truncate(0)
     lock.write(f"{os.getpid()}\n")
     lock.flush()

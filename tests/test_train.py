@@ -98,7 +98,8 @@ def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(
         assert second.returncode == 1
         assert second.stderr.strip().splitlines()[-1] == (
             f"checkpoints/train.pt is being written by another training, pid {first.pid} (a stage goes on when only "
-            f"its dvc process is stopped): wait for it to end or stop it (kill {first.pid}), then rerun")
+            f"its dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {first.pid}), "
+            "then rerun")
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=60) != 0
     finally:
