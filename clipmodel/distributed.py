@@ -6,18 +6,21 @@ code runs as one plain process or as one of N ranks on one or several nodes.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Sequence
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+
+T = TypeVar("T")
 
 
 def launched() -> bool:
@@ -70,10 +73,43 @@ def init(device: torch.device) -> None:
     """Join the process group torchrun described: NCCL between GPUs, gloo between CPU processes.
     A no-op outside torchrun or when already joined; torch.distributed's errors (e.g. ValueError for
     an incomplete environment) pass through."""
+    global _store
     if launched() and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False)
+
+
+_store: dist.Store | None = None  # the launcher's store (relaunch's or torchrun's): where a leaving rank says so
+
+
+def reported_once(main: Callable[..., T]) -> Callable[..., T]:
+    """Decorate a rank's entry point so that a failure is reported once, by the rank it happened on.
+
+    A rank that leaves on an exception, a failing SystemExit or Ctrl-C first records its exit status
+    in the launcher's store. A rank whose collective then fails because that peer left (gloo:
+    "Connection closed by peer") exits with the same status and one line naming the peer (none after
+    Ctrl-C, status 130), instead of a traceback that says nothing the peer's own message does not.
+    Outside a process group, the decorator changes nothing."""
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> T:
+        try:
+            return main(*args, **kwargs)
+        except BaseException as e:
+            if _store is None or not dist.is_initialized() or (isinstance(e, SystemExit) and e.code in (0, None)):
+                raise
+            me = rank()
+            gone = [r for r in range(world()) if r != me and _store.check([f"left/{r}"])]
+            if gone and not isinstance(e, (SystemExit, KeyboardInterrupt)):
+                code = int(_store.get(f"left/{gone[0]}"))
+                if code != 130:
+                    print(f"rank {me}: stopped: rank {gone[0]} left (its message says why)", file=sys.stderr)
+                raise SystemExit(code) from None
+            code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) else 1
+            _store.set(f"left/{me}", str(code if isinstance(code, int) else 1))
+            raise
+    return run
 
 
 def finish() -> None:
@@ -117,10 +153,23 @@ def mean(x: torch.Tensor) -> torch.Tensor:
     return x / world()
 
 
-def broadcast(obj):
-    """Rank 0's picklable `obj` on every rank (e.g. a checkpoint only rank 0's disk holds)."""
+def from_main(fn: Callable[[], T]) -> T:
+    """`fn()` run on rank 0 alone, its picklable result on every rank (e.g. a checkpoint only rank 0's
+    disk holds). A SystemExit in `fn` ends every rank: rank 0 with its message, the others quietly with
+    status 1, rather than each failing on the collective its peer left (a gloo "Connection closed").
+    Raises: SystemExit as above."""
     if world() == 1:
-        return obj
-    box = [obj]
+        return fn()
+    box: list = [None]
+    if is_main():
+        try:
+            box = [(True, fn())]
+        except SystemExit as e:
+            box = [(False, e.code)]
     dist.broadcast_object_list(box, src=0)
-    return box[0]
+    ok, value = box[0]
+    if not ok:
+        code = value if is_main() else 1
+        finish()
+        raise SystemExit(code)
+    return value

@@ -195,10 +195,9 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     curve = []  # points past the checkpoint being resumed are measured again
     if state is not None and curve_file.exists():
         curve = [pt for pt in json.loads(curve_file.read_text()) if pt["step"] <= state["step"]]
-    tracking.mlflow.start_run(run_id=state and state["run_id"], experiment_id=None if state else tracking._experiment(EXPERIMENT),
-                              run_name=f"efficiency-{objective}",
-                              tags={**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective})
-    run_id = tracking.mlflow.active_run().info.run_id
+    run_id = tracking.start_run(EXPERIMENT, state and state["run_id"],
+                                {**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective},
+                                run_file=None, run_name=f"efficiency-{objective}")
     log = tracking.step_logger(run_id)
     if state is None:
         tracking.mlflow.log_params({**flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),

@@ -24,8 +24,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -205,6 +205,7 @@ class TrainState:
     def __init__(self, model: nn.Module, tp: TrainParams, total: int, device: torch.device, precision: str,
                  deferred: bool | None = None):
         self.model, self.step, self.rows = model, 0, []
+        self.saved = 0  # the step the checkpoint on disk holds (0: none yet)
         self.deferred = checks_on_device(device, precision) if deferred is None else deferred
         self.opt = torch.optim.AdamW(param_groups(model, tp.weight_decay, tp.vision_lr), lr=tp.lr, betas=tp.betas,
                                      eps=tp.eps, **({"fused": True} if self.deferred else {}))
@@ -224,7 +225,7 @@ class TrainState:
         torch.set_rng_state(snapshot["torch_rng"])
         if snapshot["cuda_rng"]:
             torch.cuda.set_rng_state_all(snapshot["cuda_rng"])
-        self.step = snapshot["step"]
+        self.step = self.saved = snapshot["step"]
         self.rows = snapshot.get("log") or []
 
     def save(self, path: Path, fingerprint: str, run_id: str | None) -> None:
@@ -235,6 +236,7 @@ class TrainState:
                     "log": self.rows}  # the curve so far: outputs deleted since (dvc repro -f) are rebuilt on resume
         with atomic_path(path) as tmp:
             torch.save(snapshot, tmp)
+        self.saved = self.step
 
     def count_bad(self, finite: torch.Tensor) -> None:
         """Count a step's 0-dim bool `finite` on its device, without reading it back."""
@@ -355,8 +357,9 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
-    with tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
-              mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
+    with said_where_stopped(state, tp.resume, obj.checkpoint, total, main), \
+            tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
+                 mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         sinks = [s for s in (csv_log, log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})) if s]
         for step, batch in zip(range(state.step, total), batches):
             batch = finish_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()})
@@ -385,6 +388,20 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                 csv_log.write()
                 state.save(obj.checkpoint, fingerprint, run_id)
     return state.rows
+
+
+@contextmanager
+def said_where_stopped(state: TrainState, resume: bool, checkpoint: Path, total: int, main: bool) -> Iterator[None]:
+    """On Ctrl-C, rank 0 says (after the progress bar closes) where the run stopped and what a rerun
+    will do; the KeyboardInterrupt goes on."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if main:
+            then = (f"{checkpoint} holds step {state.saved}: rerun the stage to resume there" if resume and state.saved
+                    else "a rerun starts over" + ("" if resume else " (train.resume is false)"))
+            print(f"train: stopped at step {state.step}/{total}; {then}", file=sys.stderr, flush=True)
+        raise
 
 
 def median_samples_per_s(rows: list[dict]) -> float:

@@ -52,15 +52,20 @@ def data_fingerprint(paths: list[str | Path]) -> str:
     return files_sha256(paths)[:16]
 
 
-def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_file: str | Path = RUN_FILE) -> str:
-    """Open (or reopen, after a resume) the pipeline's run; record its id in `run_file` for later stages."""
+def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_file: str | Path | None = RUN_FILE,
+              run_name: str | None = None) -> str:
+    """Open (or reopen, after a resume) a training run and return its id; record the id in `run_file`
+    for later stages unless None. A new run is named `run_name`, else $DVC_EXP_NAME. The run is tagged
+    with this host and pid, so that the next start_run marks it KILLED if this process dies without
+    ending it (SIGKILL, out of memory)."""
     experiment_id = _experiment(experiment)
     end_orphaned_runs(experiment_id)
     tags = {**tags, "host": socket.gethostname(), "pid": str(os.getpid())}
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags,
-                           run_name=None if run_id else os.environ.get("DVC_EXP_NAME"))
-    write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-                          "tracking_uri": tracking_uri()})
+                           run_name=None if run_id else run_name or os.environ.get("DVC_EXP_NAME"))
+    if run_file is not None:
+        write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+                              "tracking_uri": tracking_uri()})
     return run.info.run_id
 
 
@@ -106,12 +111,15 @@ def ended_on_error() -> Iterator[None]:
     """End the active run KILLED on Ctrl-C and FAILED on an error or a failing SystemExit, then re-raise:
     MLflow's exit hook would mark a run that never finished FINISHED. (SIGKILL and an unhandled
     SIGTERM leave it RUNNING; `end_orphaned_runs` marks it KILLED at the next start_run.)
-    Works as a decorator too."""
+    Ctrl-C leaves as SystemExit(130), a shell's status for it, without a traceback from each rank:
+    the training loop has said where it stopped. Works as a decorator too."""
     try:
         yield
     except BaseException as e:
         if mlflow.active_run() and not (isinstance(e, SystemExit) and e.code in (0, None)):
             mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(130) from None
         raise
 
 

@@ -119,6 +119,7 @@ def check_held_out_paths(p: Params) -> None:
                                  "training: the evaluate stage reads it)")
 
 
+@distributed.reported_once
 @tracking.ended_on_error()
 def main(argv: list[str] | None = None) -> None:
     """Run the stage on this rank; rank 0 alone writes the model folder, the reports and the MLflow run.
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
                     validate=lambda: validate(model, corpus, p, device), log_csv=args.log,
                     features=features, loss_from_features=loss_from_features)
     main_rank = distributed.is_main()
-    state = distributed.broadcast(open_checkpoint(obj.checkpoint, fingerprint, p.train.resume) if main_rank else None)
+    state = distributed.from_main(lambda: open_checkpoint(obj.checkpoint, fingerprint, p.train.resume))
     run_id = None
     if main_rank:
         run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp),

@@ -279,3 +279,31 @@ def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from clipmodel.distributed import relaunch; relaunch(2, 'fail_rank')"],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert proc.returncode == 3 and time.time() - start < 30
+
+
+PEER_LEAVES = """
+import sys, torch, torch.distributed as dist
+from clipmodel import distributed
+
+@distributed.reported_once
+def main():
+    distributed.init(torch.device("cpu"))
+    if distributed.rank() == 0:
+        raise SystemExit(sys.argv[1] if sys.argv[1] != "130" else 130)
+    dist.all_reduce(torch.ones(1))  # waits for rank 0, which has left
+main()
+"""
+
+
+@pytest.mark.parametrize("why, status, stderr", [
+    ("rank 0: bad input", 1, ["rank 0: bad input", "rank 1: stopped: rank 0 left (its message says why)"]),
+    ("130", 130, []),  # Ctrl-C: rank 0 has said where it stopped
+])
+def test_a_rank_that_loses_its_peer_says_so_in_one_line(tmp_path, why, status, stderr):
+    """One failure, one report: the rank whose collective fails because its peer left prints one line,
+    not a gloo traceback ("Connection closed by peer")."""
+    (tmp_path / "peer_leaves.py").write_text(PEER_LEAVES)
+    proc = subprocess.run([sys.executable, "-c", f"from clipmodel.distributed import relaunch; relaunch(2, 'peer_leaves', ['{why}'])"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == status and sorted(proc.stderr.splitlines()) == stderr, proc.stderr

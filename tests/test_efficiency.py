@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 import yaml
@@ -37,8 +38,11 @@ def test_study_runs_apart_from_the_default_pipeline(tmp_path):
         assert config["objective"] == objective and (repo / "models/efficiency" / objective / config["weights"]).exists()
 
     run_id = json.loads((repo / "reports/efficiency/decoder.json").read_text())["run_id"]
-    history = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_metric_history(run_id, "zero_shot.mean.top1")
-    assert sorted(m.step for m in history) == [64, 128]
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    assert sorted(m.step for m in client.get_metric_history(run_id, "zero_shot.mean.top1")) == [64, 128]
+    run = client.get_run(run_id)  # host and pid: a killed study run is marked KILLED by the next one
+    assert run.info.run_name == "efficiency-decoder" and run.info.status == "FINISHED"
+    assert run.data.tags["host"] == socket.gethostname() and run.data.tags["pid"].isdigit()
 
     again = dvc(repo, "repro", "efficiency/dvc.yaml").stdout
     assert "Running stage" not in again  # ingest, tokenize and the study are all reused

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -10,7 +11,9 @@ import sys
 import time
 
 import mlflow
+import psutil
 import pandas as pd
+import pytest
 import yaml
 from safetensors.numpy import load_file
 
@@ -80,30 +83,39 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     assert pd.read_csv(workspace / "reports/train_log.csv").equals(log)
 
 
-def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(workspace):
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(workspace, nproc):
     """Two trainings on one checkpoint would interleave their snapshots: the second stops at once,
     naming the first (still running, e.g. after its dvc process alone was stopped). Ctrl-C ends the
-    MLflow run KILLED, where MLflow's exit hook would record FINISHED."""
-    write_params(workspace, merge(TINY, {"train": {"epochs": 10_000}}))  # still training when stopped
+    MLflow run KILLED, where MLflow's exit hook would record FINISHED, and says where a rerun resumes.
+    Each says it in one line: no traceback from any rank."""
+    write_params(workspace, merge(TINY, {"train": {"epochs": 10_000, "nproc": nproc}}))  # still training when stopped
     # SIGINT at its default: a shell that starts a command in the background without job control (a CI
     # runner's `cmd &`) ignores it, the children inherit that, and Python then installs no Ctrl-C handler
-    first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    with open(workspace / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "-m", "pipeline.train"], cwd=workspace, env=stage_env(workspace),
+                                 stdout=subprocess.DEVNULL, stderr=err,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 300
         while not (workspace / "checkpoints/train.pt").exists() and first.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         second = run_stage(workspace, "train", check=False)
-        assert second.returncode == 1
+        holder = int((workspace / "checkpoints/train.pt.lock").read_text())  # rank 0: `first` itself or its child
+        assert holder in {first.pid} | {c.pid for c in psutil.Process(first.pid).children()}
+        assert second.returncode == 1 and "Traceback" not in second.stderr, second.stderr
         assert second.stderr.strip().splitlines()[-1] == (
-            f"checkpoints/train.pt is being written by another training, pid {first.pid} (a stage goes on when only "
-            f"its dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {first.pid}), "
+            f"checkpoints/train.pt is being written by another training, pid {holder} (a stage goes on when only "
+            f"its dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {holder}), "
             "then rerun")
         first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=60) != 0
+        assert first.wait(timeout=60) == 130  # a shell's status for Ctrl-C
     finally:
         first.kill()
+    stderr = (workspace / "first.err").read_text()
+    assert "Traceback" not in stderr, stderr
+    assert re.search(r"^train: stopped at step \d+/\d+; checkpoints/train.pt holds step [1-9]\d*: rerun the stage to "
+                     r"resume there$", stderr, re.M), stderr
     run = json.loads((workspace / "reports/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     assert client.get_run(run).info.status == "KILLED"
