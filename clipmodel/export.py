@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 import PIL
 import onnx
+import onnxruntime
 import torch
 import torch.nn.functional as F
 from onnx_ir.passes.common import NameFixPass
@@ -121,13 +122,14 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, path: Pat
 def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, example_batch: int = 3,
                 metrics: dict[str, float] | None = None,
                 evaluated_templates: dict[str, list[str]] | None = None,
-                evaluated_sets: dict[str, str] | None = None) -> Path:
+                evaluated_sets: dict[str, str] | None = None, training_data: str | None = None) -> Path:
     """Write image_encoder.onnx, text_encoder.onnx, tokenizer.json, preprocess.json and MODEL.md into
     `out_dir`; returns it. The folder describes itself: MODEL.md and preprocess.json (also stamped into
     each graph's metadata_props) give every step from a file to an embedding. `metrics` (name -> value),
     `evaluated_templates` (task or set -> the templates its metrics were measured with) and
-    `evaluated_sets` (held-out set -> what it is: its file, images and classes) go into the card; the
-    clients' default templates stay DEFAULT_TEMPLATES, the bare class name.
+    `evaluated_sets` (held-out set -> what it is: its file, images and classes) and `training_data`
+    (what the model was trained on, with its licence) go into the card; the clients' default templates
+    stay DEFAULT_TEMPLATES, the bare class name.
 
     Image graph: `pixels` float32 [N, 3, S, S] (normalised, S = image_size pixels) -> `embedding`
     float32 [N, embed_dim]; text graph: `tokens` int64 [N, context_length] -> `embedding`; both
@@ -168,13 +170,32 @@ def export_onnx(folder: str | Path, out_dir: str | Path, opset: int = 18, exampl
         _export(_Encoder(model, "text"), tokens, "tokens", tmp / TEXT_ONNX, opset,
                 {0: batch, 1: torch.export.Dim("sequence", min=1, max=cfg.context_length)})
         (tmp / TOKENIZER_JSON).write_text(standalone_tokenizer(tok))
+        preprocess["onnx"] = onnx_format([tmp / IMAGE_ONNX, tmp / TEXT_ONNX])
         (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
         if support:
             shutil.copy(folder / SUPPORT_FILE, tmp / SUPPORT_FILE)
-        (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}, evaluated_sets or {}))
+        (tmp / MODEL_CARD).write_text(model_card(preprocess, config, metrics or {}, evaluated_sets or {}, training_data))
         for name in (IMAGE_ONNX, TEXT_ONNX):
             stamp_metadata(tmp / name, preprocess)
     return out_dir
+
+
+def onnx_format(paths: list[Path]) -> dict:
+    """What a runtime must implement to run the graphs at `paths`: the highest ONNX IR version, and the
+    version of each operator domain their nodes use ("ai.onnx" for the default one; domains only
+    imported, as the quantiser's helper domains are, are left out). Also the onnxruntime that export
+    checks them with."""
+    models = [onnx.load(str(p), load_external_data=False) for p in paths]
+    used = {n.domain for m in models for n in m.graph.node}
+    return {"ir_version": max(m.ir_version for m in models),
+            "opsets": {o.domain or "ai.onnx": o.version for m in models for o in m.opset_import if o.domain in used},
+            "checked_with": f"onnxruntime {onnxruntime.__version__}"}
+
+
+def _format_line(fmt: dict) -> str:
+    return (f"ONNX IR version {fmt['ir_version']}, operator sets {', '.join(f'{d} {v}' for d, v in fmt['opsets'].items())}; "
+            f"checked against torch with {fmt['checked_with']}. A runtime that implements that IR version and "
+            "those opsets runs them (onnxruntime's compatibility table maps each of its releases to both).")
 
 
 def standalone_tokenizer(tok: Tokenizer) -> str:
@@ -218,16 +239,18 @@ unit image embedding: not a cosine, since t + weight s is not renormalised. Weig
 """
 
 
-def model_card(pre: dict, config: dict, metrics: dict[str, float], sets: dict[str, str]) -> str:
+def model_card(pre: dict, config: dict, metrics: dict[str, float], sets: dict[str, str],
+               training_data: str | None = None) -> str:
     """MODEL.md: what a client in any language needs to reproduce `ClipRuntime`'s embeddings, as markdown;
     `metrics` (name -> value) are listed as measured by the pipeline's evaluate stage, `sets` (held-out
-    set name -> what it is: file, images, classes) beside them."""
+    set name -> what it is: file, images, classes) beside them; `training_data` says what the model
+    learnt from and under what licence."""
     support_file = f"\n- `{pre['support']['file']}`: the support set (see Zero-shot classification)." if pre["support"] else ""
     return f"""# CLIP encoders (ONNX)
 
-Trained from scratch by this project's pipeline; data fingerprint `{config.get("data_fingerprint", "unknown")}`.
-Data provenance and licence: those of the training set that fingerprint names; the weights carry no other
-licence terms.
+Trained from scratch by this project's pipeline on: {training_data or "(not described: the pipeline's "
+"export.dataset and export.dataset_license in params.yaml say it)"}; data fingerprint
+`{config.get("data_fingerprint", "unknown")}`. The weights carry no licence terms beyond those of that data.
 
 ## Files
 - `image_encoder.onnx`: input `pixels` float32 [N, 3, {pre["image_size"]}, {pre["image_size"]}] (see Image steps),
@@ -236,6 +259,7 @@ licence terms.
   float32 [N, {pre["embed_dim"]}], L2-normalised.
 - `tokenizer.json`: HF `tokenizers` byte-level BPE; `preprocess.json`: every constant below, machine-readable
   (the same keys are in each graph's metadata_props).{support_file}
+- Format: {_format_line(pre["onnx"])}
 
 ## Image steps
 image_size {pre["image_size"]}, background RGB {pre["background"]}, mean {pre["mean"]}, std {pre["std"]},
@@ -260,7 +284,7 @@ As the pipeline's evaluate stage measured them (fractions): `zero_shot.<task or 
 support set when this folder has one, `top1_without_support` with the text vectors alone:
 {chr(10).join(f"- {k}: {v:.4f}" for k, v in metrics.items()) or "None were passed to the export."}
 
-The held-out sets (images never trained on):
+The held-out sets (images never trained on; paths as the pipeline read them, from its folder):
 {chr(10).join(f"- {k}: {v}" for k, v in sets.items()) or "None."}
 
 Each task or set was scored with its own templates (`evaluated_templates`); pass the same list (the
@@ -361,8 +385,10 @@ def quantize_int8(onnx_dir: str | Path, out_dir: str | Path, images: np.ndarray,
             stem = name.removesuffix(".onnx")
             sizes[f"{stem}_fp32"] = (onnx_dir / name).stat().st_size
             sizes[f"{stem}_int8"] = (tmp / name).stat().st_size
-        for name in (TOKENIZER_JSON, PREPROCESS_JSON):
-            shutil.copy(onnx_dir / name, tmp / name)
+        shutil.copy(onnx_dir / TOKENIZER_JSON, tmp / TOKENIZER_JSON)
+        fmt = onnx_format([tmp / IMAGE_ONNX, tmp / TEXT_ONNX])
+        preprocess = {**json.loads((onnx_dir / PREPROCESS_JSON).read_text()), "onnx": fmt}
+        (tmp / PREPROCESS_JSON).write_text(json.dumps(preprocess, indent=2) + "\n")
         if (onnx_dir / SUPPORT_FILE).is_file():  # optional: written by evaluate, copied by export_onnx
             shutil.copy(onnx_dir / SUPPORT_FILE, tmp / SUPPORT_FILE)
         (tmp / MODEL_CARD).write_text((onnx_dir / MODEL_CARD).read_text() + f"""
@@ -371,7 +397,8 @@ Both encoders here are statically quantised (onnxruntime QDQ): int8 weights per 
 activations with scales calibrated once (min/max) on {len(images)} training images and {len(tokens)} captions.
 Left in float: products of two activations (attention) and the image encoder's first layer. Scales are
 fixed, so an embedding never depends on the other items of its batch. Inputs, outputs and preprocessing
-are those above; the metrics above were measured with the float32 encoders.
+are those above; the metrics above were measured with the float32 encoders. These graphs' format:
+{_format_line(fmt)}
 """)
     return sizes
 

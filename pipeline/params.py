@@ -251,7 +251,8 @@ class EvaluateParams(Section):
 
 class ExportParams(Section):
     """The export stage's section: the ONNX opset, the parity tolerances the stage fails beyond, the
-    int8 variant's allowed top-1 loss (a fraction), and the metric the registry ranks models by."""
+    int8 variant's allowed top-1 loss (a fraction), the metric the registry ranks models by, and the
+    training data's description and licence for the model card."""
     opset: int = Field(18, ge=17)
     max_abs_diff: float = Field(1e-4, gt=0)      # onnxruntime vs torch embeddings: fail above this
     min_cosine: float = Field(0.99999, gt=0, le=1)
@@ -259,6 +260,8 @@ class ExportParams(Section):
     # A key of reports/metrics.json; higher wins `champion`. null: the first held-out set's top1, else
     # zero_shot.shape.top1 on synthetic data, else retrieval.image_to_text.r1.
     champion_metric: str | None = None
+    dataset: str | None = None          # MODEL.md: what the model was trained on (name, version, where from)
+    dataset_license: str | None = None  # MODEL.md: that data's licence
 
 
 class EfficiencyParams(Section):

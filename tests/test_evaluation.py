@@ -14,6 +14,8 @@ from PIL import Image
 from clipmodel.evaluation import DatasetError, LabelledSet, metrics, score
 from clipmodel.zeroshot import top_k, unit
 from conftest import ROOT, run_stage, stage_env
+from pipeline.export import SYNTHETIC_DATA, training_data
+from pipeline.params import load_params
 
 COLOURS = {"1": (220, 30, 30), "NA": (30, 30, 220), "null": (30, 200, 30)}  # labels that pandas would not keep
 
@@ -186,9 +188,22 @@ def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_dat
     assert "- zero_shot.colours.top1: " in card
     assert ("- zero_shot.colours.top1_without_support: " in card) == ("top1_without_support" in
                                                                       metrics_json["zero_shot"]["colours"])
+    assert "pipeline on: synthetic scenes drawn and captioned by the ingest stage (clipmodel/synthetic.py), generated" in card
+    assert ("## int8 variant" in card) == int8["published"]
     if int8["published"]:  # the int8 folder gives its own top-1
         top1 = int8["top1"]["colours"]
         assert f"- colours: {top1:.4f} (float32 " in (tmp_path / "models/onnx/int8/MODEL.md").read_text()
+
+
+def test_the_model_card_names_the_training_data_and_its_licence():
+    """export.dataset and export.dataset_license go into MODEL.md; unset, the synthetic scenes are still
+    named, and any other data is said to be undescribed rather than mislabelled."""
+    real = load_params(ROOT / "real/params.yaml")
+    assert training_data(real).startswith("OpenMoji 17.0.0 emoji") and "(licence: CC BY-SA 4.0" in training_data(real)
+    default = load_params(ROOT / "params.yaml")
+    assert training_data(default) == SYNTHETIC_DATA
+    unnamed = real.model_copy(update={"export": real.export.model_copy(update={"dataset": None})})
+    assert training_data(unnamed) is None
 
 
 def test_every_pipelines_held_out_sets_are_deps_of_its_evaluate_stage():

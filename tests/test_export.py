@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import PIL
 import onnx
+import onnxruntime
 import pytest
 import torch
 from tokenizers import Tokenizer
@@ -111,6 +112,10 @@ def test_folder_contents_and_graphs(exported):
     assert "new_long > 8 * S" in card and "Pillow >= 13.0" in card  # the resize is specified, not referenced
     assert "is the model's input as it is, so do not add SOT and EOT again" in card  # tokenizer.json wraps and pads
     assert f"Pillow {PIL.__version__}" in card
+    # what runs the graphs: read from the files, not assumed from the opset asked for
+    assert pre["onnx"] == {"ir_version": onnx.load(onnx_dir / "text_encoder.onnx").ir_version, "opsets": {"ai.onnx": 18},
+                           "checked_with": f"onnxruntime {onnxruntime.__version__}"}
+    assert f"- Format: ONNX IR version {pre['onnx']['ir_version']}, operator sets ai.onnx 18; checked" in card
 
 
 def test_tokenizer_file_alone_never_makes_special_tokens(exported):
@@ -144,6 +149,7 @@ def test_int8_is_static_smaller_and_independent_of_the_batch(exported, tmp_path)
     assert sizes["text_encoder_int8"] < sizes["text_encoder_fp32"]
     card = (tmp_path / "int8" / "MODEL.md").read_text()
     assert card.startswith((onnx_dir / "MODEL.md").read_text()) and "## Quantisation" in card and "40 training images" in card
+    assert json.loads((tmp_path / "int8" / "preprocess.json").read_text())["onnx"]["opsets"] == {"ai.onnx": 18}  # QDQ only
     images, tokens = sample_inputs(folder, 32, seed=0)
     fp32, int8 = ClipRuntime.load(onnx_dir), ClipRuntime.load(tmp_path / "int8")
     ops = {n.op_type for n in onnx.load(tmp_path / "int8" / "image_encoder.onnx").graph.node}
