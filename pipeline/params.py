@@ -196,6 +196,7 @@ class TrainParams(Section):
     max_bad_steps: int = Field(5, ge=1)  # non-finite losses in a row before training stops
     log_every: int = Field(10, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader processes; 0 assembles batches in the training process
+    shuffle_buffer: int = Field(2048, ge=1)  # WebDataset route: decoded samples each stream reader shuffles among
     nproc: int = Field(1, ge=1)  # data-parallel processes on this machine (clipmodel.distributed.relaunch); batch_size is the global batch
     local_loss: bool = False  # each process computes only its rows of the logit matrices: same gradients, less memory
     accum_steps: int = Field(1, ge=1)  # micro-batches per batch; exact for the contrastive loss (GradCache)

@@ -44,6 +44,8 @@ def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = 
     """What a checkpoint must match to be resumed: every setting that changes the weights, with the
     params section (`own`) of a stage that has one beside train's. 16 hex digits of a SHA-256."""
     unused = set() if p.train.ssl_weight else {"ssl_weight", "ssl_temperature", "ssl_crop_scale"}
+    if p.data.output_format != "webdataset":  # only the tar stream shuffles through a buffer
+        unused.add("shuffle_buffer")
     train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
                                         "local_loss", "grad_checkpointing", "compile", *unused})
     blob = json.dumps([kind, own and own.model_dump(), p.model.model_dump(), train, p.tokenize.model_dump(),

@@ -86,7 +86,7 @@ def training_batches(p: Params, corpus: Corpus, data_dir: Path) -> CorpusBatches
     return StreamingBatches([str(t) for t in corpus.tars], data_dir / "tokenizer.json",
                             batch_size=p.train.batch_size // distributed.world(), image_size=p.data.image_size,
                             seed=p.train.seed, crop_scale=p.train.crop_scale, crop_ratio=p.train.crop_ratio,
-                            color=color_augment(p.train), ssl_crop_scale=ssl,
+                            color=color_augment(p.train), ssl_crop_scale=ssl, shuffle_buffer=p.train.shuffle_buffer,
                             caption_views=p.tokenize.caption_views, caption_view_sep=p.tokenize.caption_view_sep,
                             epoch_samples=len(train), shard_sizes=np.bincount(
                                 corpus.manifest.shard.to_numpy()[train], minlength=len(corpus.tars)).tolist())

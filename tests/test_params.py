@@ -112,10 +112,14 @@ def test_benchmark_overrides_follow_dvc_exp_run_set():
 
 
 def test_checkpoint_fingerprint_follows_only_settings_that_change_the_weights():
-    """SLIP's temperature and crop change nothing while its weight is 0, so they cannot orphan a
-    checkpoint (or every run trained before they existed)."""
+    """SLIP's temperature and crop change nothing while its weight is 0, nor the stream's shuffle
+    buffer on the npy route, so they cannot orphan a checkpoint (or every run trained before they existed)."""
     from pipeline.run import run_fingerprint
     p = load_params(ROOT / "params.yaml")
     fp = lambda **train: run_fingerprint(p.model_copy(update={"train": p.train.model_copy(update=train)}), "d", "k")  # noqa: E731
     assert p.train.ssl_weight == 0 and fp() == fp(ssl_temperature=0.5, ssl_crop_scale=(0.2, 1.0))
     assert len({fp(), fp(ssl_weight=1.0), fp(ssl_weight=1.0, ssl_temperature=0.5), fp(resume=False, seed=1)}) == 4
+    # the shuffle buffer orders the tar stream only
+    assert p.data.output_format == "npy" and fp() == fp(shuffle_buffer=16)
+    p = p.model_copy(update={"data": p.data.model_copy(update={"output_format": "webdataset"})})
+    assert fp() != fp(shuffle_buffer=16)

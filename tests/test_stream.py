@@ -24,7 +24,8 @@ from clipmodel.tokenizer import SOT_ID, decode, encode, load_tokenizer, train_to
 from conftest import ROOT, TINY, kill_at_step, merge, run_stage, write_params
 from clipmodel.shards import sample_key
 from pipeline.ingest import encode_png, run
-from pipeline.params import DataParams
+from pipeline.params import DataParams, load_params
+from pipeline.train import training_batches
 
 SIZE, CTX = 16, 16
 
@@ -307,10 +308,12 @@ def test_pipeline_trains_resumes_and_evaluates_from_tar_shards(tmp_path):
     DataLoader workers, a run killed in its second epoch resumes to the uninterrupted run's very
     weights, and evaluate's linear probe reads train pixels back out of the tars."""
     write_params(tmp_path, merge(TINY, {"data": {"output_format": "webdataset", "shard_images": 80},
-                                        "train": {"workers": 2}}))
+                                        "train": {"workers": 2, "shuffle_buffer": 64}}))
     shutil.copytree(ROOT / "templates", tmp_path / "templates")
     for stage in ("ingest", "tokenize", "train"):
         run_stage(tmp_path, stage)
+    stream = training_batches(load_params(tmp_path / "params.yaml"), Corpus.load(tmp_path / "data"), tmp_path / "data")
+    assert isinstance(stream, StreamingBatches) and stream.shuffle_buffer == 64
     assert len(list((tmp_path / "data/images").glob("train-*.tar"))) == 4
     train = json.loads((tmp_path / "reports/train.json").read_text())
     steps = len(pd.read_parquet(tmp_path / "data/manifest.parquet").query("split == 'train'")) // 32
