@@ -415,12 +415,14 @@ def main() -> None:
     parser.add_argument("--opset", type=int, default=18)
     parser.add_argument("--int8", metavar="DIR", help="also write an int8 copy here (needs --data)")
     parser.add_argument("--data", metavar="DIR", help="the corpus folder (ingest + tokenize) that calibrates int8")
+    parser.add_argument("--training-data", metavar="TEXT",
+                        help="MODEL.md's words on what the model was trained on and the data's licence")
     args = parser.parse_args()
     if not (Path(args.model) / "config.json").is_file():
         raise SystemExit(f"export: {args.model}/config.json not found (run the train stage first)")
     if args.int8 and not args.data:
         raise SystemExit("export: --int8 needs --data, the corpus whose training images and captions calibrate it")
-    out = export_onnx(args.model, args.out, args.opset)
+    out = export_onnx(args.model, args.out, args.opset, training_data=args.training_data)
     size = json.loads((out / PREPROCESS_JSON).read_text())["image_size"]
     images = np.random.default_rng(0).integers(0, 256, (4, size, size, 3), dtype=np.uint8)
     tokens, _ = encode(load_tokenizer(out / TOKENIZER_JSON), ["", "a photo of a red circle.", "two blue squares " * 50])

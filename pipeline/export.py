@@ -115,7 +115,7 @@ def training_data(p: Params) -> str | None:
     ex = p.export
     if ex.dataset is None:
         return SYNTHETIC_DATA if p.data.source == "synthetic" else None
-    return f"{ex.dataset} (licence: {ex.dataset_license or 'not stated in export.dataset_license'})"
+    return f"{ex.dataset}; licence: {ex.dataset_license or 'not stated in export.dataset_license'}"
 
 
 def median_ms(fn, repeats: int = 10, warmup: int = 6) -> float:

@@ -140,8 +140,10 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
 
     label = workspace / "label.txt"
     label.write_text("{}\n")
-    assert run("-m", "clipmodel.export", "--model", "models", "--out", "onnx", cwd=workspace).returncode == 0
+    assert run("-m", "clipmodel.export", "--model", "models", "--out", "onnx", "--training-data",
+               "my photos (CC0)", cwd=workspace).returncode == 0
     assert (workspace / "onnx/support.safetensors").is_file()
+    assert "pipeline on: my photos (CC0); data fingerprint" in (workspace / "onnx/MODEL.md").read_text()
     for cli, model in (("clipmodel.cli", "models"), ("clipmodel.runtime_cli", "onnx")):
         proc = run("-m", cli, "zeroshot", "--model", model, str(csv_path), "--templates", str(label),
                    "--json", f"{model}.json", "--name", "colours", cwd=workspace)  # keyed as evaluate keys it
@@ -199,7 +201,7 @@ def test_the_model_card_names_the_training_data_and_its_licence():
     """export.dataset and export.dataset_license go into MODEL.md; unset, the synthetic scenes are still
     named, and any other data is said to be undescribed rather than mislabelled."""
     real = load_params(ROOT / "real/params.yaml")
-    assert training_data(real).startswith("OpenMoji 17.0.0 emoji") and "(licence: CC BY-SA 4.0" in training_data(real)
+    assert training_data(real).startswith("OpenMoji 17.0.0 emoji") and "; licence: CC BY-SA 4.0" in training_data(real)
     default = load_params(ROOT / "params.yaml")
     assert training_data(default) == SYNTHETIC_DATA
     unnamed = real.model_copy(update={"export": real.export.model_copy(update={"dataset": None})})
