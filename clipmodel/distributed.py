@@ -100,16 +100,21 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
             if _store is None or not dist.is_initialized() or (isinstance(e, SystemExit) and e.code in (0, None)):
                 raise
             me = rank()
-            gone = [r for r in range(world()) if r != me and _store.check([f"left/{r}"])]
+            gone = [r for r in range(world()) if r != me and _store.check([_left(r)])]
             if gone and not isinstance(e, (SystemExit, KeyboardInterrupt)):
-                code = int(_store.get(f"left/{gone[0]}"))
+                code = int(_store.get(_left(gone[0])))
                 if code != 130:
                     print(f"rank {me}: stopped: rank {gone[0]} left (its message says why)", file=sys.stderr)
                 raise SystemExit(code) from None
             code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) else 1
-            _store.set(f"left/{me}", str(code if isinstance(code, int) else 1))
+            _store.set(_left(me), str(code if isinstance(code, int) else 1))
             raise
     return run
+
+
+def _left(rank: int) -> str:
+    """The store key where `rank` records its exit status; torchrun keeps its store across restarts."""
+    return f"left/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"
 
 
 def finish() -> None:
