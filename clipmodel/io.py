@@ -1,7 +1,10 @@
 """Atomic file output: write beside the target, then rename, so a crash never leaves half a file, and
-the next write of the same target removes what a killed writer left beside it."""
+the next write of the same target removes what a killed writer left beside it. A claim keeps a second
+process from writing the same file at all."""
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -54,6 +57,42 @@ def _alive(pid: int) -> bool:
     except PermissionError:  # someone else's process
         return True
     return True
+
+
+class Claimed(RuntimeError):
+    """Another live process holds the claim on `path`; `pid` is its id as it recorded it ("unknown" if none)."""
+
+    def __init__(self, path: Path, pid: str):
+        super().__init__(f"{path} is claimed by pid {pid}")
+        self.path, self.pid = path, pid
+
+
+_CLAIMS: list = []  # this process's open lock files: a claim lasts as long as the process
+
+
+def claim(path: str | Path) -> None:
+    """Claim `path` for this process until it exits: an exclusive POSIX record lock (lockf) on
+    `path`.lock, which records this pid. The kernel releases it however the process ends; unlike flock
+    it is not inherited by forked children (DataLoader workers), which may outlive a killed parent by a
+    moment. Linux and macOS (fcntl).
+
+    Raises: Claimed when another process holds it; OSError when the lock file cannot be opened or locked."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = open(path.with_name(path.name + ".lock"), "a+")
+    try:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EAGAIN):  # not "held by another process"
+            raise
+        lock.seek(0)
+        pid = lock.read().strip() or "unknown"
+        lock.close()
+        raise Claimed(path, pid) from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    _CLAIMS.append(lock)
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -18,8 +18,6 @@ CPU, where nothing is asynchronous, the step is the plain one (the check at ever
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
 import math
 import os
 import sys
@@ -38,7 +36,7 @@ from tqdm import tqdm
 
 from clipmodel import distributed
 from clipmodel.data import finish_batch
-from clipmodel.io import atomic_path
+from clipmodel.io import Claimed, atomic_path, claim
 from clipmodel.model import param_groups
 from pipeline.device import autocast, resolve_precision
 from pipeline.params import TrainParams
@@ -91,35 +89,18 @@ def warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
     return factor
 
 
-_CLAIMS: list = []  # the open lock files of this process's checkpoints: a claim lasts as long as the process
-
-
 def open_checkpoint(path: Path, fingerprint: str, resume: bool) -> dict | None:
-    """Claim `path` for this process, then return its snapshot when `resume` and it was written for
-    `fingerprint` (the same params and data); None: start fresh (and say why when a snapshot was set aside).
-
-    The claim is an exclusive POSIX record lock (lockf) on `path`.lock, which the kernel releases
-    however the process ends; unlike flock it is not inherited by forked DataLoader workers, which
-    outlive a killed trainer by a moment. Without it a stage rerun while an earlier one still trains
-    (stopping only the `dvc` process leaves its stage running) would interleave two runs' snapshots.
+    """Claim `path` for this process (clipmodel.io.claim), then return its snapshot when `resume` and it
+    was written for `fingerprint` (the same params and data); None: start fresh (and say why when a
+    snapshot was set aside). Without the claim a stage rerun while an earlier one still trains (stopping
+    only the `dvc` process leaves its stage running) would interleave two runs' snapshots.
     Raises: SystemExit (one line) naming the other process when it holds the claim."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = open(path.with_name(path.name + ".lock"), "a+")
     try:
-        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EACCES, errno.EAGAIN):  # not "held by another process"
-            raise
-        lock.seek(0)
-        pid = lock.read().strip() or "unknown"
-        lock.close()
-        raise SystemExit(f"{path} is being written by another training, pid {pid} (a stage goes on when only its "
-                         f"dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {pid}), "
+        claim(path)
+    except Claimed as e:
+        raise SystemExit(f"{path} is being written by another training, pid {e.pid} (a stage goes on when only its "
+                         f"dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {e.pid}), "
                          "then rerun") from None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")
-    lock.flush()
-    _CLAIMS.append(lock)
     if not resume or not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
