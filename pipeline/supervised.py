@@ -78,6 +78,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+@tracking.ended_on_error()
 def main(argv: list[str] | None = None) -> None:
     """Run the stage; on other than synthetic data, write the report with no metrics and a `skipped`
     reason, and an empty loss log."""
