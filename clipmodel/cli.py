@@ -15,7 +15,12 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import torch
+
+try:
+    import torch
+except ModuleNotFoundError as e:  # the core install, without the train extra: clip-onnx is its CLI
+    raise SystemExit("clipmodel needs torch, which the train extra installs (pip install 'clip-pipeline[train]'); "
+                     "clip-onnx runs exported models without it") from e
 
 from clipmodel import cli_args
 from clipmodel.captioner import Captioner

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import mlflow
 import pytest
 import yaml
 
 from clipmodel import synthetic
-from conftest import TINY, dvc, git, git_copy, merge
+from conftest import ROOT, TINY, dvc, git, git_copy, merge
 from conftest_ingest_helpers import good_images
 
 pytestmark = pytest.mark.slow
@@ -108,3 +109,18 @@ def test_full_pipeline_on_a_csv_source(tmp_path):
     assert (repo / "models/onnx/image_encoder.onnx").stat().st_size > 0
     json.loads(dvc(repo, "plots", "show", "--json").stdout)  # an empty log is still a plot DVC reads
     assert "Running stage" not in dvc(repo, "repro").stdout
+
+
+def test_a_copied_pipeline_folder_ignores_what_dvc_caches_and_keeps_the_reports(tmp_path):
+    """The .gitignore users copy from real/ ignores every cached stage output by itself: DVC takes back
+    the entries it added during a `dvc repro` that then fails, so after a Ctrl-C in train the data
+    would otherwise be committed. The reports (cache: false) stay for git."""
+    git(tmp_path, "init", "-q")
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata/.gitignore").write_text((ROOT / "real/.gitignore").read_text())
+    outs = [out for stage in yaml.safe_load((ROOT / "real/dvc.yaml").read_text())["stages"].values()
+            for out in stage.get("outs", [])]
+    for out in outs:
+        path, spec = next(iter(out.items())) if isinstance(out, dict) else (out, {})
+        ignored = subprocess.run(["git", "check-ignore", "-q", f"mydata/{path}"], cwd=tmp_path).returncode == 0
+        assert ignored == spec.get("cache", True), path

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -276,3 +277,33 @@ def test_one_path_or_label_where_a_list_is_needed_is_refused_by_both_encoders(rt
     assert np.allclose(enc.images([path]), rt.encode_images([path]), atol=1e-5)
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         rt.search("a cat", path)
+
+
+@pytest.mark.slow
+def test_the_core_install_runs_exported_models_without_torch(onnx_dir, tmp_path):
+    """`pip install` without the `train` extra, as an app would: no torch in the venv, and clip-onnx
+    embeds as ClipRuntime does in this one; the torch CLI says in one line what it needs."""
+    source = tmp_path / "src"  # the package's files only: pip builds in the tree it is given
+    for name in ("clipmodel", "pipeline"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = subprocess.run([venv / "bin/python", "-m", "pip", "install", "-q", str(source)], capture_output=True, text=True)
+    assert pip.returncode == 0, pip.stderr[-3000:]
+    assert subprocess.run([venv / "bin/python", "-c", "import torch"], capture_output=True).returncode != 0
+    image = odd_images(tmp_path / "images")[0]
+    out = tmp_path / "emb.npy"
+    code = ("import sys, numpy as np; from clipmodel.runtime import ClipRuntime; "
+            f"np.save({str(out)!r}, ClipRuntime.load({str(onnx_dir)!r}).encode_images([{str(image)!r}]))")
+    proc = subprocess.run([venv / "bin/python", "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(out), ClipRuntime.load(onnx_dir).encode_images([image]))
+    proc = subprocess.run([venv / "bin/clip-onnx", "classify", "--model", str(onnx_dir), str(image), "--labels", "red,blue"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and len(proc.stdout.splitlines()) == 3, proc.stderr  # the path, then a line per label
+    proc = subprocess.run([venv / "bin/clipmodel", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines() == [
+        "clipmodel needs torch, which the train extra installs (pip install 'clip-pipeline[train]'); "
+        "clip-onnx runs exported models without it"]
