@@ -40,11 +40,12 @@ def prepare(p: Params, data: str | Path = "data") -> tuple[torch.device, Corpus]
     return resolve_device(p.train.device), Corpus.load(data)
 
 
-def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None) -> str:
+def run_fingerprint(p: Params, data_fp: str, kind: str, own: BaseModel | None = None, streamed: bool = False) -> str:
     """What a checkpoint must match to be resumed: every setting that changes the weights, with the
-    params section (`own`) of a stage that has one beside train's. 16 hex digits of a SHA-256."""
+    params section (`own`) of a stage that has one beside train's. `streamed`: the batches come from
+    the tar stream, whose shuffle buffer orders them. 16 hex digits of a SHA-256."""
     unused = set() if p.train.ssl_weight else {"ssl_weight", "ssl_temperature", "ssl_crop_scale"}
-    if p.data.output_format != "webdataset":  # only the tar stream shuffles through a buffer
+    if not streamed:
         unused.add("shuffle_buffer")
     train = p.train.model_dump(exclude={"resume", "log_every", "checkpoint_every", "workers", "device", "nproc",
                                         "local_loss", "grad_checkpointing", "compile", *unused})

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     data = training_batches(p, corpus, args.data)
 
     data_fp = tracking.data_fingerprint([args.data / "manifest.parquet", args.data / "tokens.npy"])
-    fingerprint = run_fingerprint(p, data_fp, "clip")
+    fingerprint = run_fingerprint(p, data_fp, "clip", streamed=isinstance(data, StreamingBatches))
     terms: dict[str, torch.Tensor] = {}  # the loss's parts beside the total, for the step log
     features, loss_from_features = clip_split(model, p, terms)
     obj = Objective(model, clip_objective(model, p), after_step=model.clamp_logit_scale_,
