@@ -250,7 +250,9 @@ def model_card(pre: dict, config: dict, metrics: dict[str, float], sets: dict[st
 
 Trained from scratch by this project's pipeline on: {training_data or "(not described: the pipeline's "
 "export.dataset and export.dataset_license in params.yaml say it)"}; data fingerprint
-`{config.get("data_fingerprint", "unknown")}`. The weights carry no licence terms beyond those of that data.
+`{config.get("data_fingerprint", "unknown")}`. This project adds no licence terms to the weights; whether
+they fall under that data's licence (a share-alike one, say), and what attribution it asks for, is
+for that licence to say.
 
 ## Files
 - `image_encoder.onnx`: input `pixels` float32 [N, 3, {pre["image_size"]}, {pre["image_size"]}] (see Image steps),
@@ -286,6 +288,13 @@ support set when this folder has one, `top1_without_support` with the text vecto
 
 The held-out sets (images never trained on; paths as the pipeline read them, from its folder):
 {chr(10).join(f"- {k}: {v}" for k, v in sets.items()) or "None."}
+
+## Limitations
+The encoders see {pre["image_size"]}x{pre["image_size"]} pixels and know only what the training captions
+named. The figures above, on held-out images, are what to expect on images like those; other kinds
+of image (photographs for a model trained on artwork, other styles, other subjects) score lower,
+and names its captions never used score near chance. Zero-shot picks among the class names it is
+given: a list without the right name still gets a confident answer.
 
 Each task or set was scored with its own templates (`evaluated_templates`); pass the same list (the
 project's `clip-onnx` CLI takes `--templates FILE`, one per line; its Node and web clients a

@@ -55,6 +55,9 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return opts
 
 
+EXPORT_HINT = ("the pipeline's export stage writes one (models/onnx; or `python -m clipmodel.export`, "
+               "which needs the train extra)")
+
 @dataclass(frozen=True)
 class Preprocess:
     """preprocess.json: how pixels and text were prepared when the model was trained. image_size in
@@ -110,7 +113,8 @@ class ClipRuntime:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> ClipRuntime:
-        """Open a folder written by `python -m clipmodel.export` on CPU with `threads` intra-op threads.
+        """Open a folder the pipeline's export stage (or `python -m clipmodel.export`) wrote, on CPU with
+        `threads` intra-op threads.
 
         The folder's support.safetensors, when export copied one there, joins every class vector.
 
@@ -119,12 +123,12 @@ class ClipRuntime:
         """
         folder = Path(folder)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder {folder} not found; create it with `python -m clipmodel.export`")
+            raise FileNotFoundError(f"model folder {folder} not found; {EXPORT_HINT}")
         missing = [n for n in ("image_encoder.onnx", "text_encoder.onnx", "tokenizer.json", "preprocess.json")
                    if not (folder / n).is_file()]
         if missing:
             raise FileNotFoundError(f"{folder} is not an exported model folder (missing {', '.join(missing)}); "
-                                    "create one with `python -m clipmodel.export`")
+                                    f"{EXPORT_HINT}")
         opts = session_options(threads)
         sessions = [ort.InferenceSession(str(folder / n), opts, providers=["CPUExecutionProvider"])
                     for n in ("image_encoder.onnx", "text_encoder.onnx")]

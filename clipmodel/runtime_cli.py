@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(prog="clip-onnx", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--model", default="models/onnx", help="folder written by `python -m clipmodel.export`")
+    common.add_argument("--model", default="models/onnx",
+                        help="the exported folder (the export stage's models/onnx; default: %(default)s)")
     common.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: physical cores)")
     top = argparse.ArgumentParser(add_help=False)
     top.add_argument("--top", type=int, default=5, help="results to show (default 5)")

@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> None:
         with atomic_path(onnx_dir / MODEL_CARD) as tmp:
             tmp.write_text((onnx_dir / MODEL_CARD).read_text() + f"""
 ## int8 variant
-`int8/` holds a statically quantised copy of both encoders, {size_ratio:.2f}x the bytes, with the same
-inputs, outputs, tokenizer and steps; its MODEL.md gives its zero-shot top-1 beside these.
+`int8/` holds a statically quantised copy of both encoders ({size_ratio:.2f}x their bytes; the folder
+repeats the tokenizer and support set), with the same inputs, outputs and steps. Its zero-shot top-1
+(these encoders' beside; more in its MODEL.md):
+{figures}
 """)
     else:
         shutil.rmtree(int8_dir)
