@@ -289,17 +289,17 @@ support set when this folder has one, `top1_without_support` with the text vecto
 The held-out sets (images never trained on; paths as the pipeline read them, from its folder):
 {chr(10).join(f"- {k}: {v}" for k, v in sets.items()) or "None."}
 
-## Limitations
-The encoders see {pre["image_size"]}x{pre["image_size"]} pixels and know only what the training captions
-named. The figures above, on held-out images, are what to expect on images like those; other kinds
-of image (photographs for a model trained on artwork, other styles, other subjects) score lower,
-and names its captions never used score near chance. Zero-shot picks among the class names it is
-given: a list without the right name still gets a confident answer.
-
 Each task or set was scored with its own templates (`evaluated_templates`); pass the same list (the
 project's `clip-onnx` CLI takes `--templates FILE`, one per line; its Node and web clients a
 `templates` option) to reproduce its figure or to classify images like that task's:
 {chr(10).join(f"- {k}: {v}" for k, v in pre["evaluated_templates"].items()) or "None were passed to the export."}
+
+## Limitations
+The encoders see {pre["image_size"]}x{pre["image_size"]} pixels and know only what the training captions
+named. The figures above, on held-out images, are what to expect on images like those; other kinds
+of image (photographs for a model trained on artwork, other styles, other subjects) score lower,
+and class names in words its captions never used score near chance. Zero-shot picks among the class
+names it is given: a list without the right name still gets a confident answer.
 """
 
 

@@ -195,6 +195,7 @@ def test_all_data_in_training_then_evaluate_and_export_on_held_out_sets(tiny_dat
     if int8["published"]:  # the int8 folder gives its own top-1
         top1 = int8["top1"]["colours"]
         assert f"- colours: {top1:.4f} (float32 " in (tmp_path / "models/onnx/int8/MODEL.md").read_text()
+        assert f"- colours: {top1:.4f} (float32 " in card.split("## int8 variant")[1]  # and beside the float figures
 
 
 def test_the_model_card_names_the_training_data_and_its_licence():

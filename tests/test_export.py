@@ -116,6 +116,7 @@ def test_folder_contents_and_graphs(exported):
     assert pre["onnx"] == {"ir_version": onnx.load(onnx_dir / "text_encoder.onnx").ir_version, "opsets": {"ai.onnx": 18},
                            "checked_with": f"onnxruntime {onnxruntime.__version__}"}
     assert f"- Format: ONNX IR version {pre['onnx']['ir_version']}, operator sets ai.onnx 18; checked" in card
+    assert f"## Limitations\nThe encoders see {pre['image_size']}x{pre['image_size']} pixels" in card
 
 
 def test_tokenizer_file_alone_never_makes_special_tokens(exported):
