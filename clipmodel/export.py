@@ -154,9 +154,13 @@ def standalone_tokenizer(tok: Tokenizer) -> str:
 
 def stamp_metadata(path: Path, preprocess: dict) -> None:
     """Copy preprocess.json's facts into the graph's metadata_props (string values; lists as JSON), so
-    a client holding only the .onnx file still knows how to feed it."""
+    a client holding only the .onnx file still knows how to feed it. The exporter's notes on each node
+    (stack traces with this machine's source paths, FX names) go: the file's bytes then depend on the
+    model, not on where the code was checked out."""
     graph = onnx.load(str(path))
     del graph.metadata_props[:]
+    for node in graph.graph.node:
+        del node.metadata_props[:]
     for key, value in preprocess.items():
         entry = graph.metadata_props.add()
         entry.key, entry.value = key, value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)

@@ -101,6 +101,9 @@ def test_folder_contents_and_graphs(exported):
     assert pre["templates"] and pre["image_steps"] and pre["text_steps"]
     for name in ("image_encoder.onnx", "text_encoder.onnx"):  # the graphs carry the same facts
         props = {p.key: p.value for p in onnx.load(onnx_dir / name).metadata_props}
+        # and nothing of the machine that exported them: no node notes naming source paths
+        assert not any(n.metadata_props for n in onnx.load(onnx_dir / name).graph.node)
+        assert str(Path(__file__).resolve().parents[1]).encode() not in (onnx_dir / name).read_bytes()
         assert json.loads(props["image_size"]) == pre["image_size"] and json.loads(props["mean"]) == pre["mean"]
         assert json.loads(props["templates"]) == pre["templates"]
         assert json.loads(props["evaluated_templates"]) == pre["evaluated_templates"]
