@@ -106,8 +106,8 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
                 if code != 130:
                     print(f"rank {me}: stopped: rank {gone[0]} left (its message says why)", file=sys.stderr)
                 raise SystemExit(code) from None
-            code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) else 1
-            _store.set(_left(me), str(code if isinstance(code, int) else 1))
+            code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+            _store.set(_left(me), str(code))
             raise
     return run
 

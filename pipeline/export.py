@@ -118,6 +118,12 @@ def training_data(p: Params) -> str | None:
     return f"{ex.dataset}; licence: {ex.dataset_license or 'not stated in export.dataset_license'}"
 
 
+def append_to_card(folder: Path, text: str) -> None:
+    """Add `text` to the end of `folder`'s MODEL.md, atomically."""
+    with atomic_path(folder / MODEL_CARD) as tmp:
+        tmp.write_text((folder / MODEL_CARD).read_text() + text)
+
+
 def median_ms(fn, repeats: int = 10, warmup: int = 6) -> float:
     """Median wall time of `repeats` calls of `fn()`, in milliseconds, after `warmup` untimed calls: a
     fresh int8 session takes about six calls of 256 captions to settle (84 ms falling to 56 on 2 EPYC
@@ -197,11 +203,9 @@ def main(argv: list[str] | None = None) -> None:
                       "batch1_vs_batch32_max_abs_diff": batch_dependence(rt8, images, tokens[:32])}
     if published:
         figures = "\n".join(f"- {k}: {int8_top1[k]:.4f} (float32 {ort_top1[k]:.4f})" for k in int8_top1)
-        with atomic_path(int8_dir / MODEL_CARD) as tmp:  # the int8 folder's own figures, beside the fp32 ones
-            tmp.write_text((int8_dir / MODEL_CARD).read_text() + "\nZero-shot top-1 of these int8 encoders, "
-                           f"the float32 ones' beside, on the same images, templates and support set:\n{figures}\n")
-        with atomic_path(onnx_dir / MODEL_CARD) as tmp:
-            tmp.write_text((onnx_dir / MODEL_CARD).read_text() + f"""
+        append_to_card(int8_dir, "\nZero-shot top-1 of these int8 encoders, the float32 ones' beside, on the "
+                       f"same images, templates and support set:\n{figures}\n")  # its own figures
+        append_to_card(onnx_dir, f"""
 ## int8 variant
 `int8/` holds a statically quantised copy of both encoders ({size_ratio:.2f}x their bytes; the folder
 repeats the tokenizer and support set), with the same inputs, outputs and steps. Its zero-shot top-1
