@@ -22,7 +22,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import torch
 import torch.nn.functional as F
 import yaml
@@ -37,6 +36,7 @@ from clipmodel.export import IMAGE_ONNX, TEXT_ONNX, export_onnx, load_model, qua
 from clipmodel.io import write_json  # noqa: E402
 from clipmodel.model import CLIP, CLIPConfig  # noqa: E402
 from clipmodel.tokenizer import encode, load_tokenizer, train_tokenizer, trim_padding  # noqa: E402
+import onnxruntime as ort  # noqa: E402  (after clipmodel, which turns its telemetry off)
 
 OUT = Path("reports/benchmarks/onnx.json")
 CASES = {"image_b1": ("image", 1), "image_b32": ("image", 32), "text_b1": ("text", 1), "text_b256": ("text", 256)}

@@ -34,15 +34,15 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is not an installed package
-import pipeline  # noqa: E402,F401  (first: MLflow telemetry off)
+import pipeline  # noqa: E402,F401  (first: MLflow's and onnxruntime's telemetry off)
+import mlflow  # noqa: E402
+import onnxruntime as ort  # noqa: E402
 from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.onnx_latency import random_model_folder  # noqa: E402
 from clipmodel import runtime, synthetic  # noqa: E402

@@ -36,6 +36,7 @@ from clipmodel.support import SUPPORT_FILE, WEIGHTS_FILE, Support
 from clipmodel.tokenizer import encode, load_tokenizer
 from conftest_ingest_helpers import png_header
 from test_export import build_model_folder
+from test_runtime import files_written
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_DIR, WEB_DIR = ROOT / "examples" / "node", ROOT / "examples" / "web"
@@ -301,6 +302,18 @@ def test_zero_shot_matches_python(node, model_dir, runtime, images, support_weig
     assert compared >= len(paths) // 2, "too many near ties to say anything: change the labels"
     # Same pixels (PNG): only float rounding apart. JPEG: the decoders' differences move probabilities a little.
     assert agreed == compared and worst[".png"] < 1e-4 and worst[".jpg"] < 0.02, result
+
+
+def test_onnxruntime_node_telemetry_is_off(node, model_dir, tmp_path):
+    """onnxruntime-node writes its telemetry device id and event cache where a bare session runs, and
+    nothing where clip.mjs runs: it imports no-telemetry.mjs first."""
+    bare = ("import * as ort from 'onnxruntime-node'; "
+            f"await ort.InferenceSession.create({json.dumps(str(model_dir / 'text_encoder.onnx'))});")
+    written = files_written([node, "--input-type=module", "-e", bare], tmp_path / "bare", cwd=NODE_DIR)
+    if not written:
+        pytest.skip("this onnxruntime-node writes no telemetry files: nothing to turn off")
+    assert any(p.endswith(".onnxruntime/deviceid") for p in written), written
+    assert files_written([node, str(CLI), "embed", "--model", str(model_dir), "--texts", "a cat"], tmp_path / "cli") == []
 
 
 def test_cli_errors_name_the_problem(node, model_dir, images, tmp_path):

@@ -68,6 +68,35 @@ def test_import_does_not_load_torch():
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
+# Where onnxruntime finds one of these it sends and writes nothing, whatever ORT_DISABLE_TELEMETRY says.
+CI_MARKERS = ("ORT_RUNNING_UNIT_TESTS", "TF_BUILD", "GITHUB_ACTIONS", "GITLAB_CI", "CIRCLECI", "TRAVIS", "JENKINS_URL",
+              "CODEBUILD_BUILD_ID", "BUILDKITE", "TEAMCITY_VERSION", "APPVEYOR", "BITBUCKET_BUILD_NUMBER")
+
+
+def files_written(cmd: list[str], home: Path, cwd: Path = ROOT) -> list[str]:
+    """The files a command leaves in an empty home, run as onnxruntime's telemetry sees a user's
+    machine: ORT_DISABLE_TELEMETRY unset and no CI marker in the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in (*CI_MARKERS, "ORT_DISABLE_TELEMETRY")}
+    home.mkdir()
+    proc = subprocess.run(cmd, cwd=cwd, env={**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")},
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
+
+
+def test_onnxruntime_telemetry_is_off(onnx_dir, tmp_path):
+    """onnxruntime >= 1.29 on Linux and macOS uploads usage events to Microsoft, and keeps a device id
+    and an event cache under $XDG_CACHE_HOME/Microsoft, unless ORT_DISABLE_TELEMETRY is set before its
+    import; importing clipmodel sets it. A bare session shows what would be written otherwise."""
+    bare = files_written([sys.executable, "-c", "import sys, onnxruntime; onnxruntime.InferenceSession(sys.argv[1])",
+                          str(onnx_dir / "text_encoder.onnx")], tmp_path / "bare")
+    if not bare:
+        pytest.skip("this onnxruntime writes no telemetry files: nothing to turn off")
+    assert any(p.endswith(".onnxruntime/deviceid") for p in bare), bare
+    code = "import sys; from clipmodel.runtime import ClipRuntime; ClipRuntime.load(sys.argv[1]).encode_texts(['a cat'])"
+    assert files_written([sys.executable, "-c", code, str(onnx_dir)], tmp_path / "clipmodel") == []
+
+
 def test_pixels_match_training_preprocessing(rt, tmp_path):
     size = rt.pre.image_size
     mean, std = np.array(MEAN).reshape(3, 1, 1), np.array(STD).reshape(3, 1, 1)

@@ -9,6 +9,7 @@
 //
 // A list option takes every value up to the next --option; "--" ends it, and whatever is not an
 // option's value is an image.
+import "./no-telemetry.mjs";  // first: before onnxruntime-node starts
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
