@@ -74,12 +74,12 @@ CI_MARKERS = ("ORT_RUNNING_UNIT_TESTS", "TF_BUILD", "GITHUB_ACTIONS", "GITLAB_CI
 
 
 def files_written(cmd: list[str], home: Path, cwd: Path = ROOT) -> list[str]:
-    """The files a command leaves in an empty home, run as onnxruntime's telemetry sees a user's
-    machine: ORT_DISABLE_TELEMETRY unset and no CI marker in the environment."""
+    """The files a command leaves in an empty home and temp folder, run as onnxruntime's telemetry sees
+    a user's machine: ORT_DISABLE_TELEMETRY unset and no CI marker in the environment."""
     env = {k: v for k, v in os.environ.items() if k not in (*CI_MARKERS, "ORT_DISABLE_TELEMETRY")}
-    home.mkdir()
-    proc = subprocess.run(cmd, cwd=cwd, env={**env, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache")},
-                          capture_output=True, text=True)
+    (home / "tmp").mkdir(parents=True)
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={
+        **env, "HOME": str(home), "XDG_CACHE_HOME": str(home / "cache"), "TMPDIR": str(home / "tmp")})
     assert proc.returncode == 0, proc.stderr
     return sorted(p.relative_to(home).as_posix() for p in home.rglob("*") if p.is_file())
 
