@@ -26,6 +26,7 @@ from pipeline import serving, tracking
 
 IMAGE_MODEL, TEXT_MODEL, PYFUNC_MODEL = "clip-image-encoder", "clip-text-encoder", "clip"
 MODELS = (IMAGE_MODEL, TEXT_MODEL, PYFUNC_MODEL)  # registered together, always under one alias
+ONNX_REQUIREMENTS = ("mlflow", "numpy", "onnx", "onnxruntime")  # what MLflow infers for an encoder's graph
 
 
 def champion_value(client: MlflowClient, metric: str) -> float | None:
@@ -74,7 +75,8 @@ def register(onnx_dir: Path, pixels: np.ndarray, tokens: np.ndarray, embeddings:
             info = tracking.mlflow.onnx.log_model(
                 onnx.load(str(onnx_dir / file)), name=name.removeprefix("clip-").replace("-", "_"),
                 registered_model_name=name, input_example=example,
-                signature=infer_signature(example, embeddings[name]), save_as_external_data=False)
+                signature=infer_signature(example, embeddings[name]), save_as_external_data=False,
+                pip_requirements=serving.pinned(ONNX_REQUIREMENTS))
             versions[name] = str(info.registered_model_version)
     finally:
         onnx_logger.setLevel(level)

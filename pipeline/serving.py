@@ -232,4 +232,10 @@ def log_model(onnx_dir: Path, name: str, registered_model_name: str) -> ModelInf
     return mlflow.pyfunc.log_model(
         name=name, python_model=str(MODEL_CODE), artifacts={ARTIFACT: str(Path(onnx_dir).resolve())},
         signature=signature(runtime), input_example=input_example(), registered_model_name=registered_model_name,
-        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS])
+        pip_requirements=pinned(REQUIREMENTS))
+
+
+def pinned(packages: tuple[str, ...]) -> list[str]:
+    """`package==version` of each, as installed here: a logged model's pip requirements, given so that
+    MLflow does not infer them (it would load the model in a subprocess, about 2.5 s per model)."""
+    return [f"{package}=={version(package)}" for package in packages]

@@ -3,6 +3,7 @@ models:/…@champion."""
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -132,3 +133,17 @@ def test_export_logs_no_missing_cuda_warning_yet_keeps_cuda_first_for_gpu_consum
         onnx_logger.removeHandler(handler)
     flavor = mlflow.models.Model.load(f"models:/{registry.IMAGE_MODEL}/1").flavors["onnx"]
     assert flavor["providers"][0] == "CUDAExecutionProvider"
+
+
+def test_encoders_carry_the_requirements_mlflow_would_infer(onnx_dir, store, tmp_path):
+    """The encoders' requirements are given, not inferred (inference loads each graph in a subprocess):
+    they must be the file MLflow writes when it infers them."""
+    import onnx
+
+    pixels, tokens, outputs = store
+    with mlflow.start_run():
+        registry.register(onnx_dir, pixels, tokens, outputs, "zero_shot.shape.top1", 0.5, {})
+    for name, file in ((registry.IMAGE_MODEL, "image_encoder.onnx"), (registry.TEXT_MODEL, "text_encoder.onnx")):
+        mlflow.onnx.save_model(onnx.load(str(onnx_dir / file)), tmp_path / name / "inferred")
+        logged = mlflow.artifacts.download_artifacts(f"models:/{name}/latest", dst_path=str(tmp_path / name / "logged"))
+        assert (Path(logged) / "requirements.txt").read_text() == (tmp_path / name / "inferred/requirements.txt").read_text()
