@@ -124,3 +124,10 @@ def test_a_copied_pipeline_folder_ignores_what_dvc_caches_and_keeps_the_reports(
         path, spec = next(iter(out.items())) if isinstance(out, dict) else (out, {})
         ignored = subprocess.run(["git", "check-ignore", "-q", f"mydata/{path}"], cwd=tmp_path).returncode == 0
         assert ignored == spec.get("cache", True), path
+
+
+def test_dvc_neither_reports_usage_nor_checks_for_updates():
+    """The repo's own config, so that it holds for any `dvc` run in it, with or without the Makefile's
+    DVC_NO_ANALYTICS: no usage analytics, and `dvc version` does not ask updater.dvc.org for news."""
+    for key in ("core.analytics", "core.check_update"):
+        assert dvc(ROOT, "config", "--project", key).stdout.strip() == "false", key
