@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
     figures = plots.evaluation_plots(args.plots, plotted)
     if text_feats is not None:
         figures.append(plots.test_similarity(args.plots / "similarity.png", corpus, test, feats["test"], text_feats, rows))
-    with tracking.pipeline_run(args.run):
+    with tracking.pipeline_run(flatten(p.model_dump()), args.run):
         tracking.mlflow.log_metrics({k: v for k, v in flatten(metrics).items()
                                      if isinstance(v, (int, float))})
         tracking.mlflow.log_artifact(str(args.metrics))

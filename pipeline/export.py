@@ -224,7 +224,7 @@ repeats the tokenizer and support set), with the same inputs, outputs and steps.
     if failures:
         raise SystemExit("export: ONNX parity failed: " + "; ".join(failures))
 
-    with tracking.pipeline_run(args.run) as run_id:
+    with tracking.pipeline_run(flatten(p.model_dump()), args.run) as run_id:
         info = tracking.mlflow.get_run(run_id)
         tags = {"git_commit": info.data.tags.get("git_commit", "unknown"),
                 "data_fingerprint": info.data.tags.get("data_fingerprint", "unknown"), "mlflow_run_id": run_id}
@@ -236,7 +236,7 @@ repeats the tokenizer and support set), with the same inputs, outputs and steps.
                                      {**tags, **{k: str(v) for k, v in key_metrics.items()}})
         tracking.mlflow.log_metrics({"export.max_abs_diff": check["max_abs_diff"], "export.min_cosine": check["min_cosine"]})
         tracking.mlflow.log_artifact(str(args.report))
-    report["registry"] = versions
+    report["registry"], report["mlflow_run_id"] = versions, run_id
     write_json(args.report, report)
     times = ", ".join(f"{k.removesuffix('_ms').replace('_batch', ' batch ')} {m['int8']:.1f} ms against {m['fp32']:.1f}"
                       for k, m in ms.items())

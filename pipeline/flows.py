@@ -19,7 +19,7 @@ schedules and a UI. A `clip-pipeline` flow run is:
    is reproducible from its experiment (`dvc exp apply NAME`, `dvc exp show`).
 4. `collect`: the metrics of every `metrics:` file in dvc.yaml (reports/metrics.json from
    evaluate, reports/train.json from train), read from the workspace the run just updated, and
-   the MLflow run id from reports/run.json.
+   the MLflow run id that export logged into (reports/export.json; else train's, reports/run.json).
 
 Why not `dvc exp run -S ... -n NAME`? It runs the whole pipeline in one process, so there would
 be one Prefect task for all stages and a retry would restart the pipeline. Steps 1 + 2 + 3 are
@@ -70,6 +70,7 @@ from pipeline.sweeps import Overrides, expand_grid, format_table, load_grid, par
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = "params.yaml"
 RUN_FILE = "reports/run.json"      # written by the train stage (pipeline/tracking.py RUN_FILE)
+EXPORT_REPORT = "reports/export.json"  # written by the export stage, with the MLflow run it logged into
 PARAMS_ERROR = re.compile(r"^params\.yaml: \S")  # pipeline/params.py's one-line error
 
 # ---------------------------------------------------------------------------------------------
@@ -203,11 +204,13 @@ def save_experiment(repo: str, experiment: str) -> str:
 @task(name="collect", cache_policy=NO_CACHE)
 def collect(repo: str) -> dict[str, Any]:
     """What the run produced, read from the workspace it just updated: {"metrics" (every dvc.yaml
-    metrics file, `read_metrics`), "mlflow_run_id", "mlflow_experiment_id"}; the ids are None when
-    reports/run.json is absent."""
-    run_file = Path(repo) / RUN_FILE
+    metrics file, `read_metrics`), "mlflow_run_id", "mlflow_experiment_id"}. The run is the one
+    export logged into (reports/export.json): train's, or the one nested under it when train was
+    skipped (`tracking.pipeline_run`); the ids are None when reports/run.json is absent."""
+    run_file, export_report = Path(repo) / RUN_FILE, Path(repo) / EXPORT_REPORT
     run = json.loads(run_file.read_text()) if run_file.exists() else {}
-    return {"metrics": read_metrics(repo), "mlflow_run_id": run.get("run_id"),
+    exported = json.loads(export_report.read_text()).get("mlflow_run_id") if export_report.exists() else None
+    return {"metrics": read_metrics(repo), "mlflow_run_id": exported or run.get("run_id"),
             "mlflow_experiment_id": run.get("experiment_id")}
 
 

@@ -6,6 +6,7 @@ store itself is no stage path: $MLFLOW_TRACKING_URI, else mlflow.db in the curre
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -13,6 +14,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import mlflow
 
@@ -124,9 +126,36 @@ def ended_on_error() -> Iterator[None]:
 
 
 @contextmanager
-def pipeline_run(run_file: str | Path = RUN_FILE) -> Iterator[str]:
-    """Continue the run that `train` opened and recorded in `run_file` (for evaluate and export)."""
-    info = json.loads(Path(run_file).read_text())
+def pipeline_run(params: dict[str, Any], run_file: str | Path = RUN_FILE) -> Iterator[str]:
+    """Log into this pipeline run's MLflow run (for evaluate and export); yields its id.
+
+    That is the run `train` opened and recorded in `run_file`, when it was made under `params` (the
+    whole params.yaml, flattened as train logged it, by `pipeline.dvcfile.flatten`) and this git
+    commit. When train did not run (`dvc exp run -S evaluate.x=...`, a new commit that changed only
+    later stages), logging there would overwrite the metrics of a run whose params say otherwise.
+    This run is then one of its own, nested under the training run (tag mlflow.parentRunId), holding
+    these params and this commit's tags: made by the first stage of the pipeline run that needs it,
+    found again (tag params_hash) by the next."""
+    training = json.loads(Path(run_file).read_text())["run_id"]
     mlflow.set_tracking_uri(tracking_uri())
-    with mlflow.start_run(run_id=info["run_id"]) as run:
+    client = mlflow.MlflowClient(tracking_uri())
+    parent = client.get_run(training)
+    logged = {k: str(v) for k, v in params.items()}
+    key = hashlib.sha256(json.dumps([logged, git_commit()], sort_keys=True).encode()).hexdigest()[:16]
+    run_id = training
+    if (any(parent.data.params.get(k) != v for k, v in logged.items())
+            or parent.data.tags.get("git_commit") != git_commit()):
+        found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{training}' "
+                                   f"and tags.params_hash = '{key}'", max_results=1)
+        run_id = found[0].info.run_id if found else None
+    tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
+    if run_id is None:
+        tags |= {**pipeline_tags(parent.data.tags.get("data_fingerprint", "unknown")),
+                 "mlflow.parentRunId": training, "params_hash": key}
+    with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else parent.info.experiment_id, tags=tags,
+                          run_name=None if run_id else os.environ.get("DVC_EXP_NAME")) as run:
+        if run_id is None:
+            mlflow.log_params(logged)
+            print(f"MLflow: run {run.info.run_id}, nested under training run {training}, which was made "
+                  "under other params or another commit")
         yield run.info.run_id

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from clipmodel import synthetic
+from pipeline import registry
 from conftest import ROOT, TINY, dvc, git, git_copy, merge
 from conftest_ingest_helpers import good_images
 
@@ -66,28 +67,38 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "baseline")
 
-    dvc(repo, "exp", "run", "-S", "train.lr=0.002")
+    # An experiment on evaluate's params alone: train is skipped, and evaluate and export log into one
+    # MLflow run nested under the training run, whose metrics stay those of its own params.
+    training = json.loads((repo / "reports/run.json").read_text())["run_id"]
+    dvc(repo, "exp", "run", "-S", "evaluate.batch_size=64")
     exps = json.loads(dvc(repo, "exp", "show", "--json").stdout)
     runs = [e for row in exps for e in (row.get("experiments") or [])]
     assert len(runs) == 1
     data = runs[0]["revs"][0]["data"]  # the experiment's commit carries its own params and metrics
-    assert data["params"]["params.yaml"]["data"]["train"]["lr"] == 0.002
+    assert data["params"]["params.yaml"]["data"]["evaluate"]["batch_size"] == 64
     assert flat(data["metrics"]["reports/metrics.json"]["data"])["zero_shot.shape.top1"] is not None
-    # --all: a metric the experiment left where it was is still listed (the tiny model can tie on shape)
+    # --all: a metric the experiment left where it was is still listed
     diff = json.loads(dvc(repo, "metrics", "diff", "--all", "--json").stdout)["reports/metrics.json"]
     old, new = diff["zero_shot.shape.top1"]["old"], diff["zero_shot.shape.top1"]["new"]
     assert old == metrics["zero_shot.shape.top1"] and new is not None
     plots = dvc(repo, "plots", "diff", "main", "--json").stdout
     assert "confusion_shape.png" in plots and "train_log.csv" in plots
 
-    # Two pipeline runs registered two versions; the champion is the first to reach the best metric,
-    # so a run that is not better (worse or equal) left the alias where it was (test_registry.py
-    # covers each case on its own).
     client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    for name in ("clip-image-encoder", "clip-text-encoder"):
+    nested = json.loads((repo / "reports/export.json").read_text())["mlflow_run_id"]
+    run = client.get_run(nested)
+    assert run.data.tags["mlflow.parentRunId"] == training and run.data.params["evaluate.batch_size"] == "64"
+    assert "zero_shot.shape.top1" in run.data.metrics and run.data.tags["dvc_experiment"] == runs[0]["name"]
+    assert len(client.get_metric_history(training, "zero_shot.shape.top1")) == 1
+    assert client.get_run(training).data.params["evaluate.batch_size"] != "64"
+
+    # Two pipeline runs registered two versions, the second from the nested run; the champion is the
+    # first to reach the best metric, so a run that is not better (worse or equal) left the alias where
+    # it was (test_registry.py covers each case on its own).
+    for name in (registry.IMAGE_MODEL, registry.TEXT_MODEL):
         versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
         values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
-        assert len(values) == 2
+        assert len(values) == 2 and [v.tags["mlflow_run_id"] for v in versions] == [training, nested]
         assert str(client.get_model_version_by_alias(name, "champion").version) == str(values.index(max(values)) + 1)
 
 

@@ -10,6 +10,7 @@ import mlflow
 
 from clipmodel.io import atomic_path
 from pipeline import tracking
+from pipeline.dvcfile import flatten
 
 
 def dead_pid() -> int:
@@ -67,3 +68,35 @@ def test_a_resumed_run_logs_each_step_once(tmp_path, monkeypatch):
     loss = sorted((m.step, m.value) for m in client.get_metric_history(first, "loss"))
     assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0), (5, 5.0), (6, 106.0), (7, 107.0)]
     assert sorted((m.step, m.value) for m in client.get_metric_history(first, "val_r1")) == [(3, 0.5), (6, 0.9)]
+
+
+def test_stages_after_a_skipped_train_log_into_a_run_nested_under_it(tmp_path, monkeypatch):
+    """Evaluate and export continue train's run only when it was made under the same params and commit;
+    otherwise (train skipped by `dvc exp run -S evaluate.x=...`) they share one run nested under it, and
+    the training run's metrics stay those of its own params."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_file, params = tmp_path / "run.json", {"train": {"lr": 0.001}, "evaluate": {"templates": None}}
+    training = tracking.start_run("nested", None, {"git_commit": tracking.git_commit(), "data_fingerprint": "fp"},
+                                  run_file)
+    mlflow.log_params({**flatten(params), "total_steps": 10})  # train logs a few more than params.yaml
+    mlflow.end_run()
+    with tracking.pipeline_run(flatten(params), run_file) as run:
+        assert run == training
+        mlflow.log_metric("top1", 0.5)
+
+    changed = {**params, "evaluate": {"templates": "clip"}}
+    with tracking.pipeline_run(flatten(changed), run_file) as evaluation:
+        mlflow.log_metric("top1", 0.4)
+    with tracking.pipeline_run(flatten(changed), run_file) as export:
+        pass
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    assert export == evaluation != training
+    nested = client.get_run(evaluation)
+    assert nested.data.tags["mlflow.parentRunId"] == training and nested.data.tags["data_fingerprint"] == "fp"
+    assert nested.data.params["evaluate.templates"] == "clip" and nested.info.status == "FINISHED"
+    assert [m.value for m in client.get_metric_history(training, "top1")] == [0.5]
+    assert client.get_run(training).data.params["evaluate.templates"] == "None"
+
+    monkeypatch.setattr(tracking, "git_commit", lambda: "another commit")
+    with tracking.pipeline_run(flatten(params), run_file) as run:
+        assert run not in (training, evaluation)
