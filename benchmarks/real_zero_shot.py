@@ -65,6 +65,7 @@ import pandas as pd
 import torch
 import yaml
 from PIL import Image
+from scipy.stats import binomtest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout, installed or not
@@ -450,12 +451,17 @@ def main() -> None:
     used = {"data": str(data)} if not args.eval_sets or (train_csv and not args.train) else {}  # where it named a file
     result.update(machine=device_name(), cpus=os.cpu_count(), **used, train=train, train_pairs=len(rows), train_left_out=left_out, eval_sets={k: str(v) for k, v in paths.items()},
                   templates={"file": str(args.templates), **templates}, total_seconds=round(time.perf_counter() - start, 1))
+    ranges = []
     for scores, ratio in (("scores", "top1_ratio_project_over_open_clip"), ("scores_support", "top1_ratio_support")):
         result.pop(ratio, None)
+        result.pop(f"{ratio}_range95", None)
         if scores in result.get("open_clip", {}) and scores in result.get("project", {}):
             a, b = result["open_clip"][scores], result["project"][scores]
             result[ratio] = {s: {k: round(b[s][k]["top1"] / a[s][k]["top1"], 3) if a[s][k]["top1"] else None
                                  for k in a[s] if k in b[s]} for s in a if s in b}
+            result[f"{ratio}_range95"] = {s: {k: ratio_range(a[s][k], b[s][k]) for k in by} for s, by in result[ratio].items()}
+            ranges += [(scores, s, k, r, result[f"{ratio}_range95"][s][k], a[s][k])
+                       for s, by in result[ratio].items() for k, r in by.items()]
     write_json(args.out, result)
 
     print(f"{'side':10} {'scoring':14} {'set':17} {'templates':15} {'top1':>6} {'top5':>6} {'recall':>6}")
@@ -465,7 +471,23 @@ def main() -> None:
                 for k, m in by_key.items():
                     print(f"{side:10} {scores:14} {s:17} {k:15} {m['top1']:6.3f} {m.get('top5', np.nan):6.3f} "
                           f"{m['mean_per_class_recall']:6.3f}")
+    for scores, s, k, r, (lo, hi), a in ranges:
+        right = round(a["top1"] * a["n"])
+        print(f"project / open_clip top-1, {scores} {s} {k}: {r}x; the 95% intervals of both allow {lo}x to "
+              f"{hi if hi is not None else 'any'}x (open_clip: {right} of {a['n']} right, {a['n'] / a['classes']:.1f} by chance)")
     print(f"wrote {args.out} in {result['total_seconds']} s on {result['machine']}")
+
+
+def ratio_range(a: dict[str, Any], b: dict[str, Any]) -> list[float | None]:
+    """[low, high]: b's top-1 over a's at the far ends of their 95% Wilson intervals (scipy's binomtest
+    on the count of right answers out of `n`), the range of ratios the two counts allow; high is None
+    when a's interval reaches 0. A ratio over a side a few right answers above chance means little:
+    this says how little. Conservative: wider than a 95% interval of the ratio itself."""
+    def interval(m: dict[str, Any]) -> tuple[float, float]:
+        ci = binomtest(round(m["top1"] * m["n"]), m["n"]).proportion_ci(0.95, "wilson")
+        return ci.low, ci.high
+    (lo_a, hi_a), (lo_b, hi_b) = interval(a), interval(b)
+    return [round(lo_b / hi_a, 2), round(hi_b / lo_a, 2) if lo_a > 0 else None]
 
 
 if __name__ == "__main__":

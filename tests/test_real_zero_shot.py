@@ -14,7 +14,8 @@ from clipmodel.zeroshot import unit
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT))
-from benchmarks.real_zero_shot import eval_set_paths, load_sets, recipe_data, run_logged, training_pairs  # noqa: E402
+from benchmarks.real_zero_shot import (eval_set_paths, load_sets, ratio_range, recipe_data, run_logged,  # noqa: E402
+                                       training_pairs)
 from conftest_ingest_helpers import add_member, encode, noise  # noqa: E402
 
 TSV = {"image_column": "filepath", "caption_column": "title", "sep": "\t", "quoting": "auto"}
@@ -267,3 +268,13 @@ def test_the_project_side_trains_in_its_scratch_copy_with_the_recipes_held_out_p
     assert result["epochs"] == 1 and result["steps"] == 3 and result["scores"]["set"]["label"]["n"] == 6
     assert (result["images"], result["duplicates_merged"], result["rows_merged"]) == (48, 1, 0)
     assert "scores_support" in result and params["train"]["epochs"] == 30  # the caller's recipe is left as it was
+
+
+def test_the_ratio_range_shows_how_little_a_ratio_over_a_few_right_answers_means():
+    """open_clip right on 5 of 1,319 images (one would be chance) and the project on 112: the point ratio
+    is 22.4, and the Wilson intervals (0.0016-0.0088 and 0.071-0.101) allow anything from 8 to 62."""
+    low, high = ratio_range({"top1": 5 / 1319, "n": 1319}, {"top1": 112 / 1319, "n": 1319})
+    assert (round(low), round(high)) == (8, 62)
+    low, high = ratio_range({"top1": 300 / 1000, "n": 1000}, {"top1": 600 / 1000, "n": 1000})
+    assert 1.7 < low < 2 < high < 2.4  # hundreds of right answers: a narrow range around the ratio
+    assert ratio_range({"top1": 0.0, "n": 50}, {"top1": 0.5, "n": 50})[1] is None
