@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import math
 import os
+import resource
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -360,7 +361,7 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
             if bad:
                 continue
             if log_now:
-                row = step_metrics(obj, state, tp, loss, speed(done))
+                row = step_metrics(obj, state, tp, loss, speed(done)) | peak_memory(device)
                 for sink in sinks:
                     sink(done, row)
             if epoch_end:
@@ -383,6 +384,20 @@ def said_where_stopped(state: TrainState, resume: bool, checkpoint: Path, total:
                     else "a rerun starts over" + ("" if resume else " (train.resume is false)"))
             print(f"train: stopped at step {state.step}/{total}; {then}", file=sys.stderr, flush=True)
         raise
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak resident memory so far (MiB; Linux's ru_maxrss is in KiB) and, on a GPU, the
+    peak that torch allocated there. Logged in every row, so that the peaks survive a resume: a process
+    that resumes a finished run trains nothing, and its own peak says nothing of the training."""
+    peaks = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return peaks | ({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if device.type == "cuda" else {})
+
+
+def run_peaks(rows: list[dict]) -> dict[str, float]:
+    """The run's peak memory from its logged rows (`peak_memory`), whichever processes logged them;
+    a key no row holds (rows logged before the rows held it) is left out rather than guessed."""
+    return {k: max(r[k] for r in rows if k in r) for k in ("peak_rss_mb", "peak_gpu_mb") if any(k in r for r in rows)}
 
 
 def median_samples_per_s(rows: list[dict]) -> float:

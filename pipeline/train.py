@@ -19,7 +19,6 @@ nodes.
 from __future__ import annotations
 
 import argparse
-import resource
 import shutil
 import sys
 from pathlib import Path
@@ -38,7 +37,7 @@ from clipmodel.tokenizer import load_tokenizer, trim_padding
 from pipeline import tracking
 from pipeline.dvcfile import flatten
 from pipeline.device import autocast, resolve_precision
-from pipeline.loop import Objective, fit, median_samples_per_s, open_checkpoint
+from pipeline.loop import Objective, fit, median_samples_per_s, open_checkpoint, run_peaks
 from pipeline.objectives import clip_loss, clip_objective, clip_split
 from pipeline.params import Params, load_params
 from pipeline.plots import plot_training_curves
@@ -130,7 +129,6 @@ def main(argv: list[str] | None = None) -> None:
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
     device, corpus = prepare(p, args.data)
-    gpu = device.type == "cuda"
     distributed.init(device)
     tok = load_tokenizer(args.data / "tokenizer.json")
     cfg = model_config(p, tok.get_vocab_size())
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
             tracking.mlflow.log_params(flatten(p.model_dump()))
             tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
                                         "precision_used": resolve_precision(p.train.precision, device),
-                                        "device_used": torch.cuda.get_device_name(device) if gpu else "cpu",
+                                        "device_used": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                         "total_steps": p.train.epochs * len(data),
                                         "parameters": sum(x.numel() for x in model.parameters())})
     rows = fit(obj, data, p.train, device, p.train.epochs * len(data), fingerprint, state, run_id,
@@ -169,11 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     save_model(model, cfg, p, data_fp, args.model, args.data / "tokenizer.json")
     plot = plot_training_curves(obj.log_csv, args.plot)
     summary = {"steps": int(rows[-1]["step"]), "final_loss": rows[-1]["loss"],
-               "samples_per_s": median_samples_per_s(rows), "processes": processes,
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               **({"peak_gpu_mb": torch.cuda.max_memory_allocated(device) / 2**20} if gpu else {})}
+               "samples_per_s": median_samples_per_s(rows), "processes": processes, **run_peaks(rows)}
     write_json(args.metrics, summary)
-    tracking.mlflow.log_metrics({"train_samples_per_s": summary["samples_per_s"], "peak_rss_mb": summary["peak_rss_mb"]})
+    tracking.mlflow.log_metrics({"train_samples_per_s": summary["samples_per_s"]})
     tracking.mlflow.log_artifact(str(args.model / "config.json"))
     tracking.mlflow.log_artifact(str(plot), "plots")
     tracking.mlflow.end_run()

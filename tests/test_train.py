@@ -81,6 +81,8 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     out = run_stage(workspace, "train")
     assert f"resuming at step {total}/{total}" in out.stdout
     assert pd.read_csv(workspace / "reports/train_log.csv").equals(log)
+    # that process trained nothing: the summary's peak is the largest the training processes logged
+    assert json.loads((workspace / "reports/train.json").read_text())["peak_rss_mb"] == log.peak_rss_mb.max()
 
 
 @pytest.mark.parametrize("nproc", [1, 2])
