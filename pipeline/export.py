@@ -225,9 +225,10 @@ repeats the tokenizer and support set), with the same inputs, outputs and steps.
         raise SystemExit("export: ONNX parity failed: " + "; ".join(failures))
 
     with tracking.pipeline_run(flatten(p.model_dump()), args.run) as run_id:
-        info = tracking.mlflow.get_run(run_id)
-        tags = {"git_commit": info.data.tags.get("git_commit", "unknown"),
-                "data_fingerprint": info.data.tags.get("data_fingerprint", "unknown"), "mlflow_run_id": run_id}
+        run_tags = tracking.mlflow.get_run(run_id).data.tags  # tracking.pipeline_tags: where the model came from
+        tags = {"git_commit": "unknown", "data_fingerprint": "unknown", "mlflow_run_id": run_id,
+                **{k: run_tags[k] for k in ("git_commit", "data_fingerprint", "dvc_experiment", "prefect_flow_run_id")
+                   if k in run_tags}}
         example = to_tensor(pixels[:2]).numpy()
         versions = registry.register(onnx_dir, example, tokens[:2].astype(np.int64),
                                      {registry.IMAGE_MODEL: rt.embed_pixels(pixels[:2]),

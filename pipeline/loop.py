@@ -396,7 +396,7 @@ def peak_memory(device: torch.device) -> dict[str, float]:
 
 def run_peaks(rows: list[dict]) -> dict[str, float]:
     """The run's peak memory from its logged rows (`peak_memory`), whichever processes logged them;
-    a key no row holds (rows logged before the rows held it) is left out rather than guessed."""
+    a key that no row holds (all logged by code from before the columns) is left out, not guessed."""
     return {k: max(r[k] for r in rows if k in r) for k in ("peak_rss_mb", "peak_gpu_mb") if any(k in r for r in rows)}
 
 

@@ -99,6 +99,7 @@ def test_full_pipeline_then_experiments_diff(tmp_path):
         versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
         values = [float(v.tags["zero_shot.shape.top1"]) for v in versions]
         assert len(values) == 2 and [v.tags["mlflow_run_id"] for v in versions] == [training, nested]
+        assert versions[1].tags["dvc_experiment"] == runs[0]["name"] and "dvc_experiment" not in versions[0].tags
         assert str(client.get_model_version_by_alias(name, "champion").version) == str(values.index(max(values)) + 1)
 
 
