@@ -34,6 +34,8 @@ def plot_training_curves(log_csv: Path, path: Path) -> Path:
         ax.set_xlabel("step")
         ax.set_title(" / ".join(k for k in keys if k in log))
         ax.grid(alpha=0.3)
+        if len(ax.get_lines()) > 1:  # lr and vision_lr share a panel
+            ax.legend()
     return save(fig, path)
 
 
