@@ -199,7 +199,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
                                 {**tracking.pipeline_tags(data_fp), "study": "efficiency", "objective": objective},
                                 run_file=None, run_name=f"efficiency-{objective}")
     log = tracking.step_logger(run_id)
-    if state is None:
+    if state is None or run_id != state["run_id"]:  # a new run, or the checkpoint's is not in the store
         tracking.mlflow.log_params({**flatten({"efficiency": e.model_dump(), "train": p.train.model_dump()}),
                                     **flatten(arch), "objective": objective, "total_steps": total,
                                     "parameters": sum(x.numel() for x in model.parameters())})

@@ -11,12 +11,14 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 
 from clipmodel.io import _alive, files_sha256, write_json
 
@@ -57,11 +59,17 @@ def data_fingerprint(paths: list[str | Path]) -> str:
 def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_file: str | Path | None = RUN_FILE,
               run_name: str | None = None) -> str:
     """Open (or reopen, after a resume) a training run and return its id; record the id in `run_file`
-    for later stages unless None. A new run is named `run_name`, else $DVC_EXP_NAME. The run is tagged
+    for later stages unless None. A run to reopen that the store lacks (the store was deleted or
+    moved) is replaced by a new one: the caller logs its params when the id it gets is not the one
+    it gave. A new run is named `run_name`, else $DVC_EXP_NAME. The run is tagged
     with this host and pid, so that the next start_run marks it KILLED if this process dies without
     ending it (SIGKILL, out of memory)."""
     experiment_id = _experiment(experiment)
     end_orphaned_runs(experiment_id)
+    if run_id is not None and not _in_store(run_id):
+        print(f"MLflow: run {run_id}, which the checkpoint names, is not in {tracking_uri()}; "
+              "training goes on in a new run", file=sys.stderr)
+        run_id = None
     tags = {**tags, "host": socket.gethostname(), "pid": str(os.getpid())}
     run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id, tags=tags,
                            run_name=None if run_id else run_name or os.environ.get("DVC_EXP_NAME"))
@@ -69,6 +77,16 @@ def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_fil
         write_json(run_file, {"run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
                               "tracking_uri": tracking_uri()})
     return run.info.run_id
+
+
+def _in_store(run_id: str) -> bool:
+    try:
+        mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        return False
+    return True
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
@@ -139,6 +157,10 @@ def pipeline_run(params: dict[str, Any], run_file: str | Path = RUN_FILE) -> Ite
     training = json.loads(Path(run_file).read_text())["run_id"]
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient(tracking_uri())
+    if not _in_store(training):
+        raise SystemExit(f"MLflow: run {training} ({run_file}, written by train) is not in {tracking_uri()}: "
+                         "rerun the train stage (dvc repro -f -s train: it resumes its checkpoint into a new run), "
+                         "or set MLFLOW_TRACKING_URI to the store that holds it")
     parent = client.get_run(training)
     logged = {k: str(v) for k, v in params.items()}
     key = hashlib.sha256(json.dumps([logged, git_commit()], sort_keys=True).encode()).hexdigest()[:16]

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     if main_rank:
         run_id = tracking.start_run(f"clip-{p.data.source}", state and state["run_id"], tracking.pipeline_tags(data_fp),
                                     args.run)
-        if state is None:
+        if state is None or run_id != state["run_id"]:  # a new run, or the checkpoint's is not in the store
             tracking.mlflow.log_params(flatten(p.model_dump()))
             tracking.mlflow.log_params({"data_fingerprint": data_fp, "train_images": len(corpus.split("train")),
                                         "precision_used": resolve_precision(p.train.precision, device),

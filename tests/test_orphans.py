@@ -1,12 +1,14 @@
 """What a killed stage leaves behind is cleaned by the next run: its temporaries and its MLflow run."""
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
 import sys
 
 import mlflow
+import pytest
 
 from clipmodel.io import atomic_path
 from pipeline import tracking
@@ -100,3 +102,20 @@ def test_stages_after_a_skipped_train_log_into_a_run_nested_under_it(tmp_path, m
     monkeypatch.setattr(tracking, "git_commit", lambda: "another commit")
     with tracking.pipeline_run(flatten(params), run_file) as run:
         assert run not in (training, evaluation)
+
+
+def test_a_store_without_the_checkpoints_run_gives_a_new_run_and_later_stages_say_what_to_do(tmp_path, monkeypatch):
+    """The store was deleted (or MLFLOW_TRACKING_URI now names another) after train recorded its run:
+    reopening that run for a resume starts a new one, and evaluate/export stop with one line."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'old.db'}")
+    old = tracking.start_run("gone", None, {}, tmp_path / "run.json")
+    mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'new.db'}")
+    with pytest.raises(SystemExit, match=f"run {old} .* is not in sqlite:///.*new.db: rerun the train stage"):
+        with tracking.pipeline_run({}, tmp_path / "run.json"):
+            pass
+    new = tracking.start_run("gone", old, {"git_commit": tracking.git_commit()}, tmp_path / "run.json")
+    mlflow.end_run()
+    assert new != old and json.loads((tmp_path / "run.json").read_text())["run_id"] == new
+    with tracking.pipeline_run({}, tmp_path / "run.json") as run:
+        assert run == new
