@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
 from clipmodel.io import _alive, files_sha256, write_json
@@ -66,7 +67,7 @@ def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_fil
     ending it (SIGKILL, out of memory)."""
     experiment_id = _experiment(experiment)
     end_orphaned_runs(experiment_id)
-    if run_id is not None and not _in_store(run_id):
+    if run_id is not None and _stored_run(run_id) is None:
         print(f"MLflow: run {run_id}, which the checkpoint names, is not in {tracking_uri()}; "
               "training goes on in a new run", file=sys.stderr)
         run_id = None
@@ -79,14 +80,14 @@ def start_run(experiment: str, run_id: str | None, tags: dict[str, str], run_fil
     return run.info.run_id
 
 
-def _in_store(run_id: str) -> bool:
+def _stored_run(run_id: str) -> Run | None:
+    """The run `run_id` from the store, or None where the store lacks it."""
     try:
-        mlflow.MlflowClient(tracking_uri()).get_run(run_id)
+        return mlflow.MlflowClient(tracking_uri()).get_run(run_id)
     except MlflowException as e:
         if e.error_code != "RESOURCE_DOES_NOT_EXIST":
             raise
-        return False
-    return True
+        return None
 
 
 def end_orphaned_runs(experiment_id: str) -> list[str]:
@@ -156,24 +157,24 @@ def pipeline_run(params: dict[str, Any], run_file: str | Path = RUN_FILE) -> Ite
     found again (tag params_hash) by the next."""
     training = json.loads(Path(run_file).read_text())["run_id"]
     mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient(tracking_uri())
-    if not _in_store(training):
+    parent = _stored_run(training)
+    if parent is None:
         raise SystemExit(f"MLflow: run {training} ({run_file}, written by train) is not in {tracking_uri()}: "
                          "rerun the train stage (dvc repro -f -s train: it resumes its checkpoint into a new run), "
                          "or set MLFLOW_TRACKING_URI to the store that holds it")
-    parent = client.get_run(training)
     logged = {k: str(v) for k, v in params.items()}
-    key = hashlib.sha256(json.dumps([logged, git_commit()], sort_keys=True).encode()).hexdigest()[:16]
+    own = pipeline_tags(parent.data.tags.get("data_fingerprint", "unknown"))
+    key = hashlib.sha256(json.dumps([logged, own["git_commit"]], sort_keys=True).encode()).hexdigest()[:16]
     run_id = training
     if (any(parent.data.params.get(k) != v for k, v in logged.items())
-            or parent.data.tags.get("git_commit") != git_commit()):
-        found = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{training}' "
-                                   f"and tags.params_hash = '{key}'", max_results=1)
+            or parent.data.tags.get("git_commit") != own["git_commit"]):
+        found = mlflow.MlflowClient(tracking_uri()).search_runs(
+            [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{training}' and tags.params_hash = '{key}'",
+            max_results=1)
         run_id = found[0].info.run_id if found else None
     tags = {"host": socket.gethostname(), "pid": str(os.getpid())}
     if run_id is None:
-        tags |= {**pipeline_tags(parent.data.tags.get("data_fingerprint", "unknown")),
-                 "mlflow.parentRunId": training, "params_hash": key}
+        tags |= {**own, "mlflow.parentRunId": training, "params_hash": key}
     with mlflow.start_run(run_id=run_id, experiment_id=None if run_id else parent.info.experiment_id, tags=tags,
                           run_name=None if run_id else os.environ.get("DVC_EXP_NAME")) as run:
         if run_id is None:
