@@ -15,7 +15,7 @@ from clipmodel.images import ImageError, load_image
 from clipmodel.model import CLIP, CLIPEnsemble
 from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
-from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
+from clipmodel.tokenizer import encode, length_order, load_tokenizer, trim_padding
 from clipmodel.zeroshot import as_list, class_vectors
 
 
@@ -68,12 +68,15 @@ class Encoder:
 
     @torch.no_grad()
     def tokens(self, ids: np.ndarray) -> np.ndarray:
-        """int token ids [N, context] -> float32 [N, D], L2-normalised; each batch trimmed to its longest
-        text (exact, and faster)."""
-        out = [F.normalize(self.model.encode_text(torch.from_numpy(trim_padding(ids[s:s + self.batch_size]))
-                                                  .long().to(self.device)).float(), dim=-1).cpu().numpy()
-               for s in range(0, len(ids), self.batch_size)]
-        return np.concatenate(out) if out else np.empty((0, self.model.cfg.output_dim), np.float32)
+        """int token ids [N, context] -> float32 [N, D], L2-normalised; batched by length, each batch
+        trimmed to its longest text (exact, and faster)."""
+        out = np.empty((len(ids), self.model.cfg.output_dim), np.float32)
+        order = length_order(ids)
+        for s in range(0, len(ids), self.batch_size):
+            rows = order[s:s + self.batch_size]
+            batch = torch.from_numpy(trim_padding(ids[rows])).long().to(self.device)
+            out[rows] = F.normalize(self.model.encode_text(batch).float(), dim=-1).cpu().numpy()
+        return out
 
     def texts(self, texts: list[str]) -> np.ndarray:
         """float32 [N, D], L2-normalised, for raw strings tokenized as in training (over-long texts cut,

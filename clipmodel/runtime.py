@@ -24,7 +24,7 @@ from clipmodel.images import ImageError, load_image, preprocess, to_rgb
 from clipmodel.io import atomic_path
 from clipmodel.support import Support
 from clipmodel.templates import DEFAULT_TEMPLATES
-from clipmodel.tokenizer import encode, load_tokenizer, trim_padding
+from clipmodel.tokenizer import encode, length_order, load_tokenizer, trim_padding
 from clipmodel.zeroshot import as_list, class_vectors, classify
 
 ImageSource = str | Path | bytes | Image.Image
@@ -165,12 +165,15 @@ class ClipRuntime:
             raise e.naming(image) from None
 
     def encode_texts(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
-        """float32 [N, D] unit embeddings; over-long texts are truncated as in training (EOT kept last)."""
+        """float32 [N, D] unit embeddings; over-long texts are truncated as in training (EOT kept last).
+        Batched by length (`tokenizer.length_order`), so that each batch is trimmed to little padding."""
         texts = as_list(texts, "texts")
         tokens, _ = encode(self.tokenizer, texts)
         out = np.empty((len(texts), self.pre.embed_dim), np.float32)
+        order = length_order(tokens)
         for start in range(0, len(texts), batch_size):
-            out[start:start + batch_size] = self.embed_tokens(tokens[start:start + batch_size])
+            rows = order[start:start + batch_size]
+            out[rows] = self.embed_tokens(tokens[rows])
         return out
 
     def class_embeddings(self, labels: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES) -> np.ndarray:

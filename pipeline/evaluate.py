@@ -51,14 +51,17 @@ def zero_shot(task: Task, features: np.ndarray, embed_texts, templates: list[str
 
 
 def training_support(enc: Encoder, corpus: Corpus, train: np.ndarray, ev: EvaluateParams, seed: int,
-                     weights: Path) -> Support:
+                     weights: Path, features: np.ndarray | None = None) -> Support:
     """clipmodel.support's bank: the train split's images (at most ev.support_images, a seeded sample
-    beyond) with every caption ingest kept for them, embedded by `enc`, whose weights file is `weights`."""
+    beyond) with every caption ingest kept for them, embedded by `enc`, whose weights file is `weights`.
+    `features`: the split's image features when the linear probe has embedded them already."""
+    picked = np.arange(len(train))
     if len(train) > ev.support_images:
-        train = np.sort(np.random.default_rng(seed).choice(train, ev.support_images, replace=False))
-    captions = corpus.manifest.captions.to_numpy()[train]
-    owner = np.repeat(np.arange(len(train)), [len(c) for c in captions])
-    return Support(embed_split(enc, corpus, train), enc.texts([c for cs in captions for c in cs]), owner,
+        picked = np.sort(np.random.default_rng(seed).choice(len(train), ev.support_images, replace=False))
+    captions = corpus.manifest.captions.to_numpy()[train[picked]]
+    owner = np.repeat(np.arange(len(picked)), [len(c) for c in captions])
+    images = features[picked] if features is not None else embed_split(enc, corpus, train[picked])
+    return Support(images, enc.texts([c for cs in captions for c in cs]), owner,
                    ev.support_weight, ev.support_temperature, files_sha256([weights]))
 
 
@@ -145,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     probed = [name for name in PROBED if all(name in by_split[s] for s in split)]
     # train and val images are embedded only for the linear probe, which needs labels in every split
     feats = {name: embed_split(enc, corpus, idx) for name, idx in split.items() if name == "test" or probed}
-    support = training_support(enc, corpus, split["train"], ev, p.data.seed, args.model / WEIGHTS_FILE)
+    support = training_support(enc, corpus, split["train"], ev, p.data.seed, args.model / WEIGHTS_FILE,
+                               feats.get("train"))
     support.save(args.support)
     print(f"evaluate: support bank {args.support}: {len(support.images)} images, {len(support.captions)} captions; "
           f"zero-shot {'at weight ' + str(ev.support_weight) if ev.support_weight else 'without it (weight 0)'}")

@@ -308,6 +308,18 @@ def test_one_path_or_label_where_a_list_is_needed_is_refused_by_both_encoders(rt
         rt.search("a cat", path)
 
 
+def test_texts_batched_by_length_come_back_in_the_order_given(rt, onnx_dir):
+    """Both encoders embed texts in batches of similar length (tokenizer.length_order) and return them
+    in the caller's order: each row is that text embedded alone."""
+    from clipmodel.encoder import Encoder
+
+    enc = Encoder.load(onnx_dir.parent / "models", batch_size=2)
+    texts = ["a large red circle on the left of a small blue square", "red", "a cat", "two stars", "blue", "a"]
+    alone = np.concatenate([rt.encode_texts([t]) for t in texts])
+    np.testing.assert_allclose(rt.encode_texts(texts, batch_size=2), alone, atol=1e-6)
+    np.testing.assert_allclose(enc.texts(texts), alone, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_the_core_install_runs_exported_models_without_torch(onnx_dir, tmp_path):
     """`pip install` without the `train` extra, as an app would: no torch in the venv, and clip-onnx

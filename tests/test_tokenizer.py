@@ -1,8 +1,8 @@
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from clipmodel.tokenizer import (EOT_ID, PAD_ID, SOT_ID, decode, encode, load_tokenizer, normalize, train_tokenizer,
-                                 trim_padding)
+from clipmodel.tokenizer import (EOT_ID, PAD_ID, SOT_ID, decode, encode, length_order, load_tokenizer, normalize,
+                                 train_tokenizer, trim_padding)
 
 CORPUS = ["a large red circle on the left", "two blue squares and a yellow star",
           "there is a small green triangle near the top", "Café crème, naïve façade!"] * 20
@@ -51,6 +51,12 @@ def test_trim_padding_keeps_the_longest_row_whole():
     ids = np.array([[1, 5, 2, 0, 0, 0], [1, 5, 6, 7, 2, 0], [1, 2, 0, 0, 0, 0]], dtype=np.int32)
     np.testing.assert_array_equal(trim_padding(ids), ids[:, :5])
     assert trim_padding(np.zeros((0, 6), dtype=np.int32)).shape == (0, 1)
+
+
+def test_length_order_goes_from_fewest_tokens_to_most_keeping_ties_in_place():
+    ids = np.array([[1, 5, 6, 2, 0], [1, 2, 0, 0, 0], [1, 5, 2, 0, 0], [1, 7, 2, 0, 0], [1, 2, 0, 0, 0]], dtype=np.int32)
+    assert length_order(ids).tolist() == [1, 4, 2, 3, 0]
+    assert length_order(np.zeros((0, 5), dtype=np.int32)).shape == (0,)
 
 
 def test_save_and_load_encode_identically(tmp_path):
