@@ -109,9 +109,8 @@ def trim_padding(ids: np.ndarray) -> np.ndarray:
 
 def length_order(ids: np.ndarray) -> np.ndarray:
     """int64 [N]: the rows of token ids [N, L] from the fewest tokens to the most (stable). Batches taken
-    in this order and trimmed by `trim_padding` carry almost no padding: the default corpus's 47,106
-    training captions (13.8 tokens on average, 32 at most) embed in 0.43x the time of batches in
-    file order, on 2 CPU cores."""
+    in this order and trimmed by `trim_padding` carry almost no padding, where batches in file order
+    pay for their longest caption (the evaluate stage's timing: docs/performance.md#pipeline-time)."""
     return np.argsort((ids != PAD_ID).sum(1), kind="stable")
 
 
