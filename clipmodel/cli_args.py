@@ -145,7 +145,8 @@ def add_zeroshot_command(sub: Any, parents: list[argparse.ArgumentParser]) -> ar
     z.add_argument("dataset", metavar="SET", help="CSV with image (or filepath) and label columns, or a folder "
                                                    "with one subfolder of images per class")
     z.add_argument("--classnames", "--labels-file", dest="classnames", metavar="FILE",
-                   help="the class list, one per line, names may hold commas (default: the sorted labels)")
+                   help="the class list, one per line, names may hold commas; or a .csv/.tsv with columns "
+                        "label and name: the name prompted for each label (default: the sorted labels)")
     add_templates_arg(z)
     add_support_arg(z)
     z.add_argument("--json", metavar="OUT", help="also write the metrics, per-class recall and rejections here")

@@ -12,7 +12,7 @@ chunk x classes floats of scratch beside the [N, D] image and [C, D] class embed
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,17 +46,21 @@ class LabelledSet:
     classnames: list[str]
 
     @classmethod
-    def load(cls, path: str | Path, classnames: Sequence[str] | str | Path | None = None,
+    def load(cls, path: str | Path, classnames: Sequence[str] | Mapping[str, str] | str | Path | None = None,
              name: str | None = None) -> LabelledSet:
         """A CSV (columns `image` or `filepath`, and `label`; image paths relative to the CSV) or an
         ImageFolder (one subfolder per class, images anywhere below it).
 
-        `classnames`: the class list in order, or a text file with one class per line; by default the
-        sorted distinct labels. Images are not opened here: a bad one is rejected when scored.
+        `classnames`: the class list in order; or a mapping from each label to the name its prompts
+        say, in class order, for labels that are no names (an ImageFolder's `n02099601` or
+        `golden_retriever` -> `golden retriever`; the name is then the class everywhere, reports
+        included); or a file of either (`read_classnames`). By default the sorted distinct labels.
+        Images are not opened here: a bad one is rejected when scored.
 
         Raises: DatasetError for a missing or unreadable file, missing columns, an empty image path, an
-        empty set, an empty or repeating class list, labels outside it (naming the first such row), or
-        an ImageFolder's empty class folder when no class list is given (as torchvision's ImageFolder).
+        empty set, an empty or repeating class list (or names), labels outside it (naming the first
+        such row), or an ImageFolder's empty class folder when no class list is given (as
+        torchvision's ImageFolder).
         """
         path = Path(path)
         if path.is_dir():
@@ -67,12 +71,9 @@ class LabelledSet:
             raise DatasetError(f"{path}: no such file or folder")
         if not images:
             raise DatasetError(f"{path}: no labelled images")
-        if classnames is None:
-            classes = sorted(set(labels))
-        elif isinstance(classnames, (str, Path)):
-            classes = read_lines(classnames)
-        else:
-            classes = [str(c) for c in classnames]
+        if isinstance(classnames, (str, Path)):
+            classnames = read_classnames(classnames)
+        classes = sorted(set(labels)) if classnames is None else [str(c) for c in classnames]
         if len(set(classes)) != len(classes) or not classes:
             raise DatasetError(f"{path}: the class list is empty or repeats a name")
         known = set(classes)
@@ -81,6 +82,11 @@ class LabelledSet:
             i = missing[0]
             raise DatasetError(f"{path}: {rows[i]}: label {labels[i]!r} is not in the class list "
                                f"({len(missing)} of {len(labels)} images have labels outside it)")
+        if isinstance(classnames, Mapping):
+            named = {str(k): str(v) for k, v in classnames.items()}
+            labels, classes = [named[label] for label in labels], list(named.values())
+            if len(set(classes)) != len(classes):
+                raise DatasetError(f"{path}: the class names repeat a name: two labels would be one class")
         return cls(name or path.stem, images, labels, classes)
 
     def targets(self) -> np.ndarray:
@@ -101,11 +107,35 @@ def read_lines(path: str | Path) -> list[str]:
         raise DatasetError(f"{path}: cannot read: {e}") from None
 
 
-def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
+def read_classnames(path: str | Path) -> list[str] | dict[str, str]:
+    """A class-list file: a .csv or .tsv with columns `label` and `name` is a mapping from label to
+    class name (rows in class order); any other file is one class per line (`read_lines`).
+
+    Raises: DatasetError when the file cannot be read, lacks the columns, or repeats a label (naming
+    its line)."""
+    path = Path(path)
+    if path.suffix not in (".csv", ".tsv"):
+        return read_lines(path)
+    table = _read_table(path)
+    if not {"label", "name"} <= set(table.columns):
+        raise DatasetError(f"{path}: a class-name table needs columns label and name; has {', '.join(table.columns)}")
+    repeated = table.label.duplicated()
+    if repeated.any():
+        line = int(np.flatnonzero(repeated)[0]) + 2
+        raise DatasetError(f"{path}: line {line}: label {table.label[line - 2]!r} is given a name twice")
+    return dict(zip(table.label, table.name))
+
+
+def _read_table(path: Path) -> pd.DataFrame:
+    """Every cell a string (`1`, `NA` and `null` are labels), tab-separated for a .tsv."""
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix == ".tsv" else ",")
-    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix == ".tsv" else ",")
+    except (OSError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
         raise DatasetError(f"{path}: not a readable CSV: {e}".replace("\n", " ")) from None
+
+
+def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
+    table = _read_table(path)
     column = next((c for c in IMAGE_COLUMNS if c in table.columns), None)
     if column is None or "label" not in table.columns:
         raise DatasetError(f"{path}: needs columns image (or filepath) and label; has {', '.join(table.columns)}")

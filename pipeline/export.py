@@ -99,7 +99,8 @@ def held_out_descriptions(p: Params, metrics: dict[str, float]) -> dict[str, str
     out = {}
     for name, spec in p.evaluate.datasets.items():
         source = ("its sorted distinct labels" if spec.classnames is None else
-                  f"the list in {spec.classnames}" if isinstance(spec.classnames, str) else "a list in params.yaml")
+                  f"the classes in {spec.classnames}" if isinstance(spec.classnames, str) else
+                  "names for its labels in params.yaml" if isinstance(spec.classnames, dict) else "a list in params.yaml")
         out[name] = (f"`{spec.path}`, {metrics.get(f'zero_shot.{name}.n', 0):,.0f} images, "
                      f"{metrics.get(f'zero_shot.{name}.classes', 0):,.0f} classes ({source})")
     return out

@@ -232,8 +232,18 @@ class SupervisedParams(Section):
 class HeldOutSet(Section):
     """A labelled set scored zero-shot (clipmodel.evaluation): a CSV of image,label rows or an ImageFolder."""
     path: str
-    classnames: list[str] | str | None = None  # the class list, or a file with one per line; null: sorted labels
+    # the class list; or label -> the name prompted for it (folder names such as n02099601); or a file of
+    # either (.csv/.tsv columns label,name; else one class per line); null: the sorted labels
+    classnames: list[str] | dict[str, str] | str | None = None
     templates: str | None = None  # a key of evaluate.templates; null: clipmodel.templates.DEFAULT_TEMPLATES
+
+    @field_validator("classnames", mode="before")
+    @classmethod
+    def _labels_are_strings(cls, v: object) -> object:
+        """YAML reads a label `1` as a number; labels are strings (clipmodel.evaluation.LabelledSet)."""
+        if isinstance(v, dict):
+            return {str(k): str(name) for k, name in v.items()}
+        return [str(c) for c in v] if isinstance(v, list) else v
 
 
 class EvaluateParams(Section):

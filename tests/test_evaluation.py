@@ -72,6 +72,25 @@ def test_classnames_from_file_with_commas_and_filepath_column(tmp_path):
     assert ds.classnames == ["family: man, girl", "other"] and ds.targets().tolist() == [0]
 
 
+def test_names_for_folder_labels_become_the_classes(tmp_path):
+    """ImageFolder labels are folder names (n02099601, golden_retriever): a mapping, in params or a
+    .csv/.tsv of label,name, gives the name prompted and reported for each, in the mapping's order."""
+    _, tree = write_set(tmp_path, broken=False)
+    names = {"null": "green square", "1": "red square", "NA": "blue square", "unused": "purple square"}
+    ds = LabelledSet.load(tree, names)
+    assert ds.classnames == list(names.values()) and ds.labels[:3] == ["red square"] * 3
+    assert ds.targets().tolist() == [1] * 3 + [2] * 3 + [0] * 3
+    (tmp_path / "names.tsv").write_text("label\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
+    assert LabelledSet.load(tree, tmp_path / "names.tsv") == ds
+    for table, message in (("label,name\n1,red\nNA,blue\n", "label 'null' is not in the class list"),
+                           ("label,name\n1,red\nNA,red\nnull,green\n", "the class names repeat a name"),
+                           ("label,name\n1,red\nNA,blue\n1,green\n", "line 4: label '1' is given a name twice"),
+                           ("folder,name\n1,red\n", "needs columns label and name")):
+        (tmp_path / "names.csv").write_text(table)
+        with pytest.raises(DatasetError, match=message):
+            LabelledSet.load(tree, tmp_path / "names.csv")
+
+
 @pytest.mark.parametrize("content, message", [
     ("image,label\na.png,cat\nb.png,dog\n", "line 3: label 'dog' is not in the class list"),
     ("picture,label\na.png,cat\n", "needs columns image (or filepath) and label"),
@@ -125,8 +144,9 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
     csv_path, tree = write_set(workspace / "heldout")
     params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["evaluate"]["templates"] = str(ROOT / "templates/prompts.yaml")
+    named = {"1": "red square", "NA": "blue square", "null": "green square"}  # names for the folder labels
     params["evaluate"]["datasets"] = {"colours": {"path": str(csv_path), "templates": "label"},
-                                      "tree": {"path": str(tree)}}
+                                      "tree": {"path": str(tree), "classnames": named}}
     params["evaluate"]["support_weight"] = 1.0  # the CLIs take it from the bank evaluate writes
     (workspace / "params.yaml").write_text(yaml.safe_dump(params))
     run_stage(workspace, "train")
@@ -136,7 +156,7 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
     assert zs["colours"]["n"] == 9 and zs["colours"]["rejected"] == 1 and zs["colours"]["classes"] == 3
     assert zs["tree"]["n"] == 9 and zs["shape"]["n"] > 0  # the synthetic tasks stay
     per_class = json.loads((workspace / "reports/per_class.json").read_text())
-    assert set(per_class["colours"]["recall"]) <= set(COLOURS)
+    assert set(per_class["colours"]["recall"]) <= set(COLOURS) and set(per_class["tree"]["recall"]) <= set(named.values())
 
     label = workspace / "label.txt"
     label.write_text("{}\n")
@@ -153,6 +173,12 @@ def test_evaluate_stage_and_both_clis_score_held_out_sets_alike(workspace):
                     "rejected"):
             assert got[key] == pytest.approx(zs["colours"][key], abs=1e-9), (cli, key)
         assert "broken.png" in proc.stdout
+    (workspace / "names.csv").write_text("label,name\n" + "".join(f"{k},{v}\n" for k, v in named.items()))
+    proc = run("-m", "clipmodel.runtime_cli", "zeroshot", "--model", "onnx", str(tree), "--classnames", "names.csv",
+               "--json", "tree.json", "--name", "tree", cwd=workspace)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((workspace / "tree.json").read_text())["tree"]
+    assert got["classes"] == 3 and got["top1"] == pytest.approx(zs["tree"]["top1"], abs=1e-9)
     bad = run("-m", "clipmodel.cli", "zeroshot", "--model", "models", str(tree), "--labels-file", str(label),
               cwd=workspace)
     assert bad.returncode == 1 and "is not in the class list" in bad.stderr and "Traceback" not in bad.stderr

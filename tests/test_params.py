@@ -86,6 +86,14 @@ def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
     assert err.startswith(f"{path}: {key}")
 
 
+def test_class_names_are_strings_as_yaml_numbers_are_labels_too(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace(
+        "  datasets: {}", "  datasets:\n    a: {path: a.csv, classnames: {1: one, NA: 2}}\n    b: {path: b, classnames: [1, x]}"))
+    sets = load_params(path).evaluate.datasets
+    assert sets["a"].classnames == {"1": "one", "NA": "2"} and sets["b"].classnames == ["1", "x"]
+
+
 def test_stage_exits_cleanly_on_bad_params(tmp_path):
     _write(tmp_path, lambda r: r["tokenize"].update(vocab_size=0))
     proc = subprocess.run([sys.executable, "-m", "pipeline.tokenize"], cwd=tmp_path,
