@@ -71,6 +71,7 @@ class LabelledSet:
             raise DatasetError(f"{path}: no such file or folder")
         if not images:
             raise DatasetError(f"{path}: no labelled images")
+        source = classnames
         if isinstance(classnames, (str, Path)):
             classnames = read_classnames(classnames)
         classes = sorted(set(labels)) if classnames is None else [str(c) for c in classnames]
@@ -79,14 +80,20 @@ class LabelledSet:
         known = set(classes)
         missing = [i for i, label in enumerate(labels) if label not in known]
         if missing:
-            i = missing[0]
-            raise DatasetError(f"{path}: {rows[i]}: label {labels[i]!r} is not in the class list "
+            i, where, named_file = missing[0], "class list", isinstance(source, (str, Path))
+            if isinstance(classnames, Mapping):
+                where = f"mapping {source}" if named_file else "mapping"
+            elif named_file and len(missing) == len(labels):
+                where += f" {source} (read as one class per line: a label,name table is a .csv or .tsv)"
+            raise DatasetError(f"{path}: {rows[i]}: label {labels[i]!r} is not in the {where} "
                                f"({len(missing)} of {len(labels)} images have labels outside it)")
         if isinstance(classnames, Mapping):
             named = {str(k): str(v) for k, v in classnames.items()}
             labels, classes = [named[label] for label in labels], list(named.values())
-            if len(set(classes)) != len(classes):
-                raise DatasetError(f"{path}: the class names repeat a name: two labels would be one class")
+            twice = next((c for c in classes if classes.count(c) > 1), None)
+            if twice is not None:
+                raise DatasetError(f"{path}: the mapping gives {twice!r} to labels "
+                                   f"{', '.join(repr(k) for k, v in named.items() if v == twice)}: they would be one class")
         return cls(name or path.stem, images, labels, classes)
 
     def targets(self) -> np.ndarray:
@@ -118,7 +125,9 @@ def read_classnames(path: str | Path) -> list[str] | dict[str, str]:
         return read_lines(path)
     table = _read_table(path)
     if not {"label", "name"} <= set(table.columns):
-        raise DatasetError(f"{path}: a class-name table needs columns label and name; has {', '.join(table.columns)}")
+        raise DatasetError(f"{path}: a class-name table needs columns label and name "
+                           f"({'tab' if path.suffix == '.tsv' else 'comma'}-separated, by its suffix); "
+                           f"has {', '.join(map(repr, table.columns))}")
     repeated = table.label.duplicated()
     if repeated.any():
         line = int(np.flatnonzero(repeated)[0]) + 2
@@ -128,10 +137,12 @@ def read_classnames(path: str | Path) -> list[str] | dict[str, str]:
 
 def _read_table(path: Path) -> pd.DataFrame:
     """Every cell a string (`1`, `NA` and `null` are labels), tab-separated for a .tsv."""
+    tsv = path.suffix == ".tsv"
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if path.suffix == ".tsv" else ",")
+        return pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if tsv else ",")
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable CSV: {e}".replace("\n", " ")) from None
+        raise DatasetError(f"{path}: not a readable {'TSV (tab' if tsv else 'CSV (comma'}-separated, by its "
+                           f"suffix): {e}".replace("\n", " ")) from None
 
 
 def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:

@@ -240,10 +240,14 @@ class HeldOutSet(Section):
     @field_validator("classnames", mode="before")
     @classmethod
     def _labels_are_strings(cls, v: object) -> object:
-        """YAML reads a label `1` as a number; labels are strings (clipmodel.evaluation.LabelledSet)."""
-        if isinstance(v, dict):
-            return {str(k): str(name) for k, name in v.items()}
-        return [str(c) for c in v] if isinstance(v, list) else v
+        """Labels are strings (clipmodel.evaluation.LabelledSet), and YAML reads `01`, `1.50`, `null` or
+        `yes` unquoted as something else, which no str() gives back (`01` and `1` become one key): refused."""
+        items = [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else []
+        bad = next((x for x in items if not isinstance(x, str)), "")
+        if not isinstance(bad, str):
+            raise ValueError(f"YAML read {bad!r} ({type(bad).__name__}), not a label or name: quote labels "
+                             "and names that look like numbers, booleans or null ('01', 'null')")
+        return v
 
 
 class EvaluateParams(Section):

@@ -82,13 +82,18 @@ def test_names_for_folder_labels_become_the_classes(tmp_path):
     assert ds.targets().tolist() == [1] * 3 + [2] * 3 + [0] * 3
     (tmp_path / "names.tsv").write_text("label\tname\n" + "".join(f"{k}\t{v}\n" for k, v in names.items()))
     assert LabelledSet.load(tree, tmp_path / "names.tsv") == ds
-    for table, message in (("label,name\n1,red\nNA,blue\n", "label 'null' is not in the class list"),
-                           ("label,name\n1,red\nNA,red\nnull,green\n", "the class names repeat a name"),
-                           ("label,name\n1,red\nNA,blue\n1,green\n", "line 4: label '1' is given a name twice"),
-                           ("folder,name\n1,red\n", "needs columns label and name")):
-        (tmp_path / "names.csv").write_text(table)
+    table = tmp_path / "names.csv"
+    for text, message in (("label,name\n1,red\nNA,blue\n", f"label 'null' is not in the mapping {table}"),
+                          ("label,name\n1,red\nNA,red\nnull,green\n", "gives 'red' to labels '1', 'NA': they would be one"),
+                          ("label,name\n1,red\nNA,blue\n1,green\n", "line 4: label '1' is given a name twice"),
+                          ("folder,name\n1,red\n", "needs columns label and name"),
+                          ("label\tname\n1\tred, square\n", r"\(comma-separated, by its suffix\); has 'label\\tname'")):
+        table.write_text(text)
         with pytest.raises(DatasetError, match=message):
-            LabelledSet.load(tree, tmp_path / "names.csv")
+            LabelledSet.load(tree, table)
+    (tmp_path / "names.txt").write_text(table.read_text())  # a table saved under another suffix
+    with pytest.raises(DatasetError, match=r"names.txt \(read as one class per line: a label,name table is a .csv"):
+        LabelledSet.load(tree, tmp_path / "names.txt")
 
 
 @pytest.mark.parametrize("content, message", [

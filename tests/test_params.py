@@ -86,12 +86,20 @@ def test_bad_params_name_the_key_in_one_line(tmp_path, capsys, mutate, key):
     assert err.startswith(f"{path}: {key}")
 
 
-def test_class_names_are_strings_as_yaml_numbers_are_labels_too(tmp_path):
+@pytest.mark.parametrize("classnames, bad", [("{'1': one, 01: two}", "1"), ("{'1': [x, y]}", "['x', 'y']"),
+                                              ("[a, null]", "None"), ("{yes: a}", "True")])
+def test_class_names_yaml_would_misread_are_refused_not_converted(tmp_path, capsys, classnames, bad):
+    """YAML reads 01 as 1 (one key with '1'), null as None, yes as True: str() would give other labels."""
     path = tmp_path / "params.yaml"
-    path.write_text((ROOT / "params.yaml").read_text().replace(
-        "  datasets: {}", "  datasets:\n    a: {path: a.csv, classnames: {1: one, NA: 2}}\n    b: {path: b, classnames: [1, x]}"))
-    sets = load_params(path).evaluate.datasets
-    assert sets["a"].classnames == {"1": "one", "NA": "2"} and sets["b"].classnames == ["1", "x"]
+    text = (ROOT / "params.yaml").read_text()
+    path.write_text(text.replace("  datasets: {}", f"  datasets:\n    a: {{path: a.csv, classnames: {classnames}}}"))
+    with pytest.raises(ParamsError):
+        load_params(path)
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"{path}: evaluate.datasets.a.classnames") and f"YAML read {bad}" in err
+    assert "quote labels" in err and len(err.splitlines()) == 1
+    path.write_text(text.replace("  datasets: {}", "  datasets:\n    a: {path: a.csv, classnames: {'01': one, 'null': 'yes'}}"))
+    assert load_params(path).evaluate.datasets["a"].classnames == {"01": "one", "null": "yes"}
 
 
 def test_stage_exits_cleanly_on_bad_params(tmp_path):
