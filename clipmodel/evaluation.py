@@ -90,10 +90,13 @@ class LabelledSet:
         if isinstance(classnames, Mapping):
             named = {str(k): str(v) for k, v in classnames.items()}
             labels, classes = [named[label] for label in labels], list(named.values())
-            twice = next((c for c in classes if classes.count(c) > 1), None)
+            by_name: dict[str, list[str]] = {}
+            for label, class_name in named.items():
+                by_name.setdefault(class_name, []).append(label)
+            twice = next((n for n, given in by_name.items() if len(given) > 1), None)
             if twice is not None:
                 raise DatasetError(f"{path}: the mapping gives {twice!r} to labels "
-                                   f"{', '.join(repr(k) for k, v in named.items() if v == twice)}: they would be one class")
+                                   f"{', '.join(map(repr, by_name[twice]))}: they would be one class")
         return cls(name or path.stem, images, labels, classes)
 
     def targets(self) -> np.ndarray:
