@@ -39,18 +39,15 @@ def clone(workspace, dest):
 
 
 def test_same_seed_same_loss_curve_and_weights(workspace, tmp_path_factory):
-    other = clone(workspace, tmp_path_factory.mktemp("again"))
+    """Two runs from one seed: one loss curve, the same weights. Checked with SLIP's second view, which
+    is drawn from the step's own generator too; the plain step is checked by the SIGKILL test below
+    (its uninterrupted reference against the resumed run), so it trains once here, for its rates."""
     run_stage(workspace, "train")
-    run_stage(other, "train")
     la = pd.read_csv(workspace / "reports/train_log.csv")
-    lb = pd.read_csv(other / "reports/train_log.csv")
     assert len(la) > 2
-    assert la.loss.tolist() == lb.loss.tolist()
     assert (la.vision_lr - 5 * la.lr).abs().max() < 1e-9  # the image tower's groups: 5e-3 against 1e-3
     assert la.vision_lr.max() == 5e-3
-    assert_same_weights(workspace, other)
 
-    # SLIP's second view is drawn from the step's own generator too: as reproducible, and a loss of its own
     slip = [clone(workspace, tmp_path_factory.mktemp(f"slip{i}")) for i in range(2)]
     for w in slip:
         params = yaml.safe_load((w / "params.yaml").read_text())
