@@ -242,11 +242,10 @@ class HeldOutSet(Section):
     def _labels_are_strings(cls, v: object) -> object:
         """Labels are strings (clipmodel.evaluation.LabelledSet), and YAML reads `01`, `1.50`, `null` or
         `yes` unquoted as something else, which no str() gives back (`01` and `1` become one key): refused."""
-        items = [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else []
-        bad = next((x for x in items if not isinstance(x, str)), "")
-        if not isinstance(bad, str):
-            raise ValueError(f"YAML read {bad!r} ({type(bad).__name__}), not a label or name: quote labels "
-                             "and names that look like numbers, booleans or null ('01', 'null')")
+        for x in [*v.keys(), *v.values()] if isinstance(v, dict) else v if isinstance(v, list) else []:
+            if not isinstance(x, str):
+                raise ValueError(f"YAML read {x!r} ({type(x).__name__}), not a label or name: quote labels "
+                                 "and names that look like numbers, booleans or null ('01', 'null')")
         return v
 
 
