@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import os
 import signal
 import socket
@@ -21,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 
 T = TypeVar("T")
+LEAVE_GRACE_S = 10.0  # after one rank fails, how long relaunch lets the others leave on their own
 
 
 def launched() -> bool:
@@ -34,8 +36,11 @@ def relaunch(nproc: int, module: str, args: Sequence[str] = ()) -> NoReturn:
     What torchrun --standalone does, with every endpoint on 127.0.0.1 (torchrun's store listens on all
     interfaces): this process holds the rendezvous store on a socket bound to loopback and the ranks
     join it as torchrun's agent store; gloo and NCCL bootstrap over the loopback interface. The command
-    line stays `python -m module args...` (DVC, Prefect). A SIGTERM or SIGINT here stops every rank; a rank
-    whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). Multi-node runs use torchrun directly.
+    line stays `python -m module args...` (DVC, Prefect). A SIGTERM or SIGINT here goes to every rank; a rank
+    whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). When one rank fails, the others get
+    LEAVE_GRACE_S to leave on their own (gloo tells them their peer is gone; they end the MLflow run and
+    say where they stopped), then a SIGTERM: killing them at once could cut rank 0 off in the middle of
+    ending its run. Multi-node runs use torchrun directly.
 
     Raises: SystemExit always: 0 when every rank succeeded, else the first failure's status (128 + N
     for a rank killed by signal N).
@@ -56,10 +61,13 @@ def relaunch(nproc: int, module: str, args: Sequence[str] = ()) -> NoReturn:
             p.send_signal(signum)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = 0
+    code, deadline = 0, math.inf
     while [p.poll() for p in ranks].count(None):  # poll every rank, so each returncode is current
         if not code and (code := next((p.returncode for p in ranks if p.returncode), 0)):
-            stop(signal.SIGTERM, None)  # one rank failed: the others would wait for it forever
+            deadline = time.monotonic() + LEAVE_GRACE_S
+        elif time.monotonic() > deadline:  # a rank still waiting for its failed peer would wait forever
+            stop(signal.SIGTERM, None)
+            deadline = math.inf
         time.sleep(0.2)
     code = code or next((p.returncode for p in ranks if p.returncode), 0)
     sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it

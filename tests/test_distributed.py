@@ -273,12 +273,14 @@ def test_single_machine_ranks_listen_on_loopback_only(tmp_path):
 
 
 def test_a_failing_rank_stops_the_others_and_sets_the_exit_status(tmp_path):
+    """The others first get time to leave on their own (rank 0 ending its MLflow run after Ctrl-C reached
+    a faster rank first): a SIGTERM at once left that run RUNNING. One that stays is stopped."""
     (tmp_path / "fail_rank.py").write_text("import os, sys, time\nif os.environ['RANK'] == '1': sys.exit(3)\n"
-                                           "time.sleep(60)\n")
+                                           "time.sleep(2)\nopen('cleaned-up', 'w').close()\ntime.sleep(60)\n")
     start = time.time()
     proc = subprocess.run([sys.executable, "-c", "from clipmodel.distributed import relaunch; relaunch(2, 'fail_rank')"],
                           cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
-    assert proc.returncode == 3 and time.time() - start < 30
+    assert proc.returncode == 3 and (tmp_path / "cleaned-up").exists() and time.time() - start < 30
 
 
 PEER_LEAVES = """
