@@ -128,8 +128,7 @@ def read_classnames(path: str | Path) -> list[str] | dict[str, str]:
         return read_lines(path)
     table = _read_table(path)
     if not {"label", "name"} <= set(table.columns):
-        raise DatasetError(f"{path}: a class-name table needs columns label and name "
-                           f"({'tab' if path.suffix == '.tsv' else 'comma'}-separated, by its suffix); "
+        raise DatasetError(f"{path}: a class-name table needs columns label and name ({_separator(path)}); "
                            f"has {', '.join(map(repr, table.columns))}")
     repeated = table.label.duplicated()
     if repeated.any():
@@ -144,8 +143,13 @@ def _read_table(path: Path) -> pd.DataFrame:
     try:
         return pd.read_csv(path, dtype=str, keep_default_na=False, sep="\t" if tsv else ",")
     except (OSError, pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetError(f"{path}: not a readable {'TSV (tab' if tsv else 'CSV (comma'}-separated, by its "
-                           f"suffix): {e}".replace("\n", " ")) from None
+        raise DatasetError(f"{path}: not a readable {'TSV' if tsv else 'CSV'} ({_separator(path)}): {e}"
+                           .replace("\n", " ")) from None
+
+
+def _separator(path: Path) -> str:
+    """What an error about a table says of how it was split: users save a TSV as .csv and the reverse."""
+    return f"{'tab' if path.suffix == '.tsv' else 'comma'}-separated, by its suffix"
 
 
 def _labels_csv(path: Path) -> tuple[list[Path], list[str], list[str]]:
