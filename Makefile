@@ -30,8 +30,10 @@ install: $(STAMP)
 pipeline: install
 	$(VENV)/bin/dvc repro
 
+# Workers, one per core up to 4: the end-to-end tests spend much of their time starting stages (imports,
+# subprocesses), so two workers on 2 cores took the suite from 15-17 minutes to 10.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 4
 
 bench: install
 	$(PY) benchmarks/ingest_throughput.py
