@@ -1,5 +1,11 @@
 """What the evaluate and export stages both score: the templates file and the held-out labelled sets
-of `evaluate.datasets`, loaded and checked before any model work, every problem one line naming its key."""
+of `evaluate.datasets`, loaded and checked before any model work, every problem one line naming its key.
+
+    python -m pipeline.evaluation_sets
+
+checks them as evaluate will (no image is opened) and prints one line per set: train runs it before
+it trains, so that a missing file or a label outside the class list costs seconds, not a training.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,7 +14,7 @@ import yaml
 
 from clipmodel.evaluation import DatasetError, LabelledSet
 from clipmodel.templates import DEFAULT_TEMPLATES, is_template
-from pipeline.params import EvaluateParams
+from pipeline.params import EvaluateParams, load_params
 
 
 def templates_of(table: dict[str, list[str]], key: str | None, where: str) -> list[str]:
@@ -52,3 +58,14 @@ def read_templates(path: str | Path) -> dict[str, list[str]]:
         raise SystemExit(f"evaluate: templates file {path}: each key needs a list of templates with one '{{}}' "
                          f"(bad: {', '.join(map(str, bad))})")
     return table
+
+
+def main() -> None:
+    """Check params.yaml's held-out sets and templates. Raises: SystemExit (one line) as `held_out_sets`."""
+    ev = load_params().evaluate
+    for ds, templates in held_out_sets(ev, read_templates(ev.templates)):
+        print(f"{ds.name}: {len(ds.images)} images, {len(ds.classnames)} classes, {len(templates)} templates")
+
+
+if __name__ == "__main__":
+    main()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -104,18 +105,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def check_held_out_paths(p: Params) -> None:
-    """A typo in evaluate.datasets would surface only after training, in the evaluate stage: its files
-    are looked for first. Only that they exist: reading them is evaluate's (which train must not import,
-    or every change to zero-shot scoring would retrain).
+def check_held_out_sets(p: Params) -> None:
+    """A typo in evaluate.datasets, or a class-name mapping that misses a label, would surface only after
+    training, in the evaluate stage: evaluate's own check reads them first (`python -m
+    pipeline.evaluation_sets`, no image opened), in a process of its own: train must not import it, or
+    every change to zero-shot scoring would retrain.
 
-    Raises: SystemExit (one line naming the key) when a set's path or class-list file is missing."""
-    for name, spec in p.evaluate.datasets.items():
-        files = {"path": spec.path, **({"classnames": spec.classnames} if isinstance(spec.classnames, str) else {})}
-        for key, path in files.items():
-            if not Path(path).exists():
-                raise SystemExit(f"train: evaluate.datasets.{name}.{key}: {path} not found (checked before "
-                                 "training: the evaluate stage reads it)")
+    Raises: SystemExit (the check's line, naming the key) when evaluate could not read a set."""
+    if not p.evaluate.datasets:
+        return
+    check = subprocess.run([sys.executable, "-m", "pipeline.evaluation_sets"], capture_output=True, text=True)
+    if check.returncode:
+        why = (check.stderr.strip().splitlines() or [f"exit status {check.returncode}"])[-1]
+        raise SystemExit(f"train: {why.removeprefix('evaluate: ')} (checked before training: the evaluate stage "
+                         "reads it)")
 
 
 @distributed.reported_once
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     Raises: SystemExit (one line) when `fit` stops (see there)."""
     args = parse_args(argv)
     p = load_params()
-    check_held_out_paths(p)
+    check_held_out_sets(p)
     if p.train.nproc > 1 and not distributed.launched():
         distributed.relaunch(p.train.nproc, "pipeline.train", sys.argv[1:] if argv is None else argv)
     device, corpus = prepare(p, args.data)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from safetensors.numpy import load_file
 
-from conftest import TINY, kill_at_step, merge, run_stage, stage_env, write_params
+from conftest import ROOT, TINY, kill_at_step, merge, run_stage, stage_env, write_params
 from pipeline.loop import open_checkpoint
 
 
@@ -155,12 +155,22 @@ def test_fewer_training_images_than_a_batch_is_one_line(workspace):
     assert "fewer than train.batch_size=4096" in proc.stderr.strip().splitlines()[-1]
 
 
-def test_a_held_out_set_that_evaluate_cannot_read_stops_train_before_it_trains(workspace):
-    """A typo in evaluate.datasets would cost the whole training before evaluate said so."""
-    write_params(workspace, merge(TINY, {"evaluate": {"datasets": {"pets": {"path": "pets/tset.csv"}}}}))
+@pytest.mark.parametrize("spec, why", [
+    ({"path": "pets/tset.csv"}, "pets/tset.csv: no such file or folder"),
+    ({"path": "pets", "classnames": "names.csv"},  # a mapping that misses a folder's label
+     "pets: pets/n02/0.png: label 'n02' is not in the mapping names.csv (1 of 2 images have labels outside it)"),
+])
+def test_a_held_out_set_that_evaluate_cannot_read_stops_train_before_it_trains(workspace, spec, why):
+    """A typo in evaluate.datasets, or a class-name mapping short of a label, would cost the whole
+    training before evaluate said so: evaluate's own check runs first."""
+    shutil.copytree(ROOT / "templates", workspace / "templates")
+    for label in ("n01", "n02"):
+        (workspace / "pets" / label).mkdir(parents=True)
+        (workspace / "pets" / label / "0.png").write_bytes(b"not opened by the check")
+    (workspace / "names.csv").write_text("label,name\nn01,beagle\n")
+    write_params(workspace, merge(TINY, {"evaluate": {"datasets": {"pets": spec}}}))
     proc = run_stage(workspace, "train", check=False)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last == "train: evaluate.datasets.pets.path: pets/tset.csv not found (checked before training: the " \
-        "evaluate stage reads it)"
+    assert proc.stderr.strip().splitlines()[-1] == (f"train: evaluate.datasets.pets: {why} (checked before training: "
+                                                    "the evaluate stage reads it)")
     assert not (workspace / "models").exists() and not (workspace / "checkpoints").exists()
