@@ -246,6 +246,18 @@ class Manifest:
         }, schema=MANIFEST_SCHEMA.with_metadata({"pixels_sha256": pixels_sha256})), path)
 
 
+class NoUsableImage(SourceError):
+    """Every item was rejected: `run` still writes rejected.csv, the list of what to fix."""
+    def __init__(self, message: str, rejected: list[Rejection]) -> None:
+        super().__init__(message)
+        self.rejected = rejected
+
+
+def write_rejected(rejected: list[Rejection], path: Path) -> None:
+    pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
+                 columns=["source", "reason", "detail"]).to_csv(path, index=False)
+
+
 def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_path: Path) -> dict:
     """Reads, decodes, dedups and writes; returns the report. Raises SourceError when nothing is usable."""
     start = time.perf_counter()
@@ -298,12 +310,10 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
     reasons = Counter(r.reason for r in rejected)
     if not manifest.ids:
         first = f"; first: {rejected[0].source}: {rejected[0].reason}: {rejected[0].detail}" if rejected else ""
-        raise SourceError(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
-                          f"{dict(reasons.most_common())}{first})")
+        raise NoUsableImage(f"no usable image in the {data.source} source ({len(rejected)} rejected: "
+                            f"{dict(reasons.most_common())}{first})", rejected)
     manifest.write(manifest_path, stored.hexdigest(), tar_shards)
-    pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
-                 columns=["source", "reason", "detail"]).to_csv(
-        rejected_path, index=False)
+    write_rejected(rejected, rejected_path)
     seconds = time.perf_counter() - start
     return {
         "accepted": len(manifest.ids),
@@ -323,12 +333,21 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
 def run(data: DataParams, root: Path = Path("."), images: str | Path = "data/images",
         manifest: str | Path = "data/manifest.parquet", rejected: str | Path = "data/rejected.csv",
         report: str | Path = "reports/ingest.json") -> dict:
-    """Ingest into `images`, `manifest`, `rejected` and `report` (relative to `root`), replacing only these."""
-    with ExitStack() as stack:  # contexts exit in reverse: images, then rejected.csv, then the manifest
-        manifest_tmp = stack.enter_context(atomic_path(root / manifest))
-        rejected_tmp = stack.enter_context(atomic_path(root / rejected))
-        images_tmp = stack.enter_context(atomic_path(root / images))
-        summary = ingest(data, images_tmp, manifest_tmp, rejected_tmp)
+    """Ingest into `images`, `manifest`, `rejected` and `report` (relative to `root`), replacing only these.
+    When no image is usable, the others keep the last good run's files and `rejected` lists this run's
+    rejections (a list of another source's would mislead).
+
+    Raises: SourceError (NoUsableImage when every item was rejected)."""
+    try:
+        with ExitStack() as stack:  # contexts exit in reverse: images, then rejected.csv, then the manifest
+            manifest_tmp = stack.enter_context(atomic_path(root / manifest))
+            rejected_tmp = stack.enter_context(atomic_path(root / rejected))
+            images_tmp = stack.enter_context(atomic_path(root / images))
+            summary = ingest(data, images_tmp, manifest_tmp, rejected_tmp)
+    except NoUsableImage as e:
+        with atomic_path(root / rejected) as tmp:
+            write_rejected(e.rejected, tmp)
+        raise
     write_json(root / report, summary)
     return summary
 
@@ -350,6 +369,8 @@ def main(argv: list[str] | None = None) -> None:
     data = load_params().data
     try:
         r = run(data, images=args.images, manifest=args.manifest, rejected=args.rejected, report=args.report)
+    except NoUsableImage as e:
+        raise SystemExit(f"ingest: {e}; all listed in {args.rejected}") from None
     except SourceError as e:
         raise SystemExit(f"ingest: {e}") from None
     repeats = r["reasons"].get("duplicate_row", 0)

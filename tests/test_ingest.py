@@ -163,11 +163,12 @@ def test_a_failed_run_keeps_the_previous_outputs(tmp_path):
     run(params(synthetic={"num_images": 20}), tmp_path)
     before = (tmp_path / "data/manifest.parquet").read_bytes()
     csv = write_csv(tmp_path / "c.tsv", [("nothing.png", "x")])
-    # rejected.csv is one of the outputs kept, so the message names the first rejection itself
     with pytest.raises(SourceError, match=r"no usable image .*1 rejected.*; first: .*c.tsv:line 2: missing_file: .*nothing.png"):
         run(params(source="csv", csv={"path": str(csv)}), tmp_path)
     assert (tmp_path / "data/manifest.parquet").read_bytes() == before
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["images", "manifest.parquet", "rejected.csv"]
+    # rejected.csv lists this run's rejections, not the last good run's: the user's list of what to fix
+    assert pd.read_csv(tmp_path / "data/rejected.csv").reason.tolist() == ["missing_file"]
 
 
 @pytest.mark.parametrize("setup, message", [
