@@ -55,7 +55,7 @@ CHUNK = 16    # records per worker task: amortises inter-process overhead
 
 MANIFEST_SCHEMA = pa.schema([("id", pa.string()), ("source", pa.string()), ("captions", pa.list_(pa.string())),
                              ("split", pa.string()), ("shard", pa.int32()), ("row", pa.int32()),
-                             ("labels", pa.string())])
+                             ("labels", pa.string()), ("duplicates", pa.list_(pa.string()))])
 
 Decoded = tuple[np.ndarray, bytes, bytes | None] | Rejection  # (pixels, pixel digest, PNG) or why not
 
@@ -207,6 +207,7 @@ class Manifest:
     captions: list[list[str]] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)
 
     def add(self, record: Record, split: str) -> int:
         """A new image row (its captions deduplicated, first occurrence kept); returns its manifest index."""
@@ -215,7 +216,14 @@ class Manifest:
         self.captions.append(list(dict.fromkeys(record.captions)))
         self.splits.append(split)
         self.labels.append(record.labels)
+        self.duplicates.append([])
         return len(self.ids) - 1
+
+    def add_duplicate(self, index: int, item: Record) -> None:
+        """An item whose pixels equal image `index`'s: its captions join that image and its key is kept
+        in the image's `duplicates`, so that every input item stays traceable."""
+        self.duplicates[index].append(item.key)
+        self.add_captions(index, item.captions)
 
     def add_captions(self, index: int, captions: Iterable[str]) -> int:
         """Appends the captions not already there; returns how many were new."""
@@ -242,7 +250,7 @@ class Manifest:
             shard[rows], row[rows] = n, np.arange(len(rows))
         pq.write_table(pa.table({
             "id": self.ids, "source": self.sources, "captions": self.captions, "split": self.splits,
-            "shard": shard, "row": row, "labels": self.labels,
+            "shard": shard, "row": row, "labels": self.labels, "duplicates": self.duplicates,
         }, schema=MANIFEST_SCHEMA.with_metadata({"pixels_sha256": pixels_sha256})), path)
 
 
@@ -294,7 +302,7 @@ def ingest(data: DataParams, images_dir: Path, manifest_path: Path, rejected_pat
                 pixels, digest, png = result
                 if digest in by_digest:
                     duplicates += 1
-                    manifest.add_captions(by_digest[digest], item.captions)
+                    manifest.add_duplicate(by_digest[digest], item)
                     by_key[item.key] = by_digest[digest]
                 else:
                     split = split_of(item.key, data.val_fraction, data.test_fraction)

@@ -50,7 +50,7 @@ def test_acceptance_csv_of_20_good_and_12_bad_rows(tmp_path):
     assert rejected.detail[rejected.reason == "empty_caption"].tolist() == ["3 bytes of whitespace"]
 
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
-    assert list(manifest.columns) == ["id", "source", "captions", "split", "shard", "row", "labels"]
+    assert list(manifest.columns) == ["id", "source", "captions", "split", "shard", "row", "labels", "duplicates"]
     assert manifest.captions.map(list).tolist() == [[f"good image {i}"] for i in range(20)]
     assert sorted(p.name for p in (tmp_path / "data/images").iterdir()) == \
         ["shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
@@ -83,6 +83,7 @@ def test_duplicates_merge_captions_and_repeated_paths_decode_once(tmp_path):
     manifest = pd.read_parquet(tmp_path / "data/manifest.parquet")
     assert manifest.id.tolist() == ["img/a.png", "img/b.png"]
     assert manifest.captions.map(list).tolist() == [["first", "second", "third"], ["bee"]]
+    assert manifest.duplicates.map(list).tolist() == [["img/copy-of-a.png"], []]  # merged, and named
     assert (report["accepted"], report["duplicates"], report["rejected"]) == (2, 1, 1)
     assert reasons(tmp_path) == ["duplicate_row"]  # copy-of-a.png + "first" adds nothing
 
