@@ -27,6 +27,7 @@ from clipmodel.tokenizer import PAD_ID, encode, train_tokenizer
 from pipeline.params import load_params
 
 BATCH = 8192
+TRUNCATED_EXAMPLES = 10  # truncated captions kept in full in the report
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     captions = [c for caps in per_image for c in caps]
     owner = np.repeat(np.arange(len(manifest), dtype=np.int32), [len(caps) for caps in per_image])
     lengths = np.empty(len(captions), dtype=np.int32)
-    truncated = 0
+    truncated, examples = 0, []  # the first few truncated captions, in full: what the context length cuts
     with atomic_path(args.tokens) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int32,
                                         shape=(len(captions), params.context_length))
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
             out[start:start + len(ids)] = ids
             lengths[start:start + len(ids)] = (ids != PAD_ID).sum(1)
             truncated += int(trunc.sum())
+            examples += [captions[start + i] for i in np.flatnonzero(trunc)[:TRUNCATED_EXAMPLES - len(examples)]]
         out.flush()
         del out
     with atomic_path(args.caption_image) as tmp:
@@ -79,9 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         "caption_views": params.caption_views,
         "train_captions_seen": int(manifest.captions[manifest.split == "train"].map(len).sum()),
         "truncated": truncated,
+        "truncated_examples": examples,
         "token_length": {**pct, "max": int(lengths.max()) if len(lengths) else 0},
     })
-    print(f"tokenize: {len(captions)} captions, vocab {tok.get_vocab_size()}, {truncated} truncated")
+    print(f"tokenize: {len(captions)} captions, vocab {tok.get_vocab_size()}, {truncated} truncated to "
+          f"{params.context_length} tokens{f' (examples in {args.report})' if truncated else ''}")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,12 @@
+import json
+
 import numpy as np
+import pandas as pd
 from hypothesis import given, settings, strategies as st
 
 from clipmodel.tokenizer import (EOT_ID, PAD_ID, SOT_ID, decode, encode, length_order, load_tokenizer, normalize,
                                  train_tokenizer, trim_padding)
+from conftest import TINY, merge, run_stage, write_params
 
 CORPUS = ["a large red circle on the left", "two blue squares and a yellow star",
           "there is a small green triangle near the top", "Café crème, naïve façade!"] * 20
@@ -85,3 +89,15 @@ def test_a_word_has_the_same_tokens_wherever_it_stands():
     assert word_ids("red circle") == word_ids("red") + circle
     assert word_ids("(circle, circle)") == word_ids("(") + circle + word_ids(",") + circle + word_ids(")")
     assert decode(TOK, encode(TOK, ["A large (red) circle,two"])[0][0]) == "a large ( red ) circle , two"
+
+
+def test_stage_names_the_captions_it_truncates(workspace):
+    """The tokenize stage counts the captions the context length cuts and keeps the first few in full."""
+    write_params(workspace, merge(TINY, {"tokenize": {"context_length": 8}}))
+    run_stage(workspace, "tokenize")
+    report = json.loads((workspace / "reports/tokenize.json").read_text())
+    captions = [c for caps in pd.read_parquet(workspace / "data/manifest.parquet").captions for c in caps]
+    tok = load_tokenizer(workspace / "data/tokenizer.json")
+    cut = [c for c in captions if encode(tok, [c])[1][0]]  # views of a train caption count too: at least these
+    assert report["truncated"] >= len(cut) > 10
+    assert report["truncated_examples"] == cut[:10]
