@@ -262,6 +262,7 @@ class NoUsableImage(SourceError):
 
 
 def write_rejected(rejected: list[Rejection], path: Path) -> None:
+    """rejected.csv: one row per rejection (source, reason, detail), in the order they were found."""
     pd.DataFrame([(escaped(r.source), r.reason, escaped(r.detail)) for r in rejected],
                  columns=["source", "reason", "detail"]).to_csv(path, index=False)
 
