@@ -218,6 +218,19 @@ class VisionTransformer(nn.Module):
         return x.transpose(1, 2).reshape(x.shape[0], -1, side, side)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that normalises a channels-last CPU map in NCHW when its channel count is not a
+    multiple of 16: torch 2.14's channels-last CPU kernel is then several times slower (forward and
+    backward at [128, 8, 32, 32]: 14.5 ms against 1.1 ms in bf16, 2 Xeon cores), far more than the
+    layout copy costs. The default ResNet's stem has 8 channels (docs/performance.md)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] -> [B, C, H, W]."""
+        if x.is_cpu and x.shape[1] % 16 and x.is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous()
+        return super().forward(x)
+
+
 class Bottleneck(nn.Module):
     """ResNet bottleneck that downsamples by average pooling before a stride-1 convolution:
     strided convolutions alias, pooling first is a cheap low-pass filter (Zhang 2019's rect-2 blur
@@ -229,12 +242,12 @@ class Bottleneck(nn.Module):
         super().__init__()
         out = planes * self.expansion
         self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
+        self.bn1 = BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = BatchNorm2d(planes)
         self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
         self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(out)
+        self.bn3 = BatchNorm2d(out)
         nn.init.zeros_(self.bn3.weight)  # each block starts as the identity
         self.downsample = None
         if stride > 1 or inplanes != out:
@@ -242,7 +255,7 @@ class Bottleneck(nn.Module):
             self.downsample = nn.Sequential(OrderedDict([
                 ("-1", nn.AvgPool2d(stride)),
                 ("0", nn.Conv2d(inplanes, out, 1, bias=False)),
-                ("1", nn.BatchNorm2d(out)),
+                ("1", BatchNorm2d(out)),
             ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,11 +301,11 @@ class ModifiedResNet(nn.Module):
     def __init__(self, layers: tuple[int, int, int, int], output_dim: int, heads: int, image_size: int, width: int):
         super().__init__()
         self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width // 2)
+        self.bn1 = BatchNorm2d(width // 2)
         self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(width // 2)
+        self.bn2 = BatchNorm2d(width // 2)
         self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(width)
+        self.bn3 = BatchNorm2d(width)
         self.avgpool = nn.AvgPool2d(2)
         inplanes = width
         for i, depth in enumerate(layers):
