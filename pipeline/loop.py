@@ -198,7 +198,7 @@ class TrainState:
 
     def restore(self, snapshot: dict) -> None:
         self.model.load_state_dict(snapshot["model"])
-        # the implementation (fused on a GPU, foreach on the CPU) is this run's, whichever device saved it
+        # the implementation (fused on a GPU, torch's for-loop one on the CPU) is this run's, whichever saved it
         saved = snapshot["optimizer"]
         impl = {k: self.opt.param_groups[0][k] for k in ("fused", "foreach")}
         self.opt.load_state_dict({**saved, "param_groups": [{**g, **impl} for g in saved["param_groups"]]})
