@@ -47,6 +47,20 @@ def captioning_model(reach: dict[str, float | None], final_top1: dict[str, float
                key=lambda o: (math.inf if reach[o] is None else reach[o], -final_top1[o]))
 
 
+def compare(reach: dict[str, float | None], final: dict[str, float], budget: float) -> tuple[str, dict, dict]:
+    """The paper's two ratios from the images each objective needed to reach the target (None: not
+    within `budget` images) and their final top-1. Returns the captioner standing for captioning, each
+    ratio (None where it has no value) and, where only the slower objective never got there, its lower
+    bound (budget / the faster one's images)."""
+    captioning = captioning_model(reach, final)
+    ratios, bounds = {}, {}
+    for key, slow, fast in (("contrastive_vs_bow", "bow", "contrastive"), ("bow_vs_captioning", captioning, "bow")):
+        ratios[key] = reach[slow] / reach[fast] if reach[fast] is not None and reach[slow] is not None else None
+        if reach[fast] is not None and reach[slow] is None:
+            bounds[key] = budget / reach[fast]
+    return captioning, ratios, bounds
+
+
 def report(files: list[Path], metrics: Path, plot_file: Path) -> None:
     """Compare the objectives' curves (reports/efficiency/<objective>.json, one per file) at the target;
     write the comparison to `metrics` and its plot to `plot_file`."""
@@ -62,24 +76,12 @@ def report(files: list[Path], metrics: Path, plot_file: Path) -> None:
     reach = {o: images_to_reach(r["curve"], target) for o, r in results.items()}
     budget = max(r["budget_images"] for r in results.values())
     final = {o: r["curve"][-1]["top1"] for o, r in results.items()}
-    captioning = captioning_model(reach, final)
-
-    def ratio(slow: str, fast: str) -> tuple[float | None, float | None]:
-        """(images slow / images fast, or a lower bound when `slow` never got there)."""
-        if reach[fast] is None:
-            return None, None
-        if reach[slow] is None:
-            return None, budget / reach[fast]
-        return reach[slow] / reach[fast], None
-
-    ratios, bounds = {}, {}
-    for key, slow, fast in (("contrastive_vs_bow", "bow", "contrastive"), ("bow_vs_captioning", captioning, "bow")):
-        ratios[key], bounds[key] = ratio(slow, fast)
+    captioning, ratios, bounds = compare(reach, final, budget)
     out = {
         "target_accuracy": target,
         "target_rule": "efficiency.target_accuracy" if target_accuracy else "half the contrastive final top-1",
         "tasks": list(results["contrastive"]["curve"][0]["tasks"]), "budget_images": budget, "images_to_target": reach,
-        "ratios": ratios, "ratios_at_least": {k: v for k, v in bounds.items() if v is not None},
+        "ratios": ratios, "ratios_at_least": bounds,
         "captioning": captioning, "paper_ratios": PAPER,
         "final_top1": final,
         "wall_s": {o: r["wall_s"] for o, r in results.items()},
