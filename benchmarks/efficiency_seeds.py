@@ -41,6 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.machine import cpu_name  # noqa: E402
 from benchmarks.pipeline_time import override  # noqa: E402
 from clipmodel.io import write_json  # noqa: E402
 from pipeline.efficiency import OBJECTIVES  # noqa: E402
@@ -146,16 +147,18 @@ def main() -> None:
         if not committed.exists():
             raise SystemExit(f"efficiency_seeds: no committed run at {committed}; give --no-committed")
         runs[int(params["train"]["seed"])] = json.loads(committed.read_text())
+    repeated = sorted({s for s in args.seeds if args.seeds.count(s) > 1 or s in runs})
+    if repeated:
+        raise SystemExit(f"efficiency_seeds: --seeds {' '.join(map(str, repeated))} would be in the table twice "
+                         "(the committed run is its params' train.seed)")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="efficiency-seeds-") as tmp:
         work = args.work.resolve() if args.work else Path(tmp)
         for seed in args.seeds:
-            if seed in runs:
-                raise SystemExit(f"efficiency_seeds: seed {seed} is already in the table (the committed run's)")
             runs[seed] = run_seed(pipeline, params, seed, work / f"s{seed}")
     result = {"pipeline": str(pipeline.relative_to(ROOT)) if pipeline.is_relative_to(ROOT) else str(pipeline),
               "committed_seed": None if args.no_committed or args.set else int(params["train"]["seed"]),
-              "overrides": args.set,
+              "overrides": args.set, "cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)),
               **summary(runs), "runs": {str(s): r for s, r in runs.items()}, "wall_s": time.perf_counter() - start}
     write_json(out, result)
     print(f"efficiency_seeds: wrote {out}: ratios {result['ratios']} (at least {result['ratios_at_least']}); "
