@@ -20,7 +20,8 @@ Writes reports/benchmarks/efficiency_seeds[_<pipeline>][_<each -S>].json (or --o
   bounds, final top-1, wall seconds);
 - `ratios`: each ratio seed by seed (null where it is only a lower bound, given in `ratios_at_least`);
 - `mean`: every objective's curve averaged over the seeds with its standard deviation, the images
-  each mean curve needs to reach half the mean contrastive final top-1, and the ratios of those.
+  each mean curve needs to reach the target (efficiency.target_accuracy, or by default half the mean
+  contrastive final top-1), and the ratios of those.
 Raises SystemExit (one line) when the pipeline lacks its data, a committed run or a params key.
 """
 from __future__ import annotations
@@ -85,9 +86,10 @@ def run_seed(pipeline: Path, params: dict[str, Any], seed: int, scratch: Path) -
     return json.loads((scratch / "reports/efficiency.json").read_text())
 
 
-def summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def summary(runs: dict[int, dict[str, Any]], target_accuracy: float | None = None) -> dict[str, Any]:
     """The table across `runs` (seed -> the study's report): the ratios seed by seed and those of the
-    mean curves, whose target is half the mean contrastive final top-1 (the stage's rule, on the means)."""
+    mean curves, whose target is the stage's rule on the means: `target_accuracy` (efficiency.target_accuracy)
+    or, when None, half the mean contrastive final top-1."""
     first = next(iter(runs.values()))
     objectives = list(first["curves"])
     images = first["curves"]["contrastive"]["images_seen"]
@@ -100,7 +102,7 @@ def summary(runs: dict[int, dict[str, Any]]) -> dict[str, Any]:
     at_least = {k: [r["ratios_at_least"].get(k) for r in runs.values()] for k in keys}
     top1 = {o: np.array([r["curves"][o]["top1"] for r in runs.values()]) for o in objectives}
     mean = {o: t.mean(0) for o, t in top1.items()}
-    target = 0.5 * float(mean["contrastive"][-1])
+    target = target_accuracy or 0.5 * float(mean["contrastive"][-1])
     reach = {o: images_to_reach([{"images_seen": i, "top1": float(a)} for i, a in zip(images, m)], target)
              for o, m in mean.items()}
     captioning, mean_ratios, mean_bounds = compare(reach, {o: float(m[-1]) for o, m in mean.items()}, images[-1])
@@ -159,7 +161,8 @@ def main() -> None:
     result = {"pipeline": str(pipeline.relative_to(ROOT)) if pipeline.is_relative_to(ROOT) else str(pipeline),
               "committed_seed": None if args.no_committed or args.set else int(params["train"]["seed"]),
               "overrides": args.set, "cpu": cpu_name(), "cpus": len(os.sched_getaffinity(0)),
-              **summary(runs), "runs": {str(s): r for s, r in runs.items()}, "wall_s": time.perf_counter() - start}
+              **summary(runs, params.get("efficiency", {}).get("target_accuracy")),
+              "runs": {str(s): r for s, r in runs.items()}, "wall_s": time.perf_counter() - start}
     write_json(out, result)
     print(f"efficiency_seeds: wrote {out}: ratios {result['ratios']} (at least {result['ratios_at_least']}); "
           f"of the mean curves {result['mean']['ratios']} (at least {result['mean']['ratios_at_least']})")

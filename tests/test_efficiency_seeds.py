@@ -46,6 +46,8 @@ def test_ratios_seed_by_seed_and_of_the_mean_curves():
     mean = summary({0: a, 1: b})["mean"]
     assert mean["ratios"]["bow_vs_captioning"] is None
     assert mean["ratios_at_least"] == {"bow_vs_captioning": pytest.approx(64000 / (16000 * 4 ** 0.25))}
+    fixed = summary({0: a, 1: b}, target_accuracy=0.45)["mean"]  # efficiency.target_accuracy, as the stage reads it
+    assert fixed["target_accuracy"] == 0.45 and fixed["images_to_target"]["contrastive"] == pytest.approx(16000)
 
 
 def test_runs_with_other_checkpoints_are_refused():
