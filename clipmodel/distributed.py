@@ -120,6 +120,15 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
+def peer_left_on_ctrl_c() -> bool:
+    """Whether another rank has left on Ctrl-C (recorded by `reported_once`): a collective of this rank
+    that fails then failed for that reason. False outside a process group."""
+    if _store is None or not dist.is_initialized():
+        return False
+    others = [_left(r) for r in range(world()) if r != rank()]
+    return any(_store.check([key]) and int(_store.get(key)) == 130 for key in others)
+
+
 def _left(rank: int) -> str:
     """The store key where `rank` records its exit status; torchrun keeps its store across restarts."""
     return f"left/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{rank}"

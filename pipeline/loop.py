@@ -375,15 +375,22 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
 @contextmanager
 def said_where_stopped(state: TrainState, resume: bool, checkpoint: Path, total: int, main: bool) -> Iterator[None]:
     """On Ctrl-C, rank 0 says (after the progress bar closes) where the run stopped and what a rerun
-    will do; the KeyboardInterrupt goes on."""
+    will do; the KeyboardInterrupt goes on. Ctrl-C reaches every rank, and one that was inside a
+    collective when a faster peer left sees the collective fail before its own KeyboardInterrupt:
+    that failure counts as the Ctrl-C too (raised as KeyboardInterrupt, so the MLflow run ends KILLED)."""
     try:
         yield
-    except KeyboardInterrupt:
+    except BaseException as e:
+        ctrl_c = isinstance(e, KeyboardInterrupt)
+        if not (ctrl_c or isinstance(e, Exception) and distributed.peer_left_on_ctrl_c()):
+            raise
         if main:
             then = (f"{checkpoint} holds step {state.saved}: rerun the stage to resume there" if resume and state.saved
                     else "a rerun starts over" + ("" if resume else " (train.resume is false)"))
             print(f"train: stopped at step {state.step}/{total}; {then}", file=sys.stderr, flush=True)
-        raise
+        if ctrl_c:
+            raise
+        raise KeyboardInterrupt from e
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

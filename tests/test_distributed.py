@@ -297,6 +297,41 @@ main()
 """
 
 
+PEER_CTRL_C = """
+import sys, torch, torch.distributed as dist
+from pathlib import Path
+from types import SimpleNamespace
+from clipmodel import distributed
+from pipeline import tracking
+from pipeline.loop import said_where_stopped
+
+@distributed.reported_once
+@tracking.ended_on_error()  # as on the train stage's main: Ctrl-C leaves as SystemExit(130)
+def main():
+    distributed.init(torch.device("cpu"))
+    if distributed.rank() == 1:
+        raise KeyboardInterrupt  # Ctrl-C reached this rank first
+    with said_where_stopped(SimpleNamespace(step=7, saved=5), True, Path("ckpt.pt"), 10, True):
+        try:
+            dist.all_reduce(torch.ones(1))  # fails: rank 1 has left
+        except KeyboardInterrupt:  # this rank's own Ctrl-C, had it come first: not this test's case
+            sys.exit(99)
+main()
+"""
+
+
+def test_a_collective_that_fails_because_a_peer_left_on_ctrl_c_counts_as_ctrl_c(tmp_path):
+    """Ctrl-C reaches every rank; rank 0, inside a collective when the faster rank 1 left, sees the
+    collective fail first. It still says where the run stopped, and leaves as Ctrl-C does (status 130;
+    the KeyboardInterrupt it raises ends the MLflow run KILLED), not FAILED and silent."""
+    (tmp_path / "peer_ctrl_c.py").write_text(PEER_CTRL_C)
+    proc = subprocess.run([sys.executable, "-c", "from clipmodel.distributed import relaunch; relaunch(2, 'peer_ctrl_c')"],
+                          cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 130 and proc.stderr.splitlines() == [
+        "train: stopped at step 7/10; ckpt.pt holds step 5: rerun the stage to resume there"], proc.stderr
+
+
 @pytest.mark.parametrize("why, status, stderr", [
     ("rank 0: bad input", 1, ["rank 0: bad input", "rank 1: stopped: rank 0 left (its message says why)"]),
     ("130", 130, []),  # Ctrl-C: rank 0 has said where it stopped
