@@ -99,7 +99,9 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
     in the launcher's store. A rank whose collective then fails because that peer left (gloo:
     "Connection closed by peer") exits with the same status and one line naming the peer (none after
     Ctrl-C, status 130), instead of a traceback that says nothing the peer's own message does not.
-    Outside a process group, the decorator changes nothing."""
+    A rank that leaves after a peer has left ends with os._exit (its process group is broken, and
+    gloo's threads would abort the interpreter's exit). Outside a process group, the decorator
+    changes nothing."""
     @functools.wraps(main)
     def run(*args, **kwargs) -> T:
         try:
@@ -113,10 +115,19 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
                 code = int(_store.get(_left(gone[0])))
                 if code != 130:
                     print(f"rank {me}: stopped: rank {gone[0]} left (its message says why)", file=sys.stderr)
-                raise SystemExit(code) from None
-            code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
-            _store.set(_left(me), str(code))
-            raise
+            else:
+                code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+                _store.set(_left(me), str(code))
+                if not gone:
+                    raise
+                if isinstance(e, SystemExit) and isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            # A peer has left, so this process group is broken: at interpreter exit its gloo threads would
+            # abort the process ("terminate called without an active exception"). Everything this rank
+            # had to close (the MLflow run, its files) closed on the way out; leave without destructors.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     return run
 
 
