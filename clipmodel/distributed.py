@@ -109,12 +109,11 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
         except BaseException as e:
             if _store is None or not dist.is_initialized() or (isinstance(e, SystemExit) and e.code in (0, None)):
                 raise
-            me = rank()
-            gone = [r for r in range(world()) if r != me and _store.check([_left(r)])]
+            me, gone = rank(), _peers_left()
             if gone and not isinstance(e, (SystemExit, KeyboardInterrupt)):
-                code = int(_store.get(_left(gone[0])))
+                peer, code = next(iter(gone.items()))
                 if code != 130:
-                    print(f"rank {me}: stopped: rank {gone[0]} left (its message says why)", file=sys.stderr)
+                    print(f"rank {me}: stopped: rank {peer} left (its message says why)", file=sys.stderr)
             else:
                 code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
                 _store.set(_left(me), str(code))
@@ -134,10 +133,13 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
 def peer_left_on_ctrl_c() -> bool:
     """Whether another rank has left on Ctrl-C (recorded by `reported_once`): a collective of this rank
     that fails then failed for that reason. False outside a process group."""
-    if _store is None or not dist.is_initialized():
-        return False
-    others = [_left(r) for r in range(world()) if r != rank()]
-    return any(_store.check([key]) and int(_store.get(key)) == 130 for key in others)
+    return _store is not None and dist.is_initialized() and 130 in _peers_left().values()
+
+
+def _peers_left() -> dict[int, int]:
+    """The other ranks that have left, each with the exit status it recorded in the launcher's store."""
+    me = rank()
+    return {r: int(_store.get(_left(r))) for r in range(world()) if r != me and _store.check([_left(r)])}
 
 
 def _left(rank: int) -> str:
