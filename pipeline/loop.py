@@ -21,7 +21,9 @@ import csv
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -339,17 +341,21 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
-    with said_where_stopped(state, tp.resume, obj.checkpoint, total, main), \
+    with stopped_by_ctrl_c(state, tp.resume, obj.checkpoint, total, main) as ctrl_c, \
             tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
                  mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         sinks = [s for s in (csv_log, log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})) if s]
+        stop = False  # Ctrl-C came during the previous step: that step was saved, and the run stops here
         for step, batch in zip(range(state.step, total), batches):
+            if stop:
+                raise KeyboardInterrupt
             batch = finish_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             loss = train_step(obj, net, state, batch, tp, device, precision)
             state.step = done = step + 1
             bar.update()
-            epoch_end, last = done % len(data) == 0, done == total  # a short run saves at epoch ends too
-            log_now, save_now = done % tp.log_every == 0 or last, done % tp.checkpoint_every == 0 or epoch_end or last
+            epoch_end, last, stop = done % len(data) == 0, done == total, ctrl_c()
+            log_now = done % tp.log_every == 0 or last
+            save_now = done % tp.checkpoint_every == 0 or epoch_end or last or stop  # a short run saves at epoch ends too
             if state.deferred and not (log_now or save_now):  # nothing below reads the device
                 if main:
                     obj.on_step(done)
@@ -373,16 +379,37 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
 
 
 @contextmanager
-def said_where_stopped(state: TrainState, resume: bool, checkpoint: Path, total: int, main: bool) -> Iterator[None]:
-    """On Ctrl-C, rank 0 says (after the progress bar closes) where the run stopped and what a rerun
-    will do; the KeyboardInterrupt goes on. Ctrl-C reaches every rank, and one that was inside a
-    collective when a faster peer left sees the collective fail before its own KeyboardInterrupt:
-    that failure counts as the Ctrl-C too (raised as KeyboardInterrupt, so the MLflow run ends KILLED)."""
+def stopped_by_ctrl_c(state: TrainState, resume: bool, checkpoint: Path, total: int,
+                      main: bool) -> Iterator[Callable[[], bool]]:
+    """Ctrl-C stops training where the step it lands in ends: the loop asks the yielded `pressed()`
+    after each step, saves a checkpoint there and raises KeyboardInterrupt before the next one. Rank 0
+    then says (after the progress bar closes) where the run stopped and what a rerun will do; the
+    KeyboardInterrupt goes on, so the MLflow run ends KILLED. A second Ctrl-C interrupts at once.
+
+    Why not Python's own Ctrl-C, a KeyboardInterrupt wherever the main thread is: one that lands in a
+    finaliser (a weakref callback) is printed as "Exception ignored" with a traceback and dropped, and
+    training goes on. An error while a Ctrl-C is pending counts as the Ctrl-C, and so does a collective
+    that failed because a faster peer left on its own Ctrl-C (both raised as KeyboardInterrupt). Where
+    SIGINT is not Python's default handler (ignored in a background job, or an embedding app's own) or
+    off the main thread, Ctrl-C is left as it was."""
+    pressed = False
+
+    def first(_signum: int, _frame) -> None:
+        nonlocal pressed
+        pressed = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    ours = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if ours:
+        signal.signal(signal.SIGINT, first)
     try:
-        yield
+        yield lambda: pressed
+        if pressed:  # during the last step (saved, as every last step is): the stage stops all the same
+            raise KeyboardInterrupt
     except BaseException as e:
         ctrl_c = isinstance(e, KeyboardInterrupt)
-        if not (ctrl_c or isinstance(e, Exception) and distributed.peer_left_on_ctrl_c()):
+        if not (ctrl_c or isinstance(e, Exception) and (pressed or distributed.peer_left_on_ctrl_c())):
             raise
         if main:
             then = (f"{checkpoint} holds step {state.saved}: rerun the stage to resume there" if resume and state.saved
@@ -391,6 +418,9 @@ def said_where_stopped(state: TrainState, resume: bool, checkpoint: Path, total:
         if ctrl_c:
             raise
         raise KeyboardInterrupt from e
+    finally:
+        if ours:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

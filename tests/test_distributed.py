@@ -303,7 +303,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from clipmodel import distributed
 from pipeline import tracking
-from pipeline.loop import said_where_stopped
+from pipeline.loop import stopped_by_ctrl_c
 
 @distributed.reported_once
 @tracking.ended_on_error()  # as on the train stage's main: Ctrl-C leaves as SystemExit(130)
@@ -311,7 +311,7 @@ def main():
     distributed.init(torch.device("cpu"))
     if distributed.rank() == 1:
         raise KeyboardInterrupt  # Ctrl-C reached this rank first
-    with said_where_stopped(SimpleNamespace(step=7, saved=5), True, Path("ckpt.pt"), 10, True):
+    with stopped_by_ctrl_c(SimpleNamespace(step=7, saved=5), True, Path("ckpt.pt"), 10, True):
         try:
             dist.all_reduce(torch.ones(1))  # fails: rank 1 has left
         except KeyboardInterrupt:  # this rank's own Ctrl-C, had it come first: not this test's case

@@ -113,8 +113,10 @@ def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(
         first.kill()
     stderr = (workspace / "first.err").read_text()
     assert "Traceback" not in stderr, stderr
-    assert re.search(r"^train: stopped at step \d+/\d+; checkpoints/train.pt holds step [1-9]\d*: rerun the stage to "
-                     r"resume there$", stderr, re.M), stderr
+    # the step Ctrl-C landed in is saved (with 2 ranks, a peer may stop first, failing rank 0's step)
+    stopped = re.search(r"^train: stopped at step (\d+)/\d+; checkpoints/train.pt holds step (\d+): rerun the stage to "
+                        r"resume there$", stderr, re.M)
+    assert stopped and int(stopped[2]) > 0 and (nproc > 1 or stopped[1] == stopped[2]), stderr
     run = json.loads((workspace / "reports/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
     assert client.get_run(run).info.status == "KILLED"
