@@ -23,6 +23,7 @@ import torch.distributed._functional_collectives as funcol
 
 T = TypeVar("T")
 LEAVE_GRACE_S = 10.0  # after one rank fails, how long relaunch lets the others leave on their own
+STOPPED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a shell's status for a process stopped by Ctrl-C or `kill`
 
 
 def launched() -> bool:
@@ -39,8 +40,9 @@ def relaunch(nproc: int, module: str, args: Sequence[str] = ()) -> NoReturn:
     line stays `python -m module args...` (DVC, Prefect). A SIGTERM or SIGINT here goes to every rank; a rank
     whose parent dies is killed by the kernel (PR_SET_PDEATHSIG). When one rank fails, the others get
     LEAVE_GRACE_S to leave on their own (gloo tells them their peer is gone; they end the MLflow run and
-    say where they stopped), then a SIGTERM: killing them at once could cut rank 0 off in the middle of
-    ending its run. Multi-node runs use torchrun directly.
+    say where they stopped), then a SIGTERM, and a SIGKILL LEAVE_GRACE_S after that (a rank stuck in a
+    collective never gets to its SIGTERM handler): killing them at once could cut rank 0 off in the
+    middle of ending its run. Multi-node runs use torchrun directly.
 
     Raises: SystemExit always: 0 when every rank succeeded, else the first failure's status (128 + N
     for a rank killed by signal N).
@@ -61,13 +63,13 @@ def relaunch(nproc: int, module: str, args: Sequence[str] = ()) -> NoReturn:
             p.send_signal(signum)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code, deadline = 0, math.inf
+    code, deadline, kills = 0, math.inf, [signal.SIGTERM, signal.SIGKILL]
     while [p.poll() for p in ranks].count(None):  # poll every rank, so each returncode is current
         if not code and (code := next((p.returncode for p in ranks if p.returncode), 0)):
             deadline = time.monotonic() + LEAVE_GRACE_S
         elif time.monotonic() > deadline:  # a rank still waiting for its failed peer would wait forever
-            stop(signal.SIGTERM, None)
-            deadline = math.inf
+            stop(kills.pop(0), None)
+            deadline = time.monotonic() + LEAVE_GRACE_S if kills else math.inf
         time.sleep(0.2)
     code = code or next((p.returncode for p in ranks if p.returncode), 0)
     sys.exit(code if code >= 0 else 128 - code)  # killed by signal N: 128 + N, as a shell reports it
@@ -95,10 +97,11 @@ _store: dist.Store | None = None  # the launcher's store (relaunch's or torchrun
 def reported_once(main: Callable[..., T]) -> Callable[..., T]:
     """Decorate a rank's entry point so that a failure is reported once, by the rank it happened on.
 
-    A rank that leaves on an exception, a failing SystemExit or Ctrl-C first records its exit status
-    in the launcher's store. A rank whose collective then fails because that peer left (gloo:
-    "Connection closed by peer") exits with the same status and one line naming the peer (none after
-    Ctrl-C, status 130), instead of a traceback that says nothing the peer's own message does not.
+    A rank that leaves on an exception, a failing SystemExit or a KeyboardInterrupt (its `status`
+    attribute, else 130) first records its exit status in the launcher's store. A rank whose collective
+    then fails because that peer left (gloo: "Connection closed by peer") exits with the same status
+    and one line naming the peer (none after a stop by Ctrl-C or SIGTERM, a status in STOPPED), instead
+    of a traceback that says nothing the peer's own message does not.
     A rank that leaves after a peer has left ends with os._exit (its process group is broken, and
     gloo's threads would abort the interpreter's exit). Outside a process group, the decorator
     changes nothing."""
@@ -112,10 +115,11 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
             me, gone = rank(), _peers_left()
             if gone and not isinstance(e, (SystemExit, KeyboardInterrupt)):
                 peer, code = next(iter(gone.items()))
-                if code != 130:
+                if code not in STOPPED:
                     print(f"rank {me}: stopped: rank {peer} left (its message says why)", file=sys.stderr)
             else:
-                code = 130 if isinstance(e, KeyboardInterrupt) else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1
+                code = (getattr(e, "status", 130) if isinstance(e, KeyboardInterrupt)
+                        else e.code if isinstance(e, SystemExit) and isinstance(e.code, int) else 1)
                 _store.set(_left(me), str(code))
                 if not gone:
                     raise
@@ -130,10 +134,13 @@ def reported_once(main: Callable[..., T]) -> Callable[..., T]:
     return run
 
 
-def peer_left_on_ctrl_c() -> bool:
-    """Whether another rank has left on Ctrl-C (recorded by `reported_once`): a collective of this rank
-    that fails then failed for that reason. False outside a process group."""
-    return _store is not None and dist.is_initialized() and 130 in _peers_left().values()
+def peer_stopped() -> int | None:
+    """The signal (SIGINT for Ctrl-C, or SIGTERM) on which another rank has left, from the status it
+    recorded (`reported_once`; one in STOPPED): a collective of this rank that fails then failed for
+    that reason. None when no rank has, and outside a process group."""
+    if _store is None or not dist.is_initialized():
+        return None
+    return next((code - 128 for code in _peers_left().values() if code in STOPPED), None)
 
 
 def _peers_left() -> dict[int, int]:

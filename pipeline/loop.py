@@ -341,19 +341,19 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
-    with stopped_by_ctrl_c(state, tp.resume, obj.checkpoint, total, main) as ctrl_c, \
+    with stopped_by_signal(state, tp.resume, obj.checkpoint, total, main) as stop_asked, \
             tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
                  mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
         sinks = [s for s in (csv_log, log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})) if s]
-        stop = False  # Ctrl-C came during the previous step: that step was saved, and the run stops here
+        stop = False  # Ctrl-C or SIGTERM came during the previous step: that step was saved, the run stops here
         for step, batch in zip(range(state.step, total), batches):
             if stop:
-                raise KeyboardInterrupt
+                raise stop_asked()
             batch = finish_batch({k: v.to(device, non_blocking=True) for k, v in batch.items()})
             loss = train_step(obj, net, state, batch, tp, device, precision)
             state.step = done = step + 1
             bar.update()
-            epoch_end, last, stop = done % len(data) == 0, done == total, ctrl_c()
+            epoch_end, last, stop = done % len(data) == 0, done == total, stop_asked() is not None
             log_now = done % tp.log_every == 0 or last
             save_now = done % tp.checkpoint_every == 0 or epoch_end or last or stop  # a short run saves at epoch ends too
             if state.deferred and not (log_now or save_now):  # nothing below reads the device
@@ -378,49 +378,68 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     return state.rows
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler preempting the job) stopping training as Ctrl-C does. `status` is the
+    exit status a shell reports for it; `tracking.ended_on_error` and `distributed.reported_once` leave
+    with it."""
+    status = 128 + signal.SIGTERM
+
+
 @contextmanager
-def stopped_by_ctrl_c(state: TrainState, resume: bool, checkpoint: Path, total: int,
-                      main: bool) -> Iterator[Callable[[], bool]]:
-    """Ctrl-C stops training where the step it lands in ends: the loop asks the yielded `pressed()`
-    after each step, saves a checkpoint there and raises KeyboardInterrupt before the next one. Rank 0
-    then says (after the progress bar closes) where the run stopped and what a rerun will do; the
-    KeyboardInterrupt goes on, so the MLflow run ends KILLED. A second Ctrl-C interrupts at once.
+def stopped_by_signal(state: TrainState, resume: bool, checkpoint: Path, total: int,
+                      main: bool) -> Iterator[Callable[[], KeyboardInterrupt | None]]:
+    """Ctrl-C or SIGTERM stops training where the step it lands in ends: after each step the loop asks
+    the yielded function, which returns the exception to stop with (KeyboardInterrupt, or Terminated
+    for SIGTERM) once a signal came, saves a checkpoint there and raises it before the next step. Rank
+    0 then says (after the progress bar closes) where the run stopped and what a rerun will do; the
+    exception goes on, so the MLflow run ends KILLED. A second signal acts at once (Python's own Ctrl-C,
+    the default SIGTERM), for a step that does not end.
 
     Why not Python's own Ctrl-C, a KeyboardInterrupt wherever the main thread is: one that lands in a
     finaliser (a weakref callback) is printed as "Exception ignored" with a traceback and dropped, and
-    training goes on. An error while a Ctrl-C is pending counts as the Ctrl-C, and so does a collective
-    that failed because a faster peer left on its own Ctrl-C (both raised as KeyboardInterrupt). Where
-    SIGINT is not Python's default handler (ignored in a background job, or an embedding app's own) or
-    off the main thread, Ctrl-C is left as it was."""
-    pressed = False
+    training goes on. And SIGTERM's default, death on the spot, leaves the MLflow run RUNNING and loses
+    the steps since the last checkpoint. An error while a stop is pending counts as the stop, and so does
+    a collective that failed because a faster peer left on its own signal. A signal whose handler is not
+    Python's default (ignored in a background job, or an embedding app's own) is left as it was, and so
+    is everything off the main thread."""
+    came: int | None = None
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = [sig for sig, handler in defaults.items() if threading.current_thread() is threading.main_thread()
+            and signal.getsignal(sig) is handler]
 
-    def first(_signum: int, _frame) -> None:
-        nonlocal pressed
-        pressed = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    def first(signum: int, _frame) -> None:
+        nonlocal came
+        came = signum
+        for sig in ours:
+            signal.signal(sig, defaults[sig])
 
-    ours = threading.current_thread() is threading.main_thread() and \
-        signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    if ours:
-        signal.signal(signal.SIGINT, first)
+    for sig in ours:
+        signal.signal(sig, first)
     try:
-        yield lambda: pressed
-        if pressed:  # during the last step (saved, as every last step is): the stage stops all the same
-            raise KeyboardInterrupt
+        yield lambda: _stop(came)
+        if came is not None:  # during the last step (saved, as every last step is): the stage stops all the same
+            raise _stop(came)
     except BaseException as e:
-        ctrl_c = isinstance(e, KeyboardInterrupt)
-        if not (ctrl_c or isinstance(e, Exception) and (pressed or distributed.peer_left_on_ctrl_c())):
+        why = e if isinstance(e, KeyboardInterrupt) else \
+            _stop(came or distributed.peer_stopped()) if isinstance(e, Exception) else None
+        if why is None:
             raise
         if main:
             then = (f"{checkpoint} holds step {state.saved}: rerun the stage to resume there" if resume and state.saved
                     else "a rerun starts over" + ("" if resume else " (train.resume is false)"))
-            print(f"train: stopped at step {state.step}/{total}; {then}", file=sys.stderr, flush=True)
-        if ctrl_c:
+            how = " (SIGTERM)" if isinstance(why, Terminated) else ""
+            print(f"train: stopped at step {state.step}/{total}{how}; {then}", file=sys.stderr, flush=True)
+        if why is e:
             raise
-        raise KeyboardInterrupt from e
+        raise why from e
     finally:
-        if ours:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in ours:
+            signal.signal(sig, defaults[sig])
+
+
+def _stop(signum: int | None) -> KeyboardInterrupt | None:
+    """The exception that stops training on `signum`; None for no signal."""
+    return None if signum is None else Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:

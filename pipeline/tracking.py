@@ -130,17 +130,18 @@ def step_logger(run_id: str) -> Callable[[int, dict[str, float]], None]:
 @contextmanager
 def ended_on_error() -> Iterator[None]:
     """End the active run KILLED on Ctrl-C and FAILED on an error or a failing SystemExit, then re-raise:
-    MLflow's exit hook would mark a run that never finished FINISHED. (SIGKILL and an unhandled
-    SIGTERM leave it RUNNING; `end_orphaned_runs` marks it KILLED at the next start_run.)
-    Ctrl-C leaves as SystemExit(130), a shell's status for it, without a traceback from each rank:
-    the training loop has said where it stopped. Works as a decorator too."""
+    MLflow's exit hook would mark a run that never finished FINISHED. (SIGKILL, and SIGTERM outside
+    the training loop, leave it RUNNING; `end_orphaned_runs` marks it KILLED at the next start_run.)
+    Ctrl-C leaves as SystemExit(130), a shell's status for it, and a KeyboardInterrupt that carries a
+    `status` (pipeline.loop.Terminated: SIGTERM, 143) with that status; without a traceback from each
+    rank: the training loop has said where it stopped. Works as a decorator too."""
     try:
         yield
     except BaseException as e:
         if mlflow.active_run() and not (isinstance(e, SystemExit) and e.code in (0, None)):
             mlflow.end_run("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
         if isinstance(e, KeyboardInterrupt):
-            raise SystemExit(130) from None
+            raise SystemExit(getattr(e, "status", 130)) from None
         raise
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import signal
 import subprocess
 import sys
 import time
@@ -114,11 +115,12 @@ def test_a_checkpoint_claim_ends_with_its_process_not_with_its_forked_workers(tm
     assert open_checkpoint(ckpt, "", resume=False) is None  # its forked child is still asleep
 
 
+
 CTRL_C_IN_A_FINALISER = """
 import os, signal, sys, weakref
 from pathlib import Path
 from types import SimpleNamespace
-from pipeline.loop import stopped_by_ctrl_c
+from pipeline.loop import stopped_by_signal
 
 def ctrl_c():  # as a terminal's Ctrl-C, landing while a weakref callback runs
     os.kill(os.getpid(), signal.SIGINT)
@@ -127,10 +129,10 @@ def ctrl_c():  # as a terminal's Ctrl-C, landing while a weakref callback runs
 class Batch: pass
 state = SimpleNamespace(step=0, saved=0)
 try:
-    with stopped_by_ctrl_c(state, True, Path("ckpt.pt"), 100, True) as pressed:
-        for step in range(100):
-            if pressed():
-                raise KeyboardInterrupt
+    with stopped_by_signal(state, True, Path("ckpt.pt"), 100, True) as stop_asked:
+        for step in range(100):  # as fit's loop
+            if stop := stop_asked():
+                raise stop
             batch = Batch()
             if step == 3:
                 weakref.finalize(batch, ctrl_c)
@@ -152,28 +154,35 @@ def test_ctrl_c_stops_training_at_the_step_end_even_when_it_lands_in_a_finaliser
         "train: stopped at step 4/100; ckpt.pt holds step 4: rerun the stage to resume there"], proc.stderr
 
 
-SECOND_CTRL_C = """
+TWO_SIGNALS = """
 import os, signal, sys, time
 from pathlib import Path
 from types import SimpleNamespace
-from pipeline.loop import stopped_by_ctrl_c
+from pipeline.loop import stopped_by_signal
 
+signum = getattr(signal, sys.argv[1])
 try:
-    with stopped_by_ctrl_c(SimpleNamespace(step=3, saved=0), False, Path("ckpt.pt"), 100, True) as pressed:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.5)  # the first Ctrl-C only asks the loop to stop
-        assert pressed()
-        os.kill(os.getpid(), signal.SIGINT)
+    with stopped_by_signal(SimpleNamespace(step=3, saved=0), False, Path("ckpt.pt"), 100, True) as stop_asked:
+        os.kill(os.getpid(), signum)
+        time.sleep(0.5)  # the first signal only asks the loop to stop
+        print(type(stop_asked()).__name__, flush=True)
+        os.kill(os.getpid(), signum)
         time.sleep(60)
-except KeyboardInterrupt:
+except KeyboardInterrupt as e:
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Python's own again
-    sys.exit(130)
+    sys.exit(getattr(e, "status", 130))
 """
 
 
-def test_a_second_ctrl_c_interrupts_at_once():
+@pytest.mark.parametrize("signame, stop, status, stderr", [
+    ("SIGINT", "KeyboardInterrupt", 130, ["train: stopped at step 3/100; a rerun starts over (train.resume is false)"]),
+    ("SIGTERM", "Terminated", -signal.SIGTERM, []),  # SIGTERM's default: killed on the spot
+])
+def test_a_second_signal_acts_at_once(signame, stop, status, stderr):
+    """The first Ctrl-C or SIGTERM asks the loop to stop where the step ends; a second one, for a step
+    that does not end, acts as Python's default does."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", SECOND_CTRL_C], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 130 and proc.stderr.splitlines() == [
-        "train: stopped at step 3/100; a rerun starts over (train.resume is false)"], proc.stderr
+    proc = subprocess.run([sys.executable, "-c", TWO_SIGNALS, signame], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.stdout.split() == [stop] and proc.returncode == status and proc.stderr.splitlines() == stderr
     assert time.monotonic() - start < 30

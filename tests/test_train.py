@@ -82,12 +82,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(workspace, tmp_path_facto
     assert json.loads((workspace / "reports/train.json").read_text())["peak_rss_mb"] == log.peak_rss_mb.max()
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(workspace, nproc):
+@pytest.mark.parametrize("nproc, signum", [(1, signal.SIGINT), (2, signal.SIGINT), (2, signal.SIGTERM)])
+def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_or_sigterm_ends_the_run_killed(workspace, nproc, signum):
     """Two trainings on one checkpoint would interleave their snapshots: the second stops at once,
     naming the first (still running, e.g. after its dvc process alone was stopped). Ctrl-C ends the
-    MLflow run KILLED, where MLflow's exit hook would record FINISHED, and says where a rerun resumes.
-    Each says it in one line: no traceback from any rank."""
+    MLflow run KILLED, where MLflow's exit hook would record FINISHED, and says where a rerun resumes;
+    so does SIGTERM (a scheduler's preemption), where its default would leave the run RUNNING. Each says
+    it in one line: no traceback from any rank."""
     write_params(workspace, merge(TINY, {"train": {"epochs": 10_000, "nproc": nproc}}))  # still training when stopped
     # SIGINT at its default: a shell that starts a command in the background without job control (a CI
     # runner's `cmd &`) ignores it, the children inherit that, and Python then installs no Ctrl-C handler
@@ -107,15 +108,16 @@ def test_a_second_training_on_a_checkpoint_stops_and_ctrl_c_ends_the_run_killed(
             f"checkpoints/train.pt is being written by another training, pid {holder} (a stage goes on when only "
             f"its dvc process is stopped): wait for it to end or stop it as Ctrl-C does (kill -INT {holder}), "
             "then rerun")
-        first.send_signal(signal.SIGINT)
-        assert first.wait(timeout=60) == 130  # a shell's status for Ctrl-C
+        first.send_signal(signum)
+        assert first.wait(timeout=60) == 128 + signum  # a shell's status for Ctrl-C, or for `kill`
     finally:
         first.kill()
     stderr = (workspace / "first.err").read_text()
     assert "Traceback" not in stderr, stderr
     # the step Ctrl-C landed in is saved (with 2 ranks, a peer may stop first, failing rank 0's step)
-    stopped = re.search(r"^train: stopped at step (\d+)/\d+; checkpoints/train.pt holds step (\d+): rerun the stage to "
-                        r"resume there$", stderr, re.M)
+    how = " \\(SIGTERM\\)" if signum == signal.SIGTERM else ""
+    stopped = re.search(rf"^train: stopped at step (\d+)/\d+{how}; checkpoints/train.pt holds step (\d+): rerun the stage "
+                        r"to resume there$", stderr, re.M)
     assert stopped and int(stopped[2]) > 0 and (nproc > 1 or stopped[1] == stopped[2]), stderr
     run = json.loads((workspace / "reports/run.json").read_text())["run_id"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
