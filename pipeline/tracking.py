@@ -133,7 +133,7 @@ def ended_on_error() -> Iterator[None]:
     MLflow's exit hook would mark a run that never finished FINISHED. (SIGKILL, and SIGTERM outside
     the training loop, leave it RUNNING; `end_orphaned_runs` marks it KILLED at the next start_run.)
     Ctrl-C leaves as SystemExit(130), a shell's status for it, and a KeyboardInterrupt that carries a
-    `status` (pipeline.loop.Terminated: SIGTERM, 143) with that status; without a traceback from each
+    `status` (pipeline.stopping.Terminated: SIGTERM, 143) with that status; without a traceback from each
     rank: the training loop has said where it stopped. Works as a decorator too."""
     try:
         yield

@@ -308,7 +308,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from clipmodel import distributed
 from pipeline import tracking
-from pipeline.loop import stopped_by_signal
+from pipeline.stopping import stopped_by_signal
 
 @distributed.reported_once
 @tracking.ended_on_error()  # as on the train stage's main: Ctrl-C leaves as SystemExit(130)
