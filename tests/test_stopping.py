@@ -11,6 +11,17 @@ import pytest
 from conftest import ROOT
 
 
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    """`script` in a Python process of its own, with both signals at their defaults: a CI runner that
+    starts the suite in the background (`cmd &`, no job control) has SIGINT ignored, the children
+    inherit that, and Python then installs no Ctrl-C handler (so neither does `stopped_by_signal`)."""
+    def defaults() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    return subprocess.run([sys.executable, "-c", script, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          preexec_fn=defaults)
+
+
 CTRL_C_IN_A_FINALISER = """
 import os, signal, sys, weakref
 from pathlib import Path
@@ -43,8 +54,7 @@ def test_ctrl_c_stops_training_at_the_step_end_even_when_it_lands_in_a_finaliser
     printed as "Exception ignored" with a traceback and dropped, and training goes on (seen under load
     in CI; the old code here ran all 100 steps and exited 0). Training stops where the step ends instead,
     saying where."""
-    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_A_FINALISER], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = run(CTRL_C_IN_A_FINALISER)
     assert proc.returncode == 130 and proc.stderr.splitlines() == [
         "train: stopped at step 4/100; ckpt.pt holds step 4: rerun the stage to resume there"], proc.stderr
 
@@ -77,7 +87,6 @@ def test_a_second_signal_acts_at_once(signame, stop, status, stderr):
     """The first Ctrl-C or SIGTERM asks the loop to stop where the step ends; a second one, for a step
     that does not end, acts as Python's default does."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", TWO_SIGNALS, signame], cwd=ROOT, capture_output=True, text=True,
-                          timeout=60)
+    proc = run(TWO_SIGNALS, signame)
     assert proc.stdout.split() == [stop] and proc.returncode == status and proc.stderr.splitlines() == stderr
     assert time.monotonic() - start < 30
