@@ -228,7 +228,7 @@ def train(objective: str, data_dir: Path, folder: Path, report: Path, log_csv: P
     # train; the other objectives' losses are per-sample means, which plain accumulation keeps exact.
     halves = dict(zip(("features", "loss_from_features"), clip_split(model, p))) if objective == "contrastive" else {}
     obj = Objective(model, loss, after_step=getattr(model, "clamp_logit_scale_", lambda: None), on_step=on_step,
-                    checkpoint=checkpoint, log_csv=log_csv, **halves)
+                    checkpoint=checkpoint, log_csv=log_csv, name=f"efficiency {objective}", **halves)
     # Same optimiser and schedule as train, but a warmup as long as the whole budget would never decay.
     schedule = p.train if e.warmup_fraction is None else p.train.model_copy(update={"warmup_fraction": e.warmup_fraction})
     rows = fit(obj, data, schedule, device, total, fingerprint, state, run_id, log=log)

@@ -75,6 +75,7 @@ class Objective:
     validate: Callable[[], dict[str, float]] = dict        # run at every epoch end
     on_step: Callable[[int], None] = lambda step: None     # after each optimiser step, with the steps done
     checkpoint: Path = Path("checkpoints/train.pt")
+    name: str = "train"  # the stage, in the progress bar and in fit's messages
     log_csv: Path = Path("reports/train_log.csv")
     features: Callable[[nn.Module, Batch], tuple[torch.Tensor, ...]] | None = None
     loss_from_features: Callable[[tuple[torch.Tensor, ...], Batch], torch.Tensor] | None = None
@@ -295,10 +296,10 @@ def check_layout(obj: Objective, tp: TrainParams, world: int) -> None:
     """Raises SystemExit (one line) when the batch does not split into ranks x micro-batches, or the
     objective cannot train data-parallel."""
     if tp.batch_size % (world * tp.accum_steps):
-        raise SystemExit(f"train: train.batch_size={tp.batch_size} must be divisible by {world} process(es) "
+        raise SystemExit(f"{obj.name}: train.batch_size={tp.batch_size} must be divisible by {world} process(es) "
                          f"x train.accum_steps={tp.accum_steps}")
     if world > 1 and obj.features is None:
-        raise SystemExit("train: data-parallel training needs an Objective with features and loss_from_features")
+        raise SystemExit(f"{obj.name}: data-parallel training needs an Objective with features and loss_from_features")
 
 
 class Throughput:
@@ -334,16 +335,19 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
     if snapshot is not None:
         state.restore(snapshot)
         if main:
-            print(f"train: resuming at step {state.step}/{total}")
+            print(f"{obj.name}: resuming at step {state.step}/{total}")
     net = parallel(obj.model, world, device, tp.compile)
     csv_log, speed = CsvLog(obj.log_csv, state.rows, state.step) if main else None, Throughput(state.step, tp.batch_size)
     batches = data.rank_batches(state.step, total, tp.workers, pin_memory=gpu, raw_pixels=gpu)
     obj.model.train()
     # logs (DVC, Prefect) get a line every 30 s; the bar closes before an error's message is printed
-    with stopped_by_signal(state, tp.resume, obj.checkpoint, total, main) as stop_asked, \
-            tqdm(total=total, initial=state.step, desc="train", unit="step", dynamic_ncols=True, disable=not main,
+    with stopped_by_signal(obj.name, state, tp.resume, obj.checkpoint, total, main) as stop_asked, \
+            tqdm(total=total, initial=state.step, desc=obj.name, unit="step", dynamic_ncols=True, disable=not main,
                  mininterval=0.5 if sys.stderr.isatty() else 30) as bar:
-        sinks = [s for s in (csv_log, log, lambda step, m: bar.set_postfix({k: f"{v:.3g}" for k, v in m.items()})) if s]
+
+        def postfix(step: int, row: dict[str, float]) -> None:  # shown at the bar's next refresh: one per row
+            bar.set_postfix({k: f"{v:.3g}" for k, v in row.items()}, refresh=False)  # would defeat mininterval
+        sinks = [s for s in (csv_log, log, postfix) if s]
         stop = False  # Ctrl-C or SIGTERM came during the previous step: that step was saved, the run stops here
         for step, batch in zip(range(state.step, total), batches):
             if stop:
@@ -359,7 +363,7 @@ def fit(obj: Objective, data: BatchSource, tp: TrainParams, device: torch.device
                 if main:
                     obj.on_step(done)
                 continue
-            bad = skipped(state, tp, step, obj.checkpoint, log)
+            bad = skipped(obj, state, tp, step, log)
             if not main:
                 continue
             obj.on_step(done)  # after a skipped step too, as on the device path above
@@ -410,15 +414,15 @@ def parallel(model: nn.Module, world: int, device: torch.device, compile: bool) 
     return net
 
 
-def skipped(state: TrainState, tp: TrainParams, step: int, checkpoint: Path, log: Log | None) -> bool:
+def skipped(obj: Objective, state: TrainState, tp: TrainParams, step: int, log: Log | None) -> bool:
     """Whether the last step's update was skipped for a non-finite loss (one read-back from the device;
     the count goes to `log`). Raises SystemExit (one line) after tp.max_bad_steps of them in a row."""
     bad, worst = state.bad_steps()
     if bad and log:
         log(step, {"skipped_steps": bad})
     if worst >= tp.max_bad_steps:
-        raise SystemExit(f"train: {worst} non-finite losses in a row by step {step}; stopped, "
-                         f"last good checkpoint kept at {checkpoint}")
+        raise SystemExit(f"{obj.name}: {worst} non-finite losses in a row by step {step}; stopped, "
+                         f"last good checkpoint kept at {obj.checkpoint}")
     return bad > 0
 
 

@@ -29,14 +29,14 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextmanager
-def stopped_by_signal(state: TrainState, resume: bool, checkpoint: Path, total: int,
+def stopped_by_signal(name: str, state: TrainState, resume: bool, checkpoint: Path, total: int,
                       main: bool) -> Iterator[Callable[[], KeyboardInterrupt | None]]:
     """Ctrl-C or SIGTERM stops training where the step it lands in ends: after each step the loop asks
     the yielded function, which returns the exception to stop with (KeyboardInterrupt, or Terminated
     for SIGTERM) once a signal came, saves a checkpoint there and raises it before the next step. Rank
-    0 then says (after the progress bar closes) where the run stopped and what a rerun will do; the
-    exception goes on, so the MLflow run ends KILLED. A second signal acts at once (Python's own Ctrl-C,
-    the default SIGTERM), for a step that does not end.
+    0 then says (after the progress bar closes, after the stage's `name`) where the run stopped and
+    what a rerun will do; the exception goes on, so the MLflow run ends KILLED. A second signal acts
+    at once (Python's own Ctrl-C, the default SIGTERM), for a step that does not end.
 
     An error while a stop is pending counts as the stop, and so does a collective that failed because
     a faster peer left on its own signal. A signal whose handler is not Python's default (ignored in a
@@ -68,7 +68,7 @@ def stopped_by_signal(state: TrainState, resume: bool, checkpoint: Path, total: 
             then = (f"{checkpoint} holds step {state.saved}: rerun the stage to resume there" if resume and state.saved
                     else "a rerun starts over" + ("" if resume else " (train.resume is false)"))
             how = " (SIGTERM)" if isinstance(why, Terminated) else ""
-            print(f"train: stopped at step {state.step}/{total}{how}; {then}", file=sys.stderr, flush=True)
+            print(f"{name}: stopped at step {state.step}/{total}{how}; {then}", file=sys.stderr, flush=True)
         if why is e:
             raise
         raise why from e

@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     obj = Objective(model, lambda b: F.cross_entropy(model(b["images"]), y[b["image_index"]]),
                     validate=lambda: {"val_top1": accuracy(model, corpus, val, labels, device)},
-                    checkpoint=Path("checkpoints/supervised.pt"), log_csv=args.log)
+                    checkpoint=Path("checkpoints/supervised.pt"), log_csv=args.log, name="supervised")
     data_fp = tracking.data_fingerprint([args.data / "manifest.parquet"])
     fingerprint = run_fingerprint(p, data_fp, "supervised", p.supervised)
     state = open_checkpoint(obj.checkpoint, fingerprint, p.train.resume)

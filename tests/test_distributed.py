@@ -316,7 +316,7 @@ def main():
     distributed.init(torch.device("cpu"))
     if distributed.rank() == 1:
         raise KeyboardInterrupt  # Ctrl-C reached this rank first
-    with stopped_by_signal(SimpleNamespace(step=7, saved=5), True, Path("ckpt.pt"), 10, True):
+    with stopped_by_signal("train", SimpleNamespace(step=7, saved=5), True, Path("ckpt.pt"), 10, True):
         try:
             dist.all_reduce(torch.ones(1))  # fails: rank 1 has left
         except KeyboardInterrupt:  # this rank's own Ctrl-C, had it come first: not this test's case

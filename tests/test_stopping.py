@@ -35,7 +35,7 @@ def ctrl_c():  # as a terminal's Ctrl-C, landing while a weakref callback runs
 class Batch: pass
 state = SimpleNamespace(step=0, saved=0)
 try:
-    with stopped_by_signal(state, True, Path("ckpt.pt"), 100, True) as stop_asked:
+    with stopped_by_signal("train", state, True, Path("ckpt.pt"), 100, True) as stop_asked:
         for step in range(100):  # as fit's loop
             if stop := stop_asked():
                 raise stop
@@ -67,7 +67,7 @@ from pipeline.stopping import stopped_by_signal
 
 signum = getattr(signal, sys.argv[1])
 try:
-    with stopped_by_signal(SimpleNamespace(step=3, saved=0), False, Path("ckpt.pt"), 100, True) as stop_asked:
+    with stopped_by_signal("train", SimpleNamespace(step=3, saved=0), False, Path("ckpt.pt"), 100, True) as stop_asked:
         os.kill(os.getpid(), signum)
         time.sleep(0.5)  # the first signal only asks the loop to stop
         print(type(stop_asked()).__name__, flush=True)
